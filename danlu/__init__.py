@@ -1,0 +1,30 @@
+"""danlu 丹炉 — one toolkit for a model's whole life: data, model, (pre)training, fine-tuning,
+compression, evaluation and deployment.
+
+>>> import danlu
+>>> run = danlu.train("configs/seed_lstm.yaml", train={"epochs": 3})    # doctest: +SKIP
+>>> danlu.load(run.path).predict(["质量很好，物流也快"])                  # doctest: +SKIP
+"""
+__version__ = "0.1.0"
+
+
+def train(config=None, *overrides, **kwargs):
+    """Train, evaluate and save a run from a YAML config; see danlu.pipeline.train."""
+    from danlu.pipeline import train as _train
+
+    return _train(config, *overrides, **kwargs)
+
+
+def load(path, device="cpu"):
+    """Load a run directory, ready to `.predict(texts)`."""
+    from danlu.runs import load_run
+
+    return load_run(path, device)
+
+
+def __getattr__(name):  # lazy: `import danlu` stays cheap and free of side effects
+    if name == "Trainer":
+        from danlu.train.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'danlu' has no attribute {name!r}")

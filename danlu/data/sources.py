@@ -1,0 +1,179 @@
+"""Reading labelled text from CSV, TSV, JSONL or a folder of class sub-folders.
+
+Every example remembers where it came from (file and line), so that bad input is reported where it is.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from danlu.registry import ConfigError
+
+
+class DataError(ConfigError):
+    """Bad input data: the message names the file, the line and what was expected."""
+
+
+@dataclass
+class Examples:
+    texts: list
+    labels: list  # strings (classification), floats (regression) or None (unlabelled)
+    origins: list  # "file:line" per example
+    skipped: int = 0
+
+
+FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson")
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def read_examples(path, text_column="text", label_column="label", on_bad_rows="error", need_labels=True, numeric=False):
+    """Read (text, label) examples from a file or a folder; fail or skip on bad rows.
+
+    >>> ex = read_examples("reviews.csv", text_column="review", label_column="stars")  # doctest: +SKIP
+    """
+    if on_bad_rows not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_rows: unknown value {on_bad_rows!r}; expected one of: error, skip")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    out = Examples([], [], [])
+    bad = _BadRows(path, on_bad_rows)
+    if os.path.isdir(path):
+        rows = _folder_rows(path, bad, text_column, label_column)
+    else:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in FORMATS:
+            raise DataError(f"{path}: unknown file type {ext or '(none)'!r}; expected one of: {', '.join(FORMATS)} or a folder")
+        raw = open(path, "rb").read()
+        text = raw.decode("utf-8-sig", errors="surrogateescape")
+        if ext in (".jsonl", ".json", ".ndjson"):
+            rows = _jsonl_rows(path, text, bad)
+        else:
+            rows = _csv_rows(path, text, "\t" if ext == ".tsv" else ",", text_column, label_column, need_labels)
+    for line, record in rows:
+        where = f"{path}:{line}" if line else record.pop("_file", path)
+        text_value = record.get(text_column)
+        if text_column not in record:
+            bad(line, f"no {text_column!r} field (data.text_column); fields found: {', '.join(map(str, record)) or 'none'}")
+            continue
+        if not isinstance(text_value, str):
+            bad(line, f"{text_column!r} must be a string, got {json.dumps(text_value, ensure_ascii=False)}")
+            continue
+        if _has_bad_bytes(text_value):
+            bad(line, "not valid UTF-8 text (save the file as UTF-8)")
+            continue
+        if not text_value.strip():
+            bad(line, f"empty text in {text_column!r}")
+            continue
+        label = None
+        if need_labels:
+            label = record.get(label_column)
+            if label is None or (isinstance(label, str) and not label.strip()):
+                bad(line, f"missing label in {label_column!r} (data.label_column)")
+                continue
+            if isinstance(label, (dict, list)):
+                bad(line, f"label must be a string or number, got {json.dumps(label, ensure_ascii=False)}")
+                continue
+            if numeric:
+                try:
+                    label = float(label)
+                except ValueError:
+                    bad(line, f"label {label!r} is not a number (task: regression)")
+                    continue
+            else:
+                label = _label_str(label)
+                if _has_bad_bytes(label):
+                    bad(line, "not valid UTF-8 text (save the file as UTF-8)")
+                    continue
+        out.texts.append(text_value)
+        out.labels.append(label)
+        out.origins.append(where)
+    out.skipped = bad.count
+    if not out.texts:
+        raise DataError(f"{path}: no usable examples" + (f" ({bad.count} bad rows skipped)" if bad.count else ""))
+    return out
+
+
+class _BadRows:
+    def __init__(self, path, mode):
+        self.path, self.mode, self.count = path, mode, 0
+
+    def __call__(self, line, message):
+        if self.mode == "error":
+            where = f"{self.path}, line {line}" if line else self.path
+            raise DataError(f"{where}: {message}. Fix the row, or set data.on_bad_rows=skip to skip bad rows.")
+        self.count += 1
+
+
+def _label_str(label):
+    if isinstance(label, float) and label.is_integer():
+        return str(int(label))
+    return str(label).strip()
+
+
+def _has_bad_bytes(s):
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: the file is empty; expected a header line with {text_column!r} and {label_column!r}") from None
+    header = [h.strip() for h in header]
+    wanted = [text_column] + ([label_column] if need_labels else [])
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}, line 1: no column {missing[0]!r}; the header has: {', '.join(header)}. "
+            f"Set data.text_column / data.label_column to the right names."
+        )
+    rows = []
+    for row in reader:
+        if not row or all(not c.strip() for c in row):
+            continue
+        record = {h: row[i] if i < len(row) else None for i, h in enumerate(header)}
+        rows.append((reader.line_num, record))
+    return rows
+
+
+def _jsonl_rows(path, text, bad):
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(number, f"not valid JSON ({e.msg} at column {e.colno}); expected one object per line")
+            continue
+        if not isinstance(record, dict):
+            bad(number, f"expected a JSON object per line, got {type(record).__name__}")
+            continue
+        rows.append((number, record))
+    return rows
+
+
+def _folder_rows(path, bad, text_column, label_column):
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise DataError(f"{path}: a folder of examples needs one sub-folder per class, holding .txt files; found none")
+    rows = []
+    for label in classes:
+        for name in sorted(os.listdir(os.path.join(path, label))):
+            if not name.endswith(".txt"):
+                continue
+            file = os.path.join(path, label, name)
+            raw = open(file, "rb").read()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                bad(0, f"{file}: not valid UTF-8 at byte {e.start}")
+                continue
+            rows.append((0, {text_column: text.strip(), label_column: label, "_file": file}))
+    return rows

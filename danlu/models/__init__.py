@@ -1,0 +1,31 @@
+"""Model zoo: MODELS maps `model.kind` to (config dataclass, nn.Module class).
+
+Every model is built as `Model(config, spec)` from its own config and the DataSpec of the data.
+Classifiers take `(input_ids (B, T), attention_mask (B, T) bool)` and return logits `(B, C)`.
+"""
+from danlu.models.bert import BERT, BERTConfig
+from danlu.models.gpt import GPT, GPTConfig
+from danlu.models.lstm import LSTMClassifier, LSTMConfig
+from danlu.models.mlp import MLPClassifier, MLPConfig
+from danlu.models.textcnn import TextCNN, TextCNNConfig
+from danlu.models.transformer import TransformerClassifier, TransformerConfig
+from danlu.registry import resolve
+
+MODELS = {
+    "mlp": (MLPConfig, MLPClassifier),
+    "lstm": (LSTMConfig, LSTMClassifier),
+    "textcnn": (TextCNNConfig, TextCNN),
+    "transformer": (TransformerConfig, TransformerClassifier),
+    "gpt": (GPTConfig, GPT),
+    "bert": (BERTConfig, BERT),
+}
+
+
+def build_model(config, spec):
+    """Build the model named by `config.kind` for data of shape `spec`."""
+    _, cls = resolve(config.kind, MODELS, "model.kind")
+    return cls(config, spec)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,93 @@
+"""Transformer encoder classifier (Vaswani et al. 2017), trained from scratch.
+
+Token embedding + positions -> pre-norm blocks (bidirectional attention, padding masked out) ->
+final norm -> pooling over the sequence -> linear head. Pre-norm (Xiong et al. 2020) rather than the
+paper's post-norm, because it trains stably without a long learning-rate warmup.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from danlu.models.blocks import Block, init_weights, make_norm, padding_mask, sinusoidal_table
+from danlu.registry import ConfigError
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    kind: str = "transformer"
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    intermediate_dim: int = 0
+    """Width of the feed-forward layer (0: 4 x embed_dim)."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention weights, block outputs and the pooled vector."""
+    positions: str = "learned"
+    """learned (a trained table of max_positions rows) or sinusoidal (Vaswani et al. 2017, §3.5)."""
+    max_positions: int = 512
+    """Rows of the position table; the data's max_length is used when it is larger."""
+    pooling: str = "mean"
+    """mean (over real tokens) or cls (the hidden state at position 0; the data adds no [CLS] token)."""
+    norm: str = "layernorm"
+    """layernorm or rmsnorm."""
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for key, allowed in (("positions", ("learned", "sinusoidal")), ("pooling", ("mean", "cls")),
+                             ("norm", ("layernorm", "rmsnorm"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
+                                  + ", ".join(allowed))
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by "
+                              f"model.num_heads ({self.num_heads})")
+
+    @property
+    def ffn_dim(self):
+        return self.intermediate_dim or 4 * self.embed_dim
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self, config: TransformerConfig, spec):
+        super().__init__()
+        self.config = config
+        C = config.embed_dim
+        num_positions = max(config.max_positions, spec.max_length)
+        self.embed = nn.Embedding(spec.vocab_size, C, padding_idx=spec.pad_id)
+        if config.positions == "learned":
+            self.positions = nn.Embedding(num_positions, C)
+        else:  # a fixed table: a buffer, not saved with the weights
+            self.register_buffer("position_table", sinusoidal_table(num_positions, C), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(C, config.num_heads, None, config.ffn_dim, "gelu", config.norm, config.norm_eps,
+                  dropout=config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.norm = make_norm(config.norm, C, config.norm_eps)
+        self.head = nn.Linear(C, max(spec.num_classes, 1))
+        init_weights(self, num_layers=config.num_layers)
+
+    def forward(self, input_ids, attention_mask=None):
+        B, T = input_ids.shape
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.config.positions == "learned":
+            x = x + self.positions.weight[:T]  # (B, T, C)
+        else:  # Vaswani et al. §3.4 scale the embeddings by sqrt(C) next to the unit-scale sinusoids
+            x = x * math.sqrt(self.config.embed_dim) + self.position_table[:T].to(x.dtype)
+        x = self.dropout(x)
+        # No mask when nothing is padded lets SDPA use its fused kernels.
+        mask = None if attention_mask is None or attention_mask.all() else padding_mask(attention_mask)
+        for block in self.blocks:
+            x = block(x, mask)  # (B, T, C)
+        x = self.norm(x)
+        if self.config.pooling == "cls":
+            pooled = x[:, 0]  # (B, C)
+        elif attention_mask is None:
+            pooled = x.mean(1)  # (B, C)
+        else:
+            weights = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C) mean over real tokens
+        return self.head(self.dropout(pooled))  # (B, num_classes)

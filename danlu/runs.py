@@ -1,0 +1,134 @@
+"""The run directory: the only contract between stages.
+
+    runs/<name>/
+      config.yaml  tokenizer.json  labels.json  model.safetensors  metrics.json  history.jsonl
+      report.md  report.html  plots/  checkpoints/{last,best}.safetensors
+
+Loading a run reads YAML, JSON and safetensors only: it executes no pickled code.
+
+>>> run = load_run("runs/seed_lstm")                      # doctest: +SKIP
+>>> run.predict(["质量很好，物流也快"])[0]["label"]          # doctest: +SKIP
+'正面'
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from danlu import config as config_mod
+from danlu.data import DataError, TextTokenizer, encode_examples, make_spec, read_split
+from danlu.data.sources import Examples
+from danlu.files import atomic_write_json, atomic_write_text, load_tensors, load_weights, read_json, save_weights
+from danlu.models import build_model
+from danlu.registry import ConfigError
+from danlu.train.tasks import TASKS
+from danlu.train.trainer import Trainer, pick_device
+
+
+def prepare_run_dir(path, overwrite=False, resume=False):
+    """Create the run directory; refuse to touch an existing one unless asked."""
+    if os.path.isdir(path) and os.listdir(path):
+        if resume:
+            return path
+        if not overwrite:
+            raise ConfigError(
+                f"{path}: the run directory already exists. Pass --overwrite to replace it, --resume to continue "
+                f"it, or choose another with run.dir=..."
+            )
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def save_run(path, cfg, model, tokenizer, labels, metrics=None):
+    os.makedirs(path, exist_ok=True)
+    atomic_write_text(os.path.join(path, "config.yaml"), config_mod.dump(cfg))
+    save_tokenizer(path, tokenizer)
+    atomic_write_json(os.path.join(path, "labels.json"), list(labels))
+    save_weights(os.path.join(path, "model.safetensors"), model, {"kind": cfg.model.kind})
+    if metrics is not None:
+        atomic_write_json(os.path.join(path, "metrics.json"), metrics)
+
+
+def save_tokenizer(path, tokenizer):
+    tmp = os.path.join(path, ".tokenizer.json.tmp")
+    tokenizer.save(tmp)
+    os.replace(tmp, os.path.join(path, "tokenizer.json"))
+
+
+class Run:
+    """A trained run, ready to predict: `Run.load(dir).predict(texts)`."""
+
+    def __init__(self, path, cfg, model, tokenizer, labels, metrics=None):
+        self.path, self.cfg, self.model, self.tokenizer = path, cfg, model, tokenizer
+        self.labels = tuple(labels)
+        self.metrics = metrics or {}
+        self.task = TASKS[cfg.task](self.labels) if cfg.task in TASKS else None
+        self.model.eval()
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        return load_run(path, device)
+
+    @property
+    def spec(self):
+        return make_spec(self.tokenizer, self.labels, self.cfg.task == "regression")
+
+    def trainer(self):
+        return Trainer(self.model, self.task, self.cfg.train, device=str(next(self.model.parameters()).device))
+
+    def dataset(self, texts, labels=None):
+        labels = list(labels) if labels is not None else [None] * len(texts)
+        ex = Examples(list(texts), labels, [f"text {i + 1}" for i in range(len(texts))])
+        return encode_examples(ex, self.tokenizer, self.labels, self.cfg.task == "regression")
+
+    def predict_proba(self, texts, batch_size=64):
+        """(N, C) class probabilities ((N,) values for regression)."""
+        return self.trainer().predict(self.dataset(texts), batch_size)
+
+    def predict(self, texts, batch_size=64, top_k=None):
+        """[{label, score, probabilities: {label: p}}] per text."""
+        probs = self.predict_proba(texts, batch_size)
+        if self.cfg.task == "regression":
+            return [{"value": float(v)} for v in probs]
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            pairs = sorted(zip(self.labels, row), key=lambda p: -p[1])[: top_k or len(row)]
+            out.append({"label": self.labels[best], "score": row[best], "probabilities": dict(pairs)})
+        return out
+
+    def evaluate(self, path, **data_overrides):
+        """Streaming metrics on a labelled file, with the run's own tokenizer and label map."""
+        import dataclasses
+
+        data_cfg = dataclasses.replace(self.cfg.data, **data_overrides)
+        examples = read_split(path, data_cfg, numeric=self.cfg.task == "regression")
+        return self.trainer().evaluate(encode_examples(examples, self.tokenizer, self.labels, self.cfg.task == "regression"))
+
+
+def load_run(path, device="cpu") -> Run:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: not a run directory (it does not exist)")
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise ConfigError(f"{path}: not a finished run: {name} is missing" +
+                              (" (an interrupted run resumes with: danlu train RUN --resume)" if name == "model.safetensors" else ""))
+    cfg = config_mod.load(os.path.join(path, "config.yaml"))
+    tokenizer = TextTokenizer.load(os.path.join(path, "tokenizer.json"))
+    labels_file = os.path.join(path, "labels.json")
+    labels = read_json(labels_file) if os.path.exists(labels_file) else []
+    spec = make_spec(tokenizer, labels, cfg.task == "regression")
+    model = build_model(cfg.model, spec)
+    tensors, _ = load_tensors(os.path.join(path, "model.safetensors"))
+    load_weights(model, tensors, where=os.path.join(path, "model.safetensors"))
+    model.to(pick_device(device) if device == "auto" else torch.device(device))
+    metrics_file = os.path.join(path, "metrics.json")
+    metrics = read_json(metrics_file) if os.path.exists(metrics_file) else {}
+    return Run(path, cfg, model, tokenizer, labels, metrics)
+
+
+__all__ = ["Run", "load_run", "save_run", "prepare_run_dir", "DataError"]
