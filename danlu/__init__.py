@@ -24,7 +24,7 @@ def load(path, device="cpu"):
 
 def __getattr__(name):  # lazy: `import danlu` stays cheap and free of side effects
     if name == "Trainer":
-        from danlu.train.trainer import Trainer
+        from danlu.training.trainer import Trainer
 
         return Trainer
     raise AttributeError(f"module 'danlu' has no attribute {name!r}")

@@ -59,6 +59,8 @@ class DataConfig:
     limit: int = 0
     """Use only the first N examples of each split (0: all). For smoke tests."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    block_size: int = 256
+    """Language models: tokens per training window (the corpus is packed into windows of this length)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,19 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     precision: str = "fp32"
-    """fp32 or bf16 (autocast)."""
+    """fp32, bf16 (autocast) or auto (bf16 where the hardware has it: a bf16 GPU, or a CPU with AVX512-BF16 / AMX)."""
+    eval_every: int = 0
+    """Evaluate, log a history row and checkpoint every N optimizer steps (0: once per epoch)."""
+    eval_batches: int = 0
+    """Evaluate on at most this many validation batches (0: all)."""
+    log_every: int = 0
+    """Print a progress line (loss, throughput) every N optimizer steps (0: only with each history row)."""
+    compile: bool = False
+    """Train through torch.compile(model) (the saved weights are the same module's)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s for model FLOPs utilisation (0: measured once at start with a matmul)."""
+    fused_optimizer: bool = False
+    """adam / adamw as torch's fused kernel: the same update, about twice as fast a step for small models on CPU."""
     log: tuple = ()
     """Extra loggers, e.g. [tensorboard]."""
 

@@ -18,8 +18,8 @@ from danlu.data import TextTokenizer, build_data
 from danlu.files import atomic_write_json
 from danlu.models import build_model, count_parameters
 from danlu.runs import Run, prepare_run_dir, save_run, save_tokenizer
-from danlu.train.tasks import TASKS
-from danlu.train.trainer import Trainer
+from danlu.training.tasks import TASKS
+from danlu.training.trainer import Trainer
 
 
 def seed_everything(seed):

@@ -23,8 +23,8 @@ from danlu.data.sources import Examples
 from danlu.files import atomic_write_json, atomic_write_text, load_tensors, load_weights, read_json, save_weights
 from danlu.models import build_model
 from danlu.registry import ConfigError
-from danlu.train.tasks import TASKS
-from danlu.train.trainer import Trainer, pick_device
+from danlu.training.tasks import ALL_TASKS, LM_TASKS
+from danlu.training.trainer import Trainer, pick_device
 
 
 def prepare_run_dir(path, overwrite=False, resume=False):
@@ -65,7 +65,7 @@ class Run:
         self.path, self.cfg, self.model, self.tokenizer = path, cfg, model, tokenizer
         self.labels = tuple(labels)
         self.metrics = metrics or {}
-        self.task = TASKS[cfg.task](self.labels) if cfg.task in TASKS else None
+        self.task = ALL_TASKS[cfg.task](self.labels) if cfg.task in ALL_TASKS else None
         self.model.eval()
 
     @classmethod
@@ -74,7 +74,13 @@ class Run:
 
     @property
     def spec(self):
-        return make_spec(self.tokenizer, self.labels, self.cfg.task == "regression")
+        return _spec(self.cfg, self.tokenizer, self.labels)
+
+    def generate(self, prompts, **options):
+        """Continue prompts with a causal-LM run: see danlu.generation.generate for the options."""
+        from danlu.generation import generate
+
+        return generate(self.model, self.tokenizer, prompts, **options)
 
     def trainer(self):
         return Trainer(self.model, self.task, self.cfg.train, device=str(next(self.model.parameters()).device))
@@ -116,12 +122,13 @@ def load_run(path, device="cpu") -> Run:
     for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
         if not os.path.exists(os.path.join(path, name)):
             raise ConfigError(f"{path}: not a finished run: {name} is missing" +
-                              (" (an interrupted run resumes with: danlu train RUN --resume)" if name == "model.safetensors" else ""))
+                              (f" (an interrupted run resumes with: danlu {'pretrain' if _is_lm(path) else 'train'} RUN --resume)"
+                               if name == "model.safetensors" else ""))
     cfg = config_mod.load(os.path.join(path, "config.yaml"))
     tokenizer = TextTokenizer.load(os.path.join(path, "tokenizer.json"))
     labels_file = os.path.join(path, "labels.json")
     labels = read_json(labels_file) if os.path.exists(labels_file) else []
-    spec = make_spec(tokenizer, labels, cfg.task == "regression")
+    spec = _spec(cfg, tokenizer, labels)
     model = build_model(cfg.model, spec)
     tensors, _ = load_tensors(os.path.join(path, "model.safetensors"))
     load_weights(model, tensors, where=os.path.join(path, "model.safetensors"))
@@ -129,6 +136,21 @@ def load_run(path, device="cpu") -> Run:
     metrics_file = os.path.join(path, "metrics.json")
     metrics = read_json(metrics_file) if os.path.exists(metrics_file) else {}
     return Run(path, cfg, model, tokenizer, labels, metrics)
+
+
+def _spec(cfg, tokenizer, labels):
+    if cfg.task in LM_TASKS:  # a language model: no classes, positions for its training windows
+        from danlu.data.corpus import lm_spec
+
+        return lm_spec(tokenizer, cfg.data.block_size)
+    return make_spec(tokenizer, labels, cfg.task == "regression")
+
+
+def _is_lm(path):
+    try:
+        return config_mod.load(os.path.join(path, "config.yaml")).task in LM_TASKS
+    except ConfigError:
+        return False
 
 
 __all__ = ["Run", "load_run", "save_run", "prepare_run_dir", "DataError"]

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from danlu.registry import resolve
 
 
 @dataclass(frozen=True)
@@ -18,8 +20,15 @@ class LSTMConfig:
     """Units of the LSTM (the guide's LSTM(128))."""
     num_layers: int = 1
     bidirectional: bool = False
+    pooling: str = "last"
+    """last: the state after the last real token (the guide's model); mean or max: over all real steps."""
+    embed_dropout: float = 0.0
+    """Spatial dropout on the embeddings: drops whole embedding channels (Keras SpatialDropout1D)."""
     dropout: float = 0.0
     """Dropout on the final state before the dense layer (and between stacked LSTM layers)."""
+
+    def __post_init__(self):
+        resolve(self.pooling, dict.fromkeys(("last", "mean", "max")), "model.pooling")
 
 
 class LSTMClassifier(nn.Module):
@@ -36,16 +45,31 @@ class LSTMClassifier(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         directions = 2 if config.bidirectional else 1
+        self.embed_dropout = nn.Dropout1d(config.embed_dropout)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(directions * config.hidden_dim, max(spec.num_classes, 1))
+        # forget-gate bias 1 so the state carries early words to the end of long reviews (Jozefowicz et al. 2015)
+        with torch.no_grad():
+            for name, p in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    p[config.hidden_dim : 2 * config.hidden_dim].fill_(1.0)
+                elif name.startswith("bias_hh"):
+                    p[config.hidden_dim : 2 * config.hidden_dim].fill_(0.0)
 
     def forward(self, input_ids, attention_mask):
         lengths = attention_mask.sum(1).clamp(min=1).cpu()  # (B,)
         x = self.embed(input_ids)  # (B, T, E)
+        if self.config.embed_dropout:
+            x = self.embed_dropout(x.transpose(1, 2)).transpose(1, 2)  # spatial dropout: whole channels of (B, E, T)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.lstm(packed)  # h: (layers * directions, B, H), state after each row's last real token
-        if self.config.bidirectional:
-            h = torch.cat([h[-2], h[-1]], dim=-1)  # (B, 2H)
+        out, (h, _) = self.lstm(packed)  # h: (layers * directions, B, H), state after each row's last real token
+        if self.config.pooling == "last":
+            h = torch.cat([h[-2], h[-1]], dim=-1) if self.config.bidirectional else h[-1]  # (B, D*H)
         else:
-            h = h[-1]  # (B, H)
+            out, _ = pad_packed_sequence(out, batch_first=True)  # (B, T', D*H), T' = longest row
+            mask = attention_mask[:, : out.size(1)].unsqueeze(-1)  # (B, T', 1)
+            if self.config.pooling == "mean":
+                h = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+            else:
+                h = out.masked_fill(~mask, float("-inf")).max(1).values
         return self.head(self.dropout(h))  # (B, C) logits; softmax lives in the loss

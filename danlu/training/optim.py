@@ -25,9 +25,14 @@ def build_optimizer(model, cfg):
 OPTIMIZERS = {
     "sgd": lambda m, c: torch.optim.SGD(param_groups(m, c.weight_decay), lr=c.lr),
     "momentum": lambda m, c: torch.optim.SGD(param_groups(m, c.weight_decay), lr=c.lr, momentum=c.momentum),
-    "adam": lambda m, c: torch.optim.Adam(param_groups(m, c.weight_decay), lr=c.lr),
-    "adamw": lambda m, c: torch.optim.AdamW(param_groups(m, c.weight_decay), lr=c.lr),
+    "adam": lambda m, c: torch.optim.Adam(param_groups(m, c.weight_decay), lr=c.lr, fused=_fused(c)),
+    "adamw": lambda m, c: torch.optim.AdamW(param_groups(m, c.weight_decay), lr=c.lr, fused=_fused(c)),
 }
+
+
+def _fused(cfg):
+    """torch's fused Adam kernel (one pass over all parameters; on CPU the default is a slow per-tensor loop)."""
+    return True if getattr(cfg, "fused_optimizer", False) else None
 
 
 def lr_factor(kind, step, warmup, total):

@@ -1,0 +1,52 @@
+import csv
+import os
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+POSITIVE = ["很好", "喜欢", "满意", "推荐", "不错", "快", "值得", "完美", "good", "great"]
+NEGATIVE = ["很差", "失望", "退货", "垃圾", "慢", "糟糕", "后悔", "坏了", "bad", "awful"]
+FILLER = ["质量", "物流", "价格", "包装", "客服", "这个", "东西", "酒店", "房间", "书"]
+
+
+def make_reviews(n, seed=0):
+    """Synthetic two-class reviews that a small model learns in a few epochs."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "正面" if i % 2 == 0 else "负面"
+        words = rng.choices(FILLER, k=rng.randint(1, 6)) + rng.choices(POSITIVE if label == "正面" else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append(("".join(words), label))
+    return rows
+
+
+def write_csv(path, rows, header=("text", "label"), delimiter=","):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    return write_csv(tmp_path / "reviews.csv", make_reviews(400))
+
+
+def tiny_config(train_path, run_dir, **sections):
+    cfg = {
+        "run": {"dir": str(run_dir), "seed": 0},
+        "data": {"train": str(train_path), "tokenizer": {"kind": "char", "vocab_size": 500, "max_length": 32}},
+        "model": {"kind": "lstm", "embed_dim": 16, "hidden_dim": 16},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.01},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    return cfg
