@@ -119,6 +119,7 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S, D)
         self.mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0
+        self.padded = False  # whether any filled slot is padding (else decoding needs no mask at all)
 
     @property
     def max_length(self):
@@ -176,7 +177,8 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and mask is None,
+            # one query (a decoding step) sees every cached key; SDPA's is_causal would align it to key 0
+            is_causal=self.causal and mask is None and (kv is None or T > 1),
             enable_gqa=K != H,  # SDPA broadcasts the shared heads; no repeat_interleave copy
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)

@@ -1,0 +1,206 @@
+"""Serving throughput and latency: `danlu serve` with and without micro-batching, at 1, 16 and 64 clients.
+
+The server is `python -m danlu serve RUN` in its own process, bound to 127.0.0.1; the clients are kept-alive
+HTTP/1.1 connections from one asyncio process (a minimal client: httpx would spend more CPU than the server),
+each sending its next request as soon as the last one is answered (a closed loop), for a fixed time after a
+warm-up. Without batching (`--max-batch 1`) every request is one model call;
+with it (`--max-batch 32 --max-wait-ms 2`) the requests that arrive while the model is busy share the next
+call. The model is the guide's seed LSTM classifier (embedding 128, LSTM 128, texts of 30-60 characters) and,
+for completions, a small GPT; both are trained for a moment only (speed does not depend on accuracy).
+
+On one machine the clients and the server share the CPU cores, so the absolute figures are lower than
+a server alone would reach; the comparison between the two modes is what the table is for.
+
+    python benchmarks/run.py --only serve [--quick] [--device cpu|cuda]
+    python benchmarks/serve.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+NAME = "serve"
+CLIENTS = (1, 16, 64)
+KEY = "bench"
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group(NAME)
+    group.add_argument("--serve-seconds", type=float, help="measured seconds per row and round (default 4; 1.5 with --quick)")
+    group.add_argument("--serve-rounds", type=int, help="alternating rounds (default 3; 2 with --quick)")
+    group.add_argument("--serve-no-lm", action="store_true", help="skip the language-model (completions) rows")
+
+
+MODES = {"off": ["--max-batch", "1"], "on (32 / 2 ms)": ["--max-batch", "32", "--max-wait-ms", "2"]}
+
+
+def run(args):
+    quick = getattr(args, "quick", False)
+    seconds = getattr(args, "serve_seconds", None) or (1.5 if quick else 4.0)
+    rounds = getattr(args, "serve_rounds", None) or (2 if quick else 3)
+    device = getattr(args, "device", "cpu") or "cpu"
+    device = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
+    threads = getattr(args, "threads", 0) or 1  # the server's torch threads; 1 is best on a shared CPU
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="danlu-bench-serve-") as tmp:
+        from danlu.serve.tiny_runs import classifier_run, language_model_run
+
+        classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128, embed_dim=128,
+                                    hidden_dim=128)
+        texts = _texts(200)
+        rows += _measure(classifier.path, device, seconds, rounds, threads, "lstm classifier", "/v1/predict",
+                         lambda rng: {"texts": rng.choice(texts)})
+        if not getattr(args, "serve_no_lm", False):
+            lm = language_model_run(os.path.join(tmp, "gpt"), steps=10, embed_dim=128, num_heads=4, num_layers=4)
+            prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
+            rows += _measure(lm.path, device, seconds, rounds, threads, "gpt completions, 16 tokens", "/v1/completions",
+                             lambda rng: {"model": "gpt", "prompt": rng.choice(prompts), "max_tokens": 16,
+                                          "temperature": 0})
+    return rows
+
+
+def _measure(run_dir, device, seconds, rounds, threads, model, route, body, clients=CLIENTS):
+    """Both servers run side by side; the modes alternate within each round, so that load from elsewhere
+    on the machine falls on both; each figure is the median over rounds."""
+    results = {(mode, n): [] for mode in MODES for n in clients}
+    servers = {mode: _Server(run_dir, device, "--threads", str(threads), *flags) for mode, flags in MODES.items()}
+    urls = {mode: server.__enter__() for mode, server in servers.items()}
+    try:
+        for _ in range(rounds):
+            for n in clients:
+                for mode in MODES:
+                    results[mode, n].append(asyncio.run(_load(urls[mode], route, body, n, seconds)))
+    finally:
+        for server in servers.values():
+            server.__exit__()
+    rows = []
+    for mode in MODES:
+        for n in clients:
+            rs = results[mode, n]
+            throughput = statistics.median(r["throughput"] for r in rs)
+            off = statistics.median(r["throughput"] for r in results["off", n])
+            rows.append({
+                "model": model, "batching": mode, "clients": n, "requests": sum(r["ok"] for r in rs),
+                "errors": sum(r["errors"] for r in rs), "throughput_rps": round(throughput, 1),
+                "p50_ms": round(statistics.median(r["p50"] for r in rs), 2),
+                "p99_ms": round(statistics.median(r["p99"] for r in rs), 2),
+                "vs_off": round(throughput / off, 2) if off else None,
+            })
+    return rows
+
+
+async def _load(url, route, make_body, clients, seconds, warmup=0.5):
+    """Closed-loop load: `clients` keep-alive connections, each sending its next request once answered."""
+    host, port = url.split("//", 1)[1].split(":")
+    rng = random.Random(0)
+    latencies, errors = [], 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def worker():
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                status = await _post(reader, writer, host, route, make_body(rng))
+                done = time.perf_counter()
+                if sent >= measure_from:
+                    if status == 200:
+                        latencies.append(done - sent)
+                    else:
+                        errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+    return {"ok": len(latencies), "errors": errors, "throughput": len(latencies) / seconds,
+            "p50": statistics.median(latencies) * 1000 if latencies else float("nan"), "p99": pick(0.99)}
+
+
+async def _post(reader, writer, host, route, body):
+    """One HTTP/1.1 POST on a kept-alive connection -> status code. A minimal client on purpose: httpx costs
+    several milliseconds of CPU a request at 64 connections, and the client shares the cores with the server."""
+    payload = json.dumps(body).encode()
+    writer.write(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    await reader.readexactly(length)
+    return status
+
+
+class _Server:
+    def __init__(self, run_dir, device, *flags):
+        self.command = [sys.executable, "-m", "danlu", "serve", run_dir, "--port", "0", "--api-key", KEY,
+                        "--device", device, "--no-access-log", *flags]
+
+    def __enter__(self):
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="danlu-serve-", suffix=".log")
+        self.proc = subprocess.Popen(self.command, stderr=self.log, stdout=subprocess.DEVNULL)
+        self.url = wait_for_url(self.proc, self.log.name)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def wait_for_url(proc, log_path, timeout=180):
+    """The URL `danlu serve` announces on stderr (logged to a file: a pipe nobody reads would fill up and
+    block the server), once /health answers."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(log_path, encoding="utf-8") as f:
+            log = f.read()
+        if proc.poll() is not None:
+            raise RuntimeError("danlu serve exited: " + log[-2000:])
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/", log)
+        if found:
+            try:
+                httpx.get(found.group(1) + "/health")
+                return found.group(1)
+            except httpx.TransportError:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError("danlu serve did not start")
+
+
+def _texts(n, seed=0):
+    from danlu.serve.tiny_runs import FILLER, NEGATIVE, POSITIVE
+
+    rng = random.Random(seed)
+    words = FILLER + POSITIVE + NEGATIVE + ["，", "。", "的", "了", "很", "也"]
+    return ["".join(rng.choices(words, k=rng.randint(12, 24))) for _ in range(n)]
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    add_arguments(parser)
+    for row in run(parser.parse_args()):
+        print(row)

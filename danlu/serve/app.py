@@ -1,0 +1,486 @@
+"""The HTTP app: predictions for classifiers, OpenAI-compatible completions for language models.
+
+    GET  /                      playground (label bars, or a streaming chat)
+    GET  /health, /metrics      liveness; Prometheus text
+    GET  /v1/models[/{id}]      the one served model
+    POST /v1/predict            classifiers: {"texts": [...]} -> labels and probabilities
+    POST /v1/chat/completions   language models, OpenAI's schema, streaming (SSE) or not
+    POST /v1/completions        language models, OpenAI's legacy completion schema
+
+Every /v1 route needs `Authorization: Bearer KEY` when the app has an API key (compared in constant
+time). Every error is OpenAI's JSON error shape; a failure inside the server answers a generic 500
+and is logged on the server, never sent to the client with its traceback.
+
+>>> app = create_app(Predictor.from_run("runs/seed_lstm"), ServeOptions(api_key="secret"))  # doctest: +SKIP
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+
+from danlu.serve.batching import MicroBatcher, Overloaded
+from danlu.serve.metrics import Metrics
+from danlu.serve.middleware import GuardMiddleware, MetricsMiddleware, error_body
+
+log = logging.getLogger("danlu.serve")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+PLAYGROUND_PLACEHOLDER = "__DANLU_CONFIG__"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    api_key: str | None = None
+    """Required as `Authorization: Bearer KEY` on every /v1 route (None: no key)."""
+    max_batch: int = 32
+    """Texts (or prompts) per model call; 1 turns micro-batching off."""
+    max_wait_ms: float = 2.0
+    """How long the first request of a batch waits for others to join it."""
+    max_queue: int = 256
+    """Requests waiting for the model (and streams running) beyond which the server answers 503."""
+    max_body_bytes: int = 1 << 20
+    max_texts: int = 256
+    """Texts per /v1/predict request."""
+    max_tokens: int = 512
+    """Largest max_tokens a completion may ask for."""
+    max_prompts: int = 16
+    """Prompts per /v1/completions request."""
+    timeout_s: float = 60.0
+    """A request that has not finished (queued + computed) after this long answers 504."""
+    allowed_hosts: tuple | None = None
+    """Host headers accepted (None: any). `danlu serve` on a loopback address sets the loopback names,
+    which defeats DNS rebinding: a web page cannot reach the local server through its own domain."""
+
+
+class APIError(Exception):
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
+               504: "timeout_error", 500: "server_error"}
+
+
+def create_app(predictor, options: ServeOptions | None = None):
+    """A FastAPI app serving `predictor` (a danlu.serve.Predictor)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from danlu.chat_template import TemplateError
+    from danlu.serve import schemas as s
+
+    options = options or ServeOptions()
+    state = _State(predictor, options)
+    classifier = predictor.kind == "classifier"
+
+    async def lifespan(app):
+        yield
+        await state.close()
+
+    app = FastAPI(title=f"danlu serve: {predictor.name}", version="1", docs_url=None, redoc_url=None,
+                  lifespan=lifespan, description=f"danlu {predictor.kind} `{predictor.name}`.")
+    app.state.danlu = state
+    errors = {code: {"model": s.ErrorResponse, "description": text} for code, text in (
+        (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+        (413, "Request body too large"), (503, "Server overloaded; retry after Retry-After seconds"),
+        (504, "Request timed out"))}
+
+    # -- errors: always OpenAI's shape, never a traceback -----------------------------------------
+    def reply(status, message, type=None, param=None, code=None, headers=None):
+        return JSONResponse(error_body(message, type or ERROR_TYPES.get(status, "invalid_request_error"), param, code),
+                            status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return reply(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return reply(400, "the request body is not valid JSON", code="invalid_json")
+        param = ".".join(loc) or None
+        where = f"{param}: " if param else ""
+        return reply(400, f"{where}{first.get('msg', 'invalid value')}", param=param, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        if e.status_code == 404:
+            return reply(404, _not_found_message(request.url.path, classifier), code="not_found")
+        if e.status_code == 405:
+            return reply(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed",
+                         headers=getattr(e, "headers", None))
+        return reply(e.status_code, str(e.detail))
+
+    @app.exception_handler(TemplateError)
+    async def _template_error(request, e):
+        return reply(400, str(e), param="messages", code="chat_template")
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return reply(500, "internal server error; the server log has the details", code="internal_error")
+
+    # -- always there -----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(state.playground_html(), headers={"Content-Security-Policy": PLAYGROUND_CSP,
+                                                             "Cache-Control": "no-store"})
+
+    @app.get("/health", response_model=s.Health, tags=["server"])
+    async def health():
+        return s.Health(model=predictor.name, kind=predictor.kind, queue_depth=state.depth)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["server"],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=s.ModelList, responses=errors, tags=["models"])
+    async def list_models():
+        return s.ModelList(data=[state.card()])
+
+    @app.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=errors, tags=["models"])
+    async def get_model(model_id: str):
+        state.check_model(model_id, param=None)
+        return state.card()
+
+    # -- classifiers ------------------------------------------------------------------------------
+    if classifier:
+        @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
+                  responses=errors, tags=["predict"])
+        async def predict(body: s.PredictRequest):
+            """Classify one or many texts: labels, scores and the probability of every label."""
+            if body.model is not None:
+                state.check_model(body.model)
+            texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
+            if not texts:
+                raise APIError(400, "texts: give at least one text", param="texts", code="empty")
+            if len(texts) > options.max_texts:
+                raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
+                               param="texts", code="too_many_texts")
+            results = await state.run(texts)
+            data = []
+            for i, r in enumerate(results):
+                if "value" in r:
+                    data.append(s.Prediction(index=i, value=r["value"]))
+                    continue
+                probs = r["probabilities"]
+                if body.top_k:
+                    probs = dict(list(probs.items())[: body.top_k])
+                data.append(s.Prediction(index=i, label=r["label"], score=r["score"], probabilities=probs))
+            return s.PredictResponse(model=predictor.name, data=data)
+
+    # -- language models --------------------------------------------------------------------------
+    else:
+        stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "description": "JSON, or server-sent events with `stream: true`"}, **errors}
+
+        @app.post("/v1/completions", response_model=s.CompletionResponse, responses=stream_doc,
+                  tags=["completions"])
+        async def completions(body: s.CompletionRequest):
+            """Continue a prompt (or a list of prompts), OpenAI's completion API."""
+            state.check_model(body.model)
+            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            if not prompts:
+                raise APIError(400, "prompt: give at least one prompt", param="prompt", code="empty")
+            if len(prompts) > options.max_prompts:
+                raise APIError(400, f"prompt: at most {options.max_prompts} prompts per request", param="prompt")
+            sampling, prompt_tokens = state.sampling(body, prompts, default_max=16)
+            if body.stream:
+                if len(prompts) > 1 or body.n > 1:
+                    raise APIError(400, "stream: streaming takes one prompt and n=1", param="stream")
+                return StreamingResponse(state.stream(prompts[0], sampling, "text_completion", prompt_tokens[0],
+                                                      body.stream_options, echo=body.echo),
+                                         media_type="text/event-stream", headers=SSE_HEADERS)
+            results = await state.run([(p, sampling) for p in prompts for _ in range(body.n)])
+            choices, completion_tokens = [], 0
+            for i, ((text, used, finish), prompt) in enumerate(zip(results, [p for p in prompts for _ in range(body.n)])):
+                completion_tokens += used
+                choices.append(s.CompletionChoice(index=i, text=(prompt + text) if body.echo else text,
+                                                  finish_reason=finish))
+            usage = state.usage(sum(prompt_tokens), completion_tokens)
+            return s.CompletionResponse(id=_new_id("cmpl"), created=int(time.time()), model=predictor.name,
+                                        choices=choices, usage=usage)
+
+        @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=stream_doc,
+                  tags=["chat"])
+        async def chat_completions(body: s.ChatCompletionRequest):
+            """Answer a conversation with the run's chat template, OpenAI's chat completion API."""
+            state.check_model(body.model)
+            messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
+            prompt = predictor.chat_prompt(messages)
+            if body.max_completion_tokens is not None and body.max_tokens is None:
+                body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+            sampling, prompt_tokens = state.sampling(body, [prompt], default_max=None, extra_stop=predictor.chat_stop)
+            if body.stream:
+                if body.n > 1:
+                    raise APIError(400, "n: streaming takes n=1", param="n")
+                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", prompt_tokens[0],
+                                                      body.stream_options),
+                                         media_type="text/event-stream", headers=SSE_HEADERS)
+            results = await state.run([(prompt, sampling)] * body.n)
+            choices, completion_tokens = [], 0
+            for i, (text, used, finish) in enumerate(results):
+                completion_tokens += used
+                choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish))
+            usage = state.usage(prompt_tokens[0] * body.n, completion_tokens)
+            return s.ChatCompletionResponse(id=_new_id("chatcmpl"), created=int(time.time()), model=predictor.name,
+                                            choices=choices, usage=usage)
+
+    def openapi():
+        """The spec names the one model this server answers to, so that clients and fuzzers know it."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for schema in spec.get("components", {}).get("schemas", {}).values():
+                model = schema.get("properties", {}).get("model")
+                if model is not None and "model" in schema.get("required", []):
+                    model.update({"type": "string", "enum": [predictor.name]})
+            for parameter in spec["paths"].get("/v1/models/{model_id}", {}).get("get", {}).get("parameters", []):
+                parameter["schema"].update({"type": "string", "enum": [predictor.name]})
+            if options.api_key:
+                spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in spec["paths"].items():
+                    if path.startswith("/v1"):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    # middleware, outermost last: metrics see every answer, including the guard's 401 / 413
+    app.add_middleware(GuardMiddleware, options=options)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_route_templates(app))
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                  "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class _State:
+    """What the routes share: the predictor, its model thread and batchers, metrics, limits."""
+
+    def __init__(self, predictor, options):
+        self.predictor, self.options = predictor, options
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danlu-model")
+        kind = "predict" if predictor.kind == "classifier" else "generate"
+        fn = self._classify_batch if kind == "predict" else self._generate_batch
+        self.batcher = MicroBatcher(fn, self.executor, options.max_batch, options.max_wait_ms, options.max_queue,
+                                    size=len, on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
+        self.streams = 0
+        self.metrics.gauges["danlu_queue_depth"] = lambda: self.depth
+        self.metrics.gauges["danlu_streams_active"] = lambda: self.streams
+        self._html = None
+
+    @property
+    def depth(self):
+        return self.batcher.depth
+
+    async def close(self):
+        await self.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- model calls ------------------------------------------------------------------------------
+    async def run(self, payload):
+        """Submit a payload (a list) to the batcher; wait at most timeout_s."""
+        try:
+            return await asyncio.wait_for(self.batcher.submit(payload), self.options.timeout_s)
+        except Overloaded as e:
+            raise APIError(503, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after)}) from None
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request did not finish within {self.options.timeout_s:g} s",
+                           code="timeout") from None
+
+    def _classify_batch(self, payloads):
+        texts = [t for p in payloads for t in p]
+        results = self.predictor.classify(texts)
+        out, i = [], 0
+        for p in payloads:
+            out.append(results[i : i + len(p)])
+            i += len(p)
+        return out
+
+    def _generate_batch(self, payloads):
+        """payloads: lists of (prompt, sampling); prompts with the same sampling settings share one call."""
+        flat = [(pi, j, prompt, sampling) for pi, p in enumerate(payloads) for j, (prompt, sampling) in enumerate(p)]
+        groups = {}
+        for entry in flat:
+            groups.setdefault(_sampling_key(entry[3]), []).append(entry)
+        out = [[None] * len(p) for p in payloads]
+        for entries in groups.values():
+            results = self.predictor.complete([e[2] for e in entries], **entries[0][3])
+            for (pi, j, _, _), result in zip(entries, results):
+                out[pi][j] = result
+        return out
+
+    # -- language-model helpers -------------------------------------------------------------------
+    def sampling(self, body, prompts, default_max, extra_stop=()):
+        """generate() keywords for this request, after checking the limits; also the prompt token counts."""
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise APIError(400, "stop: up to 4 non-empty sequences", param="stop")
+        counts = [self.predictor.count_tokens(p) for p in prompts]
+        room = self.predictor.context_length - max(counts)
+        limit = self.options.max_tokens
+        if body.max_tokens is not None and body.max_tokens > limit:
+            raise APIError(400, f"max_tokens: at most {limit} on this server, got {body.max_tokens}", param="max_tokens")
+        wanted = body.max_tokens if body.max_tokens is not None else min(limit, default_max or limit, room)
+        if wanted > room:
+            raise APIError(400, f"this model's context is {self.predictor.context_length} tokens; the prompt has "
+                                f"{max(counts)} and max_tokens asks for {wanted} more", param="max_tokens",
+                           code="context_length_exceeded")
+        if wanted < 1:
+            raise APIError(400, f"the prompt ({max(counts)} tokens) fills the model's context "
+                                f"({self.predictor.context_length})", param="messages", code="context_length_exceeded")
+        sampling = {"max_new_tokens": wanted, "temperature": body.temperature, "top_k": body.top_k,
+                    "top_p": body.top_p, "repetition_penalty": body.repetition_penalty,
+                    "stop": tuple(stop) + tuple(extra_stop), "seed": body.seed}
+        return sampling, counts
+
+    def usage(self, prompt_tokens, completion_tokens):
+        from danlu.serve.schemas import Usage
+
+        self.metrics.add_tokens(prompt_tokens, completion_tokens)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, echo=False):
+        """Server-sent events of one streamed completion, run step by step in the model thread."""
+        if self.streams + self.depth >= self.options.max_queue:
+            raise APIError(503, "server overloaded: too many requests in flight", code="overloaded",
+                           headers={"Retry-After": "1"})
+        return self._events(prompt, sampling, object_name, prompt_tokens, stream_options, echo)
+
+    async def _events(self, prompt, sampling, object_name, prompt_tokens, stream_options, echo):
+        loop = asyncio.get_running_loop()
+        chat = object_name == "chat.completion.chunk"
+        ident, created, model = _new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self.predictor.name
+        deadline = time.perf_counter() + self.options.timeout_s
+        it, done = None, False
+        self.streams += 1  # counted here, not before: a generator that never starts never ends either
+
+        def chunk(delta, finish=None):
+            if chat:
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+            return _sse({"id": ident, "object": object_name, "created": created, "model": model, "choices": [choice]})
+
+        try:
+            it = await loop.run_in_executor(self.executor, lambda: self.predictor.stream(prompt, **sampling))
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(prompt)
+            while True:
+                if time.perf_counter() > deadline:
+                    yield _sse(error_body(f"the stream did not finish within {self.options.timeout_s:g} s",
+                                          "timeout_error", code="timeout"))
+                    break
+                delta = await loop.run_in_executor(self.executor, next, it, _END)
+                if delta is _END:
+                    done = True
+                    break
+                if delta:
+                    yield chunk({"content": delta} if chat else delta)
+            if done:
+                used, finish = it.result()
+                yield chunk({} if chat else "", finish)
+                usage = self.usage(prompt_tokens, used)
+                if stream_options is not None and stream_options.include_usage:
+                    yield _sse({"id": ident, "object": object_name, "created": created, "model": model,
+                                "choices": [], "usage": usage.model_dump()})
+            yield "data: [DONE]\n\n"
+        except Exception:
+            log.exception("stream failed")
+            yield _sse(error_body("internal server error; the server log has the details", "server_error",
+                                  code="internal_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.streams -= 1
+            if it is not None and not done:  # queued behind any step still running in the model thread
+                self.executor.submit(_close, it)
+
+    # -- small things -----------------------------------------------------------------------------
+    def check_model(self, name, param="model"):
+        if name != self.predictor.name:
+            raise APIError(404, f"the model `{name}` does not exist; this server serves `{self.predictor.name}`",
+                           param=param, code="model_not_found")
+
+    def card(self):
+        from danlu.serve.schemas import ModelCard
+
+        return ModelCard(id=self.predictor.name, created=self.predictor.created)
+
+    def playground_html(self):
+        if self._html is None:
+            page = resources.files("danlu.serve").joinpath("playground.html").read_text(encoding="utf-8")
+            config = {**self.predictor.describe(), "auth": bool(self.options.api_key),
+                      "max_tokens": self.options.max_tokens}
+            blob = json.dumps(config, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            self._html = page.replace(PLAYGROUND_PLACEHOLDER, blob)
+        return self._html
+
+
+_END = object()
+
+
+def _close(it):
+    try:
+        it.close()
+    except Exception:  # a generator that fails while closing has nothing left to tell the client
+        log.debug("closing a stream failed", exc_info=True)
+
+
+def _sampling_key(sampling):
+    if sampling.get("seed") is not None:  # seeded requests run alone: their text must not depend on neighbours
+        return object()
+    return tuple(sorted(sampling.items()))
+
+
+def _sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _new_id(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _content(content):
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def _not_found_message(path, classifier):
+    if classifier and path in ("/v1/chat/completions", "/v1/completions"):
+        return f"{path}: this server runs a classifier; POST /v1/predict with {{\"texts\": [...]}}"
+    if not classifier and path == "/v1/predict":
+        return f"{path}: this server runs a language model; use /v1/chat/completions or /v1/completions"
+    return f"{path}: no such route"
+
+
+def _route_templates(app):
+    return sorted({r.path for r in app.routes if hasattr(r, "path")}, key=len, reverse=True)

@@ -1,0 +1,96 @@
+"""Tiny runs built in seconds, for serving tests, export tests and benchmarks.
+
+`classifier_run(dir)` trains a small two-class classifier through the ordinary pipeline;
+`language_model_run(dir)` fits a character tokenizer and a tiny GPT (a few hundred steps on a
+repetitive corpus, so that greedy decoding says something other than noise) and saves it as a
+causal_lm run that `load_run` reads like any other.
+
+>>> run = classifier_run("/tmp/tiny-cls", kind="mlp")       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+POSITIVE = ["很好", "喜欢", "满意", "推荐", "不错", "值得", "完美", "good", "great"]
+NEGATIVE = ["很差", "失望", "退货", "糟糕", "后悔", "坏了", "bad", "awful", "慢"]
+FILLER = ["质量", "物流", "价格", "包装", "客服", "这个", "东西", "房间"]
+
+CORPUS = [
+    "你好，我是丹炉，一个小小的语言模型。",
+    "今天天气很好，我们去公园散步吧。",
+    "丹炉可以训练模型，也可以部署模型。",
+    "hello, i am a tiny model. nice to meet you.",
+    "the quick brown fox jumps over the lazy dog.",
+]
+
+
+def reviews(n, seed=0):
+    """(text, label) rows of synthetic two-class reviews."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "正面" if i % 2 == 0 else "负面"
+        words = rng.choices(FILLER, k=rng.randint(1, 5)) + rng.choices(POSITIVE if label == "正面" else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append(("".join(words), label))
+    return rows
+
+
+def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, **model):
+    """Train and save a tiny classifier run; returns the danlu.runs.Run."""
+    from danlu.pipeline import train
+
+    os.makedirs(run_dir, exist_ok=True)
+    data = os.path.join(run_dir, os.pardir, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(reviews(rows, seed))
+    cfg = {
+        "run": {"dir": str(run_dir), "seed": seed},
+        "data": {"train": data, "tokenizer": {"kind": "char", "vocab_size": 500, "max_length": max_length}},
+        "model": {"kind": kind, "embed_dim": 16, **({"hidden_dim": 16} if kind in ("mlp", "lstm") else {}), **model},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu"},
+    }
+    return train(cfg, overwrite=True)
+
+
+def language_model_run(run_dir, steps=60, seed=0, chat_template=None, **model):
+    """Fit a char tokenizer and a tiny GPT on CORPUS, save it as a causal_lm run; returns the Run."""
+    import torch
+
+    from danlu import config as config_mod
+    from danlu.data import TextTokenizer, make_spec
+    from danlu.models import build_model
+    from danlu.runs import Run, save_run
+
+    torch.manual_seed(seed)
+    lines = CORPUS * 4
+    tokenizer = TextTokenizer("char", vocab_size=500, max_length=256).fit(lines + ["<|im_start|>user\n<|im_end|>"])
+    gpt = {"kind": "gpt", "embed_dim": 32, "num_heads": 2, "num_layers": 2, "max_positions": 256, **model}
+    cfg = config_mod.load({"task": "causal_lm", "run": {"dir": str(run_dir), "seed": seed}, "model": gpt,
+                           "data": {"tokenizer": {"kind": "char", "max_length": 256}}})
+    spec = make_spec(tokenizer, ())
+    net = build_model(cfg.model, spec)
+    ids = [torch.tensor([spec.bos_id] + tokenizer.encode([t])[0].tolist() + [spec.eos_id]) for t in CORPUS]
+    width = max(len(x) for x in ids)
+    batch = torch.full((len(ids), width), spec.pad_id)
+    for i, x in enumerate(ids):
+        batch[i, : len(x)] = x
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(steps):
+        logits = net(batch[:, :-1])  # (B, T, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 ignore_index=spec.pad_id)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    save_run(run_dir, cfg, net, tokenizer, labels=())
+    if chat_template is not None:
+        with open(os.path.join(run_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(chat_template)
+    return Run(str(run_dir), cfg, net, tokenizer, ())

@@ -1,0 +1,100 @@
+"""The playground at `/`, end to end in real headless Chromium (Playwright for Python, Debian's chromium).
+
+Skipped when the playwright package or /usr/bin/chromium (or $DANLU_CHROMIUM) is absent. Pages only talk to
+the loopback server that serves them (the page's CSP allows `connect-src 'self'` and nothing else).
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+httpx = pytest.importorskip("httpx")
+
+from danlu.serve.app import ServeOptions, create_app
+from danlu.serve.predictor import Predictor
+from danlu.serve.server import ServerThread
+from danlu.serve.tiny_runs import classifier_run, language_model_run
+
+CHROMIUM = os.environ.get("DANLU_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+torch.set_num_threads(1)
+KEY = "browser-key"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    expected = "the server responded with a status of 401"  # the classifier test's deliberate call without a key
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and expected not in m.text else None)
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith("http://127.0.0.1:") else None)
+    yield page
+    context.close()
+    assert not errors, errors  # no script errors, no CSP violations
+    assert not outside, outside  # nothing fetched from anywhere but the server (no CDN)
+
+
+def test_classifier_page_shows_probability_bars(tmp_path, page):
+    run = classifier_run(str(tmp_path / "cls"), kind="mlp")
+    with ServerThread(create_app(Predictor(run), ServeOptions(api_key=KEY))) as url:
+        page.goto(url + "/")
+        assert page.locator("#model-name").text_content() == "cls"
+        assert page.locator("#key-row").is_visible() and not page.locator("#chat").is_visible()
+        page.fill("#texts", "质量很好，推荐\n太差了，退货")
+        page.click("#classify")  # no key yet: the API's 401 message is shown
+        page.wait_for_selector("#classify-error:not(:empty)")
+        assert "API key" in page.locator("#classify-error").text_content()
+        page.fill("#api-key", KEY)
+        page.click("#classify")
+        page.wait_for_selector("[data-testid=prediction] .bar")
+        cards = page.locator("[data-testid=prediction]")
+        assert cards.count() == 2
+        expected = run.predict(["质量很好，推荐", "太差了，退货"])
+        for i, want in enumerate(expected):
+            bars = cards.nth(i).locator(".bar")
+            assert bars.count() == len(run.labels)
+            shown = {bars.nth(j).get_attribute("data-label"): float(bars.nth(j).get_attribute("data-probability"))
+                     for j in range(bars.count())}
+            assert shown == pytest.approx(want["probabilities"], abs=1e-6)
+            top = cards.nth(i).locator(".bar.top")
+            assert top.get_attribute("data-label") == want["label"]
+            width = top.locator(".fill").evaluate("e => e.style.width")
+            assert width == f"{100 * want['score']:.1f}%"
+
+
+def test_chat_page_streams_the_reply(tmp_path, page):
+    run = language_model_run(str(tmp_path / "lm"))
+    with ServerThread(create_app(Predictor(run), ServeOptions(max_tokens=24))) as url:
+        page.goto(url + "/")
+        assert page.locator("#chat").is_visible() and not page.locator("#key-row").is_visible()
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "16")
+        page.fill("#prompt", "你好")
+        page.keyboard.press("Enter")
+        done = page.wait_for_selector(".msg.assistant[data-done=true]", timeout=30000)
+        chunks = int(done.get_attribute("data-chunks"))
+        reply = shown = page.locator(".msg.assistant .content").last.text_content()
+        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 16}
+        expected = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert reply == shown == expected
+        assert chunks > 1  # it arrived in pieces, as a stream
+        assert page.locator(".msg.user .content").first.text_content() == "你好"
+        assert page.locator("#chat-error").text_content() == ""
