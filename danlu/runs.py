@@ -119,7 +119,9 @@ def load_run(path, device="cpu") -> Run:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a run directory (it does not exist)")
-    for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+    adapter_only = os.path.exists(os.path.join(path, "adapter.safetensors")) and not os.path.exists(
+        os.path.join(path, "model.safetensors"))  # a LoRA run: its base + adapter.safetensors
+    for name in ("config.yaml", "tokenizer.json") + (() if adapter_only else ("model.safetensors",)):
         if not os.path.exists(os.path.join(path, name)):
             raise ConfigError(f"{path}: not a finished run: {name} is missing" +
                               (f" (an interrupted run resumes with: danlu {'pretrain' if _is_lm(path) else 'train'} RUN --resume)"
@@ -129,9 +131,19 @@ def load_run(path, device="cpu") -> Run:
     labels_file = os.path.join(path, "labels.json")
     labels = read_json(labels_file) if os.path.exists(labels_file) else []
     spec = _spec(cfg, tokenizer, labels)
-    model = build_model(cfg.model, spec)
-    tensors, _ = load_tensors(os.path.join(path, "model.safetensors"))
-    load_weights(model, tensors, where=os.path.join(path, "model.safetensors"))
+    if adapter_only:
+        from danlu.finetune import load_adapter_model
+
+        model = load_adapter_model(path, cfg, spec)
+    else:
+        model = build_model(cfg.model, spec)
+        tensors, _ = load_tensors(os.path.join(path, "model.safetensors"))
+        if os.path.exists(os.path.join(path, "compression.json")):  # a compressed run: rebuild its shapes and layers first
+            from danlu.compress import load_compressed, read_record
+
+            model = load_compressed(model, read_record(path), tensors, where=os.path.join(path, "model.safetensors"))
+        else:
+            load_weights(model, tensors, where=os.path.join(path, "model.safetensors"))
     model.to(pick_device(device) if device == "auto" else torch.device(device))
     metrics_file = os.path.join(path, "metrics.json")
     metrics = read_json(metrics_file) if os.path.exists(metrics_file) else {}

@@ -48,7 +48,8 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
         ext = os.path.splitext(path)[1].lower()
         if ext not in FORMATS:
             raise DataError(f"{path}: unknown file type {ext or '(none)'!r}; expected one of: {', '.join(FORMATS)} or a folder")
-        raw = open(path, "rb").read()
+        with open(path, "rb") as f:
+            raw = f.read()
         text = raw.decode("utf-8-sig", errors="surrogateescape")
         if ext in (".jsonl", ".json", ".ndjson"):
             rows = _jsonl_rows(path, text, bad)
@@ -169,7 +170,8 @@ def _folder_rows(path, bad, text_column, label_column):
             if not name.endswith(".txt"):
                 continue
             file = os.path.join(path, label, name)
-            raw = open(file, "rb").read()
+            with open(file, "rb") as f:
+                raw = f.read()
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:

@@ -64,6 +64,7 @@ class RegressionMetrics:
 
     def __init__(self):
         self.count = 0
+        self.shift = None  # sums of (y - shift) keep R² precise when targets are large and close together
         self.sum_y = self.sum_y2 = self.sum_se = self.sum_ae = 0.0
 
     @torch.no_grad()
@@ -71,6 +72,9 @@ class RegressionMetrics:
         pred = outputs.detach().float().reshape(-1).cpu().double()
         y = targets.detach().reshape(-1).cpu().double()
         err = pred - y
+        if self.shift is None and len(y):
+            self.shift = y[0].item()
+        y = y - (self.shift or 0.0)
         self.count += len(y)
         self.sum_y += y.sum().item()
         self.sum_y2 += (y * y).sum().item()
@@ -81,7 +85,7 @@ class RegressionMetrics:
         n = max(self.count, 1)
         mse = self.sum_se / n
         variance = self.sum_y2 / n - (self.sum_y / n) ** 2
-        r2 = 1.0 - mse / variance if variance > 0 else 0.0
+        r2 = 1.0 - mse / variance if variance > 0 else (1.0 if mse == 0 else 0.0)  # as scikit-learn's r2_score
         return {"loss": mse, "mse": mse, "mae": self.sum_ae / n, "r2": r2, "count": self.count}
 
 

@@ -1,15 +1,39 @@
 """Tasks own the loss and the metrics; models only return tensors (as Keras separates compute_loss from call).
 
-A task has `loss(model, batch) -> (loss, outputs)`, `new_metrics()`, and `update(metrics, outputs, batch)`.
+A task has `loss(model, batch) -> (loss, outputs)`, `new_metrics()`, `update(metrics, outputs, batch)`, and
+for the training loop's running numbers `counts(outputs, batch)` and `train_metrics(loss_sum, count, correct)`.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 
 from danlu.evaluate.metrics import ClassificationMetrics, RegressionMetrics
 
+IGNORE = -100  # label of positions without a target (cross_entropy's ignore_index)
 
-class ClassificationTask:
+
+class Task:
+    """What every task gives the loop besides its loss: per-batch counts and the train_* numbers of a row."""
+
+    name = ""
+    monitor = "accuracy"
+    unit = "samples"
+    """What throughput counts: samples (examples) or tokens."""
+
+    def counts(self, outputs, batch):
+        """(count, correct, processed): the batch loss is a mean over `count` targets, `correct` of them
+        predicted right; `processed` units (examples or tokens) went through the model."""
+        n = len(batch["input_ids"])
+        return n, (outputs.argmax(-1) == batch["labels"]).sum().item(), n
+
+    def train_metrics(self, loss_sum, count, correct):
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+
+
+class ClassificationTask(Task):
     """Softmax cross-entropy over class logits (the guide's sparse categorical cross-entropy)."""
 
     name = "classification"
@@ -29,7 +53,7 @@ class ClassificationTask:
         metrics.update(outputs, batch["labels"])
 
 
-class RegressionTask:
+class RegressionTask(Task):
     """Mean squared error on one numeric output."""
 
     name = "regression"
@@ -48,5 +72,132 @@ class RegressionTask:
     def update(self, metrics, outputs, batch):
         metrics.update(outputs, batch["labels"])
 
+    def counts(self, outputs, batch):
+        n = len(batch["input_ids"])
+        return n, 0, n
+
+    def train_metrics(self, loss_sum, count, correct):
+        return {"train_loss": loss_sum / max(count, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# language modelling
+
+
+class LanguageModelMetrics:
+    """Streaming token-level cross-entropy, perplexity (exp of the mean loss) and accuracy."""
+
+    def __init__(self):
+        self.loss_sum, self.count, self.correct = 0.0, 0, 0
+
+    @torch.no_grad()
+    def update(self, logits, labels):
+        """logits (..., V); labels (...) int64 with IGNORE where there is no target."""
+        logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+        valid = labels != IGNORE
+        self.loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+        self.correct += ((logits.argmax(-1) == labels) & valid).sum().item()
+        self.count += valid.sum().item()
+
+    def compute(self):
+        loss = self.loss_sum / max(self.count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": self.correct / max(self.count, 1),
+                "count": self.count}
+
+
+class _LanguageModelTask(Task):
+    monitor = "perplexity"
+    unit = "tokens"
+
+    def __init__(self, labels=()):
+        self.labels = ()
+
+    def new_metrics(self):
+        return LanguageModelMetrics()
+
+    def update(self, metrics, outputs, batch):
+        metrics.update(outputs, batch["labels"])
+
+    def counts(self, outputs, batch):
+        labels = batch["labels"]
+        valid = labels != IGNORE
+        correct = ((outputs.argmax(-1) == labels) & valid).sum().item()
+        return valid.sum().item(), correct, batch["input_ids"].numel()
+
+    def train_metrics(self, loss_sum, count, correct):
+        loss = loss_sum / max(count, 1)
+        return {"train_loss": loss, "train_perplexity": math.exp(min(loss, 50.0)), "train_accuracy": correct / max(count, 1)}
+
+
+class CausalLMTask(_LanguageModelTask):
+    """Next-token cross-entropy (Radford et al. 2018) over packed windows.
+
+    A batch from a TokenStream carries `labels` (B, T), the token after each position. A padded batch
+    without labels (e.g. a TextDataset) predicts input_ids shifted by one, padding ignored.
+    """
+
+    name = "causal_lm"
+
+    def loss(self, model, batch):
+        if "labels" not in batch:
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+            labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE) if mask is not None else ids[:, 1:]
+            batch["labels"] = F.pad(labels, (0, 1), value=IGNORE)  # (B, T): the last position has no next token
+        logits = model(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+        return loss, logits
+
+
+def mask_tokens(input_ids, mask_id, vocab_size, num_special=7, rate=0.15, attention_mask=None, generator=None):
+    """BERT's masking (Devlin et al. 2019, §3.1): choose `rate` of the real, non-special positions; of those
+    80% become [MASK], 10% a random token and 10% stay. Returns (masked input_ids, labels) with labels IGNORE
+    at unchosen positions. Special tokens (ids below num_special, padding included) are never chosen.
+
+    >>> masked, labels = mask_tokens(ids, mask_id=4, vocab_size=8000)  # doctest: +SKIP
+    """
+    ids = input_ids.cpu()
+    candidates = ids >= num_special  # (B, T)
+    if attention_mask is not None:
+        candidates &= attention_mask.cpu()
+    chosen = (torch.rand(ids.shape, generator=generator) < rate) & candidates  # (B, T)
+    if not chosen.any() and candidates.any():  # a short batch still gets one target
+        chosen.view(-1)[candidates.view(-1).nonzero()[0]] = True
+    action = torch.rand(ids.shape, generator=generator)  # (B, T)
+    masked = ids.masked_fill(chosen & (action < 0.8), mask_id)
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    masked[swap] = torch.randint(num_special, vocab_size, (int(swap.sum()),), generator=generator)
+    labels = ids.masked_fill(~chosen, IGNORE)
+    return masked.to(input_ids.device), labels.to(input_ids.device)
+
+
+class MaskedLMTask(_LanguageModelTask):
+    """Masked-token cross-entropy over the chosen 15% (BERT's masked LM).
+
+    Masks are drawn by a generator seeded from the batch's window starts (`index`), so that they are the
+    same on every evaluation and on a resumed run, whatever the global random state.
+    """
+
+    name = "masked_lm"
+
+    def __init__(self, labels=(), mask_id=4, vocab_size=0, num_special=7, rate=0.15):
+        super().__init__(labels)
+        self.mask_id, self.vocab_size, self.num_special, self.rate = mask_id, vocab_size, num_special, rate
+
+    def loss(self, model, batch):
+        generator = None
+        if "index" in batch:
+            generator = torch.Generator().manual_seed(hash(tuple(batch["index"].tolist())) & (2**63 - 1))
+        vocab_size = self.vocab_size or model.embed.num_embeddings
+        mask = batch.get("attention_mask")
+        batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], self.mask_id, vocab_size,
+                                                          self.num_special, self.rate, mask, generator)
+        logits = model(batch["input_ids"], mask)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+        return loss, logits
+
 
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask}
+"""Supervised tasks, run by `danlu train`."""
+LM_TASKS = {"causal_lm": CausalLMTask, "masked_lm": MaskedLMTask}
+"""Language-modelling objectives, run by `danlu pretrain`."""
+ALL_TASKS = {**TASKS, **LM_TASKS}
