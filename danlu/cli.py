@@ -351,7 +351,8 @@ def _export_args(p):
 def _compress_args(p):
     p.add_argument("run", help="a run directory")
     p.add_argument("--recipe", required=True,
-                   help="int8, woq-int8, woq-int4, prune-N, prune-ffn-N, prune-heads-N, prune-channels-N, sparse-N, "
+                   help="int8, int8-per-channel, static-int8, woq-int8, woq-int4, prune-N, prune-ffn-N, prune-heads-N, "
+                        "prune-channels-N, sparse-N, "
                         "distill-transformer|textcnn|lstm, chains such as prune-30+int8, or a YAML file of steps")
     p.add_argument("--out", help="the new run directory (default: RUN-RECIPE)")
     p.add_argument("--quick", action="store_true", help="measure on a small sample (smoke runs)")
