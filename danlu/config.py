@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -243,7 +244,11 @@ def _build(raw) -> RunConfig:
     if not isinstance(model_raw, dict):
         raise ConfigError("model: expected a mapping with at least `kind`")
     kind = model_raw.get("kind", "lstm")
-    model = _make(model_config_class(kind), model_raw, "model")
+    cls = model_config_class(kind)
+    if model_raw.get("size"):  # a named preset (presets are data, next to the model) under the given keys
+        presets = getattr(sys.modules[cls.__module__], "SIZE_PRESETS", {})
+        model_raw = {**resolve(model_raw["size"], presets, "model.size"), **model_raw}
+    model = _make(cls, model_raw, "model")
     return RunConfig(model=model, task=task, **sections)
 
 

@@ -8,6 +8,9 @@ object saves to and loads from one file (`tokenizer.json`), used unchanged at pr
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -15,6 +18,7 @@ from danlu.registry import ConfigError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 KINDS = ("char", "bpe", "wordpiece")
+SPECIAL_FILE = "special_tokens.json"  # written next to tokenizer.json by imported tokenizers only
 
 
 class TextTokenizer:
@@ -69,7 +73,8 @@ class TextTokenizer:
         return self.tokenizer_.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token):
-        return self.tokenizer_.token_to_id(token)
+        """Id of `token`; danlu's special names ([PAD], </s>, <s>, [UNK]) map to an imported model's own."""
+        return self.tokenizer_.token_to_id(getattr(self, "special_", {}).get(token, token))
 
     @property
     def vocab_size_(self):
@@ -82,6 +87,24 @@ class TextTokenizer:
     # -- files ----------------------------------------------------------------------------------
     def save(self, path):
         self.tokenizer_.save(str(path))
+        special = getattr(self, "special_", {})
+        if special:  # an imported tokenizer: its names for danlu's special tokens, next to tokenizer.json
+            with open(os.path.join(os.path.dirname(os.fspath(path)) or ".", SPECIAL_FILE), "w", encoding="utf-8") as f:
+                json.dump(special, f, ensure_ascii=False, indent=2)
+
+    @classmethod
+    def from_tokenizer(cls, tok, special=None, max_length=0):
+        """Wrap an already-built `tokenizers.Tokenizer` (an imported checkpoint's). `special` maps danlu's
+        special-token names to the checkpoint's, e.g. {"</s>": "<|im_end|>", "[PAD]": "<|im_end|>"}."""
+        tok.no_padding()
+        if max_length:
+            tok.enable_truncation(max_length)
+        else:
+            tok.no_truncation()
+        self = cls.__new__(cls)
+        self.kind, self.vocab_size, self.min_frequency, self.lowercase = "imported", tok.get_vocab_size(), 1, False
+        self.max_length, self.tokenizer_, self.special_ = max_length, tok, dict(special or {})
+        return self
 
     @classmethod
     def load(cls, path):
@@ -91,4 +114,9 @@ class TextTokenizer:
         self.kind, self.vocab_size, self.min_frequency, self.lowercase = "loaded", tok.get_vocab_size(), 1, True
         self.max_length = trunc["max_length"] if trunc else 0
         self.tokenizer_ = tok
+        special_file = os.path.join(os.path.dirname(os.fspath(path)) or ".", SPECIAL_FILE)
+        self.special_ = {}
+        if os.path.exists(special_file):
+            with open(special_file, encoding="utf-8") as f:
+                self.special_ = json.load(f)
         return self

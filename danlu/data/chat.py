@@ -1,0 +1,136 @@
+"""Chat and instruction data: JSONL conversations -> token ids with the loss masked to assistant tokens.
+
+Two row shapes are read, one JSON object a line:
+
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}]}
+    {"instruction": "...", "input": "...", "output": "..."}        (Alpaca, Taori et al. 2023)
+
+Each conversation is rendered with the run's chat template (the text the model will see at chat time)
+and tokenized once. A token is a target when it starts inside an assistant turn's rendered text: the
+answer and its end-of-turn marker, never the system prompt, the user's words or the template's role
+headers (as in InstructGPT-style supervised fine-tuning, Ouyang et al. 2022).
+
+>>> data = encode_chat(read_chat("chat.jsonl"), tokenizer, template, max_length=512)   # doctest: +SKIP
+>>> batch = next(data.batches(8))   # input_ids, attention_mask, labels (-100 off the assistant turns)
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from danlu.chat_template import render_chat
+from danlu.data.sources import DataError
+from danlu.training.tasks import IGNORE
+
+
+def read_chat(path, system=""):
+    """A JSONL file -> list of conversations ([{role, content}]); `system` is prepended where none is given."""
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON: {e}") from None
+            conversations.append(to_messages(row, f"{path}:{line_no}", system))
+    if not conversations:
+        raise DataError(f"{path}: no conversations")
+    return conversations
+
+
+def to_messages(row, where="row", system=""):
+    """One JSONL row (messages, or Alpaca's instruction / input / output) -> [{role, content}]."""
+    if isinstance(row, dict) and "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            raise DataError(f"{where}: messages must be a list of {{role, content}} objects")
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    elif isinstance(row, dict) and "instruction" in row and "output" in row:
+        prompt = str(row["instruction"]) + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
+    else:
+        raise DataError(f"{where}: expected {{\"messages\": [...]}} or {{\"instruction\", \"input\", \"output\"}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def render_with_spans(template, messages, **variables):
+    """(text, [(start, end)] character spans of the assistant turns) under `template`.
+
+    An assistant turn's span is what rendering it adds after the generation prompt: the text between
+    render(messages[:i], add_generation_prompt=True) and render(messages[:i + 1]).
+    """
+    text = render_chat(template, messages, add_generation_prompt=False, **variables)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(template, messages[:i], add_generation_prompt=True, **variables)
+        through = render_chat(template, messages[: i + 1], add_generation_prompt=False, **variables)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError("chat template: rendering is not incremental, so assistant turns cannot be located")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_chat(conversations, tokenizer, template, max_length=512) -> ChatDataset:
+    """Render, tokenize (offsets locate each token in the text) and mark the assistant tokens."""
+    variables = {"bos_token": _token(tokenizer, "<s>"), "eos_token": _token(tokenizer, "</s>")}
+    ids, targets = [], []
+    for messages in conversations:
+        text, spans = render_with_spans(template, messages, **variables)
+        enc = tokenizer.tokenizer_.encode(text, add_special_tokens=False)
+        starts = np.asarray([start for start, _ in enc.offsets], dtype=np.int64)
+        target = np.zeros(len(starts), dtype=bool)
+        for lo, hi in spans:
+            target |= (starts >= lo) & (starts < hi)
+        ids.append(np.asarray(enc.ids[:max_length], dtype=np.int64))
+        targets.append(target[:max_length])
+    return ChatDataset(ids, targets, tokenizer.pad_id or 0)
+
+
+def _token(tokenizer, name):
+    index = tokenizer.token_id(name)
+    return tokenizer.tokenizer_.id_to_token(index) if index is not None else ""
+
+
+class ChatDataset:
+    """Token sequences with a target mask; right-padded batches of input_ids, attention_mask and labels
+    (B, T), where labels[t] is token t + 1 when that token is a target, else IGNORE."""
+
+    def __init__(self, ids, targets, pad_id=0):
+        self.ids, self.targets, self.pad_id = ids, targets, pad_id
+
+    def __len__(self):
+        return len(self.ids)
+
+    def num_batches(self, batch_size):
+        return math.ceil(len(self.ids) / batch_size)
+
+    def batches(self, batch_size, *, epoch=0, seed=0, skip=0, shuffle=True):
+        order = np.arange(len(self.ids))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(len(self.ids))
+        for b in range(skip, self.num_batches(batch_size)):
+            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
+
+    def collate(self, rows):
+        width = max(len(self.ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            ids, target = torch.from_numpy(self.ids[i]), torch.from_numpy(self.targets[i])
+            n = len(ids)
+            input_ids[r, :n], mask[r, :n] = ids, True
+            labels[r, : n - 1] = ids[1:].masked_fill(~target[1:], IGNORE)  # predict the next token where it is a target
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

