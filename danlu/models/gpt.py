@@ -24,6 +24,8 @@ from danlu.registry import ConfigError
 @dataclass(frozen=True)
 class GPTConfig:
     kind: str = "gpt"
+    size: str = ""
+    """A preset of SIZE_PRESETS below (tiny, small, base, llama) whose values fill the keys this section leaves out."""
     embed_dim: int = 384
     num_heads: int = 6
     num_kv_heads: int = 0
@@ -140,12 +142,16 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache holds {cache.max_length} tokens; {end} needed")
             if attention_mask is not None:
                 cache.mask[:, start:end] = attention_mask[:, -T:]
+                cache.padded = cache.padded or not bool(attention_mask[:, -T:].all())
             else:
                 cache.mask[:, start:end] = True
-            seen = cache.mask[:, :end]  # (B, S) real slots so far
-            mask = causal_padding_mask(seen, start)  # (B, 1, T, S)
-            if positions is None:
-                positions = (seen.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            if cache.padded or (start > 0 and T > 1):
+                seen = cache.mask[:, :end]  # (B, S) real slots so far
+                mask = causal_padding_mask(seen, start)  # (B, 1, T, S)
+                if positions is None:
+                    positions = (seen.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            elif positions is None:  # no padding: the prompt is plain causal, a single new token sees all
+                positions = torch.arange(start, end, device=input_ids.device)[None]  # (1, T)
         elif attention_mask is not None and not attention_mask[:, 0].all():
             # Left padding: mask the padded keys and start each row's positions at its first real
             # token. (Right padding needs neither: under causality real tokens never see it.)

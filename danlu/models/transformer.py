@@ -7,7 +7,6 @@ paper's post-norm, because it trains stably without a long learning-rate warmup.
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from danlu.models.blocks import Block, init_weights, make_norm, padding_mask, sinusoidal_table

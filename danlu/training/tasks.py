@@ -84,6 +84,13 @@ class RegressionTask(Task):
 # language modelling
 
 
+def top1(logits, labels):
+    """Whether each label has the highest logit (ties count as right): gather + amax, which is several
+    times faster on CPU than comparing with argmax over a large vocabulary."""
+    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (...)
+    return target >= logits.amax(-1)
+
+
 class LanguageModelMetrics:
     """Streaming token-level cross-entropy, perplexity (exp of the mean loss) and accuracy."""
 
@@ -96,7 +103,7 @@ class LanguageModelMetrics:
         logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
         valid = labels != IGNORE
         self.loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
-        self.correct += ((logits.argmax(-1) == labels) & valid).sum().item()
+        self.correct += (top1(logits, labels) & valid).sum().item()
         self.count += valid.sum().item()
 
     def compute(self):
@@ -121,7 +128,7 @@ class _LanguageModelTask(Task):
     def counts(self, outputs, batch):
         labels = batch["labels"]
         valid = labels != IGNORE
-        correct = ((outputs.argmax(-1) == labels) & valid).sum().item()
+        correct = (top1(outputs.detach(), labels) & valid).sum().item()
         return valid.sum().item(), correct, batch["input_ids"].numel()
 
     def train_metrics(self, loss_sum, count, correct):

@@ -1,0 +1,133 @@
+"""KV-cached decoding speed: danlu generation against transformers `generate`, on identical weights.
+
+danlu's GPT-2-shaped `gpt` (vocabulary 8192, 6 layers, 6 heads, width 384) with random weights, copied
+into a transformers GPT2LMHeadModel. Both decode greedily (no end-of-text, so every row makes exactly
+`new` tokens) from the same random prompts: danlu through `danlu.generation.generate_ids`, the loop under
+`generate` / `stream_generate` (their text decoding is left out, as transformers gets token ids too),
+transformers through `model.generate(do_sample=False)` with its default dynamic KV cache. Times include
+the prompt's forward pass; tokens/s counts generated tokens. The two alternate round by round in one
+process and each figure is the median; `same_tokens` is the share of generated tokens that agree.
+Both run in fp32, and in bf16 (the weights of both cast) where the hardware has it: decoding one row
+reads every weight per token, so on CPU its speed is the memory traffic of the matmuls, the same for
+both; what differs is the work around them (masks, positions, cache bookkeeping, logits processing).
+
+    python benchmarks/run.py --only generate [--quick]
+    python benchmarks/generate.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+NAME = "generate"
+SHAPE = dict(vocab_size=8192, num_layers=6, num_heads=6, embed_dim=384, context=256)
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group(NAME)
+    group.add_argument("--generate-new", type=int, help="new tokens per row (default 128; 32 with --quick)")
+    group.add_argument("--generate-prompt", type=int, default=32, help="prompt tokens per row (default 32)")
+    group.add_argument("--generate-batch", default=None, help="comma-separated batch sizes (default 1,8; 1 with --quick)")
+    group.add_argument("--generate-rounds", type=int, help="alternating rounds (default 5; 2 with --quick)")
+    group.add_argument("--generate-precision", default=None,
+                       help="comma-separated fp32, bf16 (default both where bf16 is native; with --quick the faster)")
+
+
+def run(args):
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _gpt2 import gpt2_model, max_logit_difference
+
+    from danlu.data.spec import DataSpec
+    from danlu.generation import generate_ids
+    from danlu.models.gpt import GPT, GPTConfig
+    from danlu.training.flops import bf16_supported
+    from danlu.training.trainer import pick_device
+
+    quick = getattr(args, "quick", False)
+    device = pick_device(getattr(args, "device", "auto") or "auto")
+    new = getattr(args, "generate_new", None) or (32 if quick else 128)
+    prompt = getattr(args, "generate_prompt", None) or 32
+    batches = [int(b) for b in (getattr(args, "generate_batch", None) or ("1" if quick else "1,8")).split(",")]
+    rounds = getattr(args, "generate_rounds", None) or (2 if quick else 5)
+    native = ["bf16"] if bf16_supported(device) else ["fp32"]
+    precisions = (getattr(args, "generate_precision", None) or ",".join(native if quick else ["fp32"] + native[:1]))
+    precisions = list(dict.fromkeys(precisions.split(",")))
+    V, T = SHAPE["vocab_size"], SHAPE["context"]
+
+    torch.manual_seed(0)
+    config = GPTConfig(num_layers=SHAPE["num_layers"], num_heads=SHAPE["num_heads"], embed_dim=SHAPE["embed_dim"],
+                       max_positions=T, positions="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
+    base_model = GPT(config, DataSpec(vocab_size=V, num_classes=0, max_length=T)).to(device).eval()
+    base_hf = gpt2_model(base_model).to(device).eval()
+    agreement = max_logit_difference(base_model, base_hf, V)
+    rows = []
+    for precision in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        ours, theirs = base_model.to(dtype), base_hf.to(dtype)  # the same weights, cast for both
+        rows += _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids)
+    return rows
+
+
+def _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids):
+    import torch
+
+    def danlu_run(ids, mask):
+        return torch.stack(list(generate_ids(ours, ids, mask, max_new_tokens=new, temperature=0)), 1)  # (B, new)
+
+    @torch.inference_mode()
+    def hf_run(ids, mask):
+        out = theirs.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, ids.shape[1]:]
+
+    rows = []
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        ids = torch.randint(1, V, (B, prompt), generator=g).to(device)
+        mask = torch.ones(B, prompt, dtype=torch.bool, device=device)
+        runs = {"transformers generate": hf_run, "danlu generation": danlu_run}
+        outputs = {name: fn(ids, mask) for name, fn in runs.items()}  # warm-up, and the tokens to compare
+        same = (outputs["danlu generation"] == outputs["transformers generate"]).float().mean().item()
+        timings = {name: [] for name in runs}
+        for r in range(rounds):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                _sync(device)
+                start = time.perf_counter()
+                runs[name](ids, mask)
+                _sync(device)
+                timings[name].append(B * new / (time.perf_counter() - start))
+        base = statistics.median(timings["transformers generate"])
+        for name, values in timings.items():
+            tps = statistics.median(values)
+            rows.append({"contender": name, "device": device.type, "precision": precision, "batch": B,
+                         "prompt": prompt, "new_tokens": new,
+                         "tokens_per_s": round(tps, 1), "vs_transformers": round(tps / base, 3),
+                         "spread": f"{min(values):.0f}-{max(values):.0f}", "same_tokens": round(same, 3),
+                         "max_logit_diff": f"{agreement:.1e}", "threads": torch.get_num_threads()})
+    return rows
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="auto")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    for row in run(args):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Text generation with a causal language model: batched prompts (left-padded) decoded with the KV cache.
+
+Sampling follows the usual recipe: repetition penalty (Keskar et al. 2019, CTRL), temperature, top-k,
+nucleus top-p (Holtzman et al. 2020); temperature 0 is greedy. A row stops at the end-of-text token or
+at any of the `stop` strings (which are cut from the result).
+
+>>> run = danlu.load("runs/pretrain_gpt_zh")                                               # doctest: +SKIP
+>>> generate(run.model, run.tokenizer, ["中国", "今天"], max_new_tokens=32, temperature=0.8)  # doctest: +SKIP
+>>> for delta in stream_generate(run.model, run.tokenizer, "中国"): print(delta, end="")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+             repetition_penalty=1.0, stop: list[str] = (), seed=None) -> list[str]:
+    """Continue each prompt; returns the generated text only (without the prompt), one string per prompt.
+
+    >>> generate(model, tokenizer, ["To be"], max_new_tokens=20, temperature=0)  # doctest: +SKIP
+    """
+    prompts, stop = list(prompts), _stops(stop)
+    if not prompts:
+        return []
+    max_new_tokens = min(max_new_tokens, context_length(model) - 1)
+    ids, mask = encode_prompts(tokenizer, prompts, context_length(model) - max_new_tokens)
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
+    texts = [""] * len(prompts)
+    done = [False] * len(prompts)
+    eos = tokenizer.token_id("</s>")
+    steps = generate_ids(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos, seed=seed)
+    for next_ids in steps:
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            if token == eos:
+                done[row] = True
+                continue
+            texts[row] += decoders[row].push(token)
+            texts[row], done[row] = _cut_at_stop(texts[row], stop)
+        if all(done):
+            steps.close()
+            break
+    for row, decoder in enumerate(decoders):
+        if not done[row]:
+            texts[row], _ = _cut_at_stop(texts[row] + decoder.flush(), stop)
+    return texts
+
+
+def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+                    repetition_penalty=1.0, stop: list[str] = (), seed=None) -> Iterator[str]:
+    """Continue one prompt, yielding text deltas as they are decoded; "".join(deltas) is what `generate`
+    returns. A multi-byte character is yielded whole, and text that may begin a stop string is held back
+    until it is known not to.
+
+    >>> for delta in stream_generate(model, tokenizer, "To be", temperature=0.8): print(delta, end="", flush=True)  # doctest: +SKIP
+    """
+    stop = _stops(stop)
+    max_new_tokens = min(max_new_tokens, context_length(model) - 1)
+    ids, mask = encode_prompts(tokenizer, [prompt], context_length(model) - max_new_tokens)
+    decoder = IncrementalDecoder(tokenizer)
+    eos = tokenizer.token_id("</s>")
+    text, sent = "", 0  # all text so far, and how much of it has been yielded
+    steps = generate_ids(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos, seed=seed)
+    try:
+        for next_ids in steps:
+            token = int(next_ids[0])
+            if token == eos:
+                break
+            text, stopped = _cut_at_stop(text + decoder.push(token), stop)
+            if stopped:
+                break
+            safe = len(text) - _held_back(text, stop)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        else:
+            text, _ = _cut_at_stop(text + decoder.flush(), stop)
+    finally:
+        steps.close()
+    if len(text) > sent:
+        yield text[sent:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoding loop on token ids
+
+
+@torch.inference_mode()
+def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, eos_id=None, seed=None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step, decoding a left-padded batch with the KV cache.
+
+    Stops after max_new_tokens, or once every row has produced `eos_id` (finished rows keep yielding it).
+    """
+    was_training = model.training
+    model.eval()
+    layout = decode_layout(model)
+    layout.__enter__()
+    try:
+        B, T = input_ids.shape
+        device = model.embed.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)).to(device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = model(input_ids, attention_mask, cache=cache)[:, -1]  # (B, V)
+        seen = None
+        if repetition_penalty != 1.0:  # which tokens each row has seen (prompt and generated)
+            seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+            seen.scatter_(1, input_ids.masked_fill(~attention_mask, 0), attention_mask)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            next_id = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)  # (B,)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(done, eos_id)
+                done |= next_id == eos_id
+            yield next_id
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            if seen is not None:
+                seen[torch.arange(B, device=device), next_id] = True
+            logits = model(next_id[:, None], cache=cache)[:, -1]  # (B, V)
+    finally:
+        layout.__exit__(None, None, None)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def decode_layout(model):
+    """While decoding on CPU, keep fp32 Linear weights transposed in memory (same values and shapes).
+
+    A decoding step multiplies one row per sequence by every weight matrix, and the BLAS does that about
+    a third faster reading a weight stored (in, out) than nn.Linear's (out, in) (measured on AVX-512:
+    2.0 against 3.3 ms per token for the 6-layer GPT of benchmarks/generate.py). The layout goes back
+    on exit; weights that are already non-contiguous (another decode in progress) are left alone.
+    """
+    changed = []
+    if next(model.parameters()).device.type == "cpu":
+        with torch.no_grad():
+            for module in model.modules():
+                w = module.weight if isinstance(module, nn.Linear) else None
+                if w is not None and w.dtype == torch.float32 and w.is_contiguous() and w.shape[0] > 1 and \
+                        all(w is not c for c in changed):
+                    w.data = w.data.t().contiguous().t()  # (out, in) shape, (in, out) in memory
+                    changed.append(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w in changed:
+                w.data = w.data.contiguous()
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seen=None, generator=None):
+    """Pick the next token (B,) from logits (B, V)."""
+    logits = logits.float()
+    if seen is not None and repetition_penalty != 1.0:  # CTRL: shrink the logits of tokens already seen
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# text in and out
+
+
+def context_length(model):
+    """How many positions the model can attend over (its learned position table, or max_positions)."""
+    positions = getattr(model, "positions", None)
+    if isinstance(positions, torch.nn.Embedding):
+        return positions.num_embeddings
+    return model.config.max_positions
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_tokens):
+    """Left-padded ids (B, T) and mask (B, T); an empty prompt starts after the end-of-text token (the
+    start of a document), and a prompt longer than max_prompt_tokens keeps its last tokens."""
+    eos, pad = tokenizer.token_id("</s>"), tokenizer.pad_id
+    encoder = tokenizer.tokenizer_
+    rows = []
+    for enc in encoder.encode_batch(list(prompts), add_special_tokens=False):
+        ids = list(enc.ids) or [eos]
+        rows.append(ids[-max(1, max_prompt_tokens):])
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = True
+    return ids, mask
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never splitting a character: text is released only when the ids decoded so
+    far do not end in an incomplete UTF-8 sequence (byte-level BPE can cut a 3-byte Chinese character
+    across tokens). Each step decodes only the ids since the last released text and the one before it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.prefix = 0  # ids[prefix:read] decode to text already released (context for the next piece)
+        self.read = 0
+
+    def push(self, token_id) -> str:
+        self.ids.append(int(token_id))
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character decodes to U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+def _stops(stop):
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def _cut_at_stop(text, stop):
+    """(text up to the first stop string, whether one was found)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text, stop):
+    """Length of the longest end of `text` that could be the start of a stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

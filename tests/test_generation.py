@@ -1,0 +1,166 @@
+"""Text generation: batched left-padded decoding with the KV cache, sampling options, stop strings, streaming."""
+import pytest
+import torch
+
+from danlu.data.corpus import lm_spec
+from danlu.data.tokenizer import TextTokenizer
+from danlu.generation import IncrementalDecoder, encode_prompts, generate, generate_ids, sample, stream_generate
+from danlu.models.gpt import GPT, GPTConfig
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one thread avoids waiting on a descheduled second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+TEXT = ["the king speaks of love and war. 我们爱中国，中国人民很好。", "a storm in the night; the queen is gone.",
+        "to be or not to be, that is the question. 今天天气很好。"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer("bpe", vocab_size=400, max_length=0, lowercase=False).fit(TEXT)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig(num_layers=2, embed_dim=32, num_heads=2, max_positions=64)
+    return GPT(config, lm_spec(tokenizer, 64)).eval()
+
+
+class EndsAfter(GPT):
+    """A GPT that puts all its mass on </s> once `after` tokens have been generated."""
+
+    def __init__(self, config, spec, prompt_length, after):
+        super().__init__(config, spec)
+        self.stop_at, self.eos = prompt_length + after, spec.eos_id
+
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None):
+        logits = super().forward(input_ids, attention_mask, cache, positions)
+        if cache is not None and cache.length >= self.stop_at:
+            logits[..., self.eos] = 1e4
+        return logits
+
+
+def test_batched_left_padding_matches_one_by_one(model, tokenizer):
+    prompts = ["the king", "to be or not to be, that", "我们"]
+    together = generate(model, tokenizer, prompts, max_new_tokens=12, temperature=0)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=12, temperature=0)[0] for p in prompts]
+    assert together == alone and all(together)
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_matches_full_recomputation(model, tokenizer):
+    ids, mask = encode_prompts(tokenizer, ["the queen is"], 32)
+    cached = torch.stack(list(generate_ids(model, ids, mask, max_new_tokens=8, temperature=0)), 1)  # (1, 8)
+    seq = ids
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(cached, seq[:, ids.shape[1]:])
+
+
+def test_stream_joins_to_generate_and_seeds_repeat(model, tokenizer):
+    options = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=3)
+    text = generate(model, tokenizer, ["the king"], **options)[0]
+    deltas = list(stream_generate(model, tokenizer, "the king", **options))
+    assert "".join(deltas) == text and len(deltas) > 1
+    assert generate(model, tokenizer, ["the king"], **options)[0] == text
+    others = {generate(model, tokenizer, ["the king"], **{**options, "seed": s})[0] for s in range(4)}
+    assert len(others) > 1
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model, tokenizer):
+    greedy = generate(model, tokenizer, ["a storm"], max_new_tokens=10, temperature=0)
+    assert generate(model, tokenizer, ["a storm"], max_new_tokens=10, top_k=1, seed=0) == greedy
+    assert generate(model, tokenizer, ["a storm"], max_new_tokens=10, top_p=1e-6, seed=1) == greedy
+
+
+def test_stop_strings_cut_the_text(model, tokenizer):
+    full = generate(model, tokenizer, ["the king"], max_new_tokens=30, temperature=0)[0]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.find(stop)]
+    assert generate(model, tokenizer, ["the king"], max_new_tokens=30, temperature=0, stop=[stop]) == [expected]
+    deltas = list(stream_generate(model, tokenizer, "the king", max_new_tokens=30, temperature=0, stop=[stop, "\x00"]))
+    assert "".join(deltas) == expected
+
+
+def test_end_of_text_ends_a_row(tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig(num_layers=1, embed_dim=16, num_heads=2, max_positions=64)
+    prompt_ids, _ = encode_prompts(tokenizer, ["the king", "a storm in the night"], 64)
+    model = EndsAfter(config, lm_spec(tokenizer, 64), prompt_ids.shape[1], after=3).eval()
+    steps = list(generate_ids(model, *encode_prompts(tokenizer, ["the king", "a storm in the night"], 64),
+                              max_new_tokens=20, temperature=0, eos_id=tokenizer.token_id("</s>")))
+    assert len(steps) == 4  # 3 tokens, then </s> in every row ends the loop
+    texts = generate(model, tokenizer, ["the king", "a storm in the night"], max_new_tokens=20, temperature=0)
+    assert all(len(tokenizer.tokenizer_.encode(t).ids) <= 3 for t in texts)
+
+
+def test_utf8_characters_are_never_split():
+    tok = TextTokenizer("bpe", vocab_size=270, max_length=0, lowercase=False).fit(["ab"])  # bytes only: 3 per 汉字
+    text = "我们爱中国。今天天气很好。"
+    ids = tok.tokenizer_.encode(text).ids
+    assert len(ids) == 3 * len(text)
+    decoder = IncrementalDecoder(tok)
+    deltas = [decoder.push(i) for i in ids]
+    assert "".join(deltas) + decoder.flush() == text
+    assert all("\ufffd" not in d for d in deltas) and sum(bool(d) for d in deltas) == len(text)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, False, True, False]])
+    assert sample(logits, temperature=0).item() == 0
+    assert sample(logits, temperature=0, repetition_penalty=2.0, seen=seen).item() == 1  # 4/2 = 2 < 3
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {sample(logits, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert draws == {0}  # token 0 alone holds more than half of the mass
+
+
+def test_long_prompts_keep_their_end(model, tokenizer):
+    long = " ".join(["the king speaks"] * 100)
+    ids, mask = encode_prompts(tokenizer, [long, "a"], 20)
+    assert ids.shape == (2, 20) and mask[1].sum() == 1 and not mask[1, 0]
+    assert len(generate(model, tokenizer, [long], max_new_tokens=10, temperature=0)[0]) > 0
+
+
+def test_empty_prompt_starts_a_document(model, tokenizer):
+    ids, _ = encode_prompts(tokenizer, [""], 10)
+    assert ids.tolist() == [[tokenizer.token_id("</s>")]]
+    assert isinstance(generate(model, tokenizer, [""], max_new_tokens=5, seed=0)[0], str)
+
+
+def test_same_tokens_as_transformers_gpt2_on_the_same_weights(model):
+    """Parity: the GPT-2 recipe is GPT-2 — logits agree and greedy decoding picks the same tokens."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_gpt2.py"
+    spec = importlib.util.spec_from_file_location("_gpt2", path)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    config = GPTConfig(num_layers=2, embed_dim=32, num_heads=2, max_positions=64, mlp="gelu_tanh")
+    torch.manual_seed(1)
+    ours = GPT(config, lm_spec_like(model)).eval()
+    theirs = converter.gpt2_model(ours).eval()
+    assert converter.max_logit_difference(ours, theirs, ours.embed.num_embeddings) < 1e-4
+    ids = torch.randint(7, ours.embed.num_embeddings, (1, 6), generator=torch.Generator().manual_seed(2))
+    mine = torch.stack(list(generate_ids(ours, ids, max_new_tokens=12, temperature=0)), 1)
+    with torch.no_grad():
+        reference = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                    min_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(mine, reference[:, 6:])
+
+
+def lm_spec_like(model):
+    from danlu.data.spec import DataSpec
+
+    return DataSpec(vocab_size=model.embed.num_embeddings, num_classes=0, max_length=64)
