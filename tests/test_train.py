@@ -116,3 +116,20 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     hist = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "seconds")}  # noqa: E731
                       for line in (tmp_path / p / "history.jsonl").read_text().splitlines()]
     assert hist("killed") == hist("straight")
+
+
+def test_restore_best_without_a_run_directory(reviews_csv):
+    from danlu.config import DataConfig, TokenizerConfig, TrainConfig
+    from danlu.data import build_data
+    from danlu.models.lstm import LSTMClassifier, LSTMConfig
+    from danlu.training.tasks import ClassificationTask
+    from danlu.training.trainer import Trainer
+
+    data = build_data(DataConfig(train=reviews_csv, tokenizer=TokenizerConfig(vocab_size=200, max_length=32)))
+    torch.manual_seed(0)
+    model = LSTMClassifier(LSTMConfig(embed_dim=16, hidden_dim=16), data.spec)
+    trainer = Trainer(model, ClassificationTask(data.labels), TrainConfig(epochs=4, batch_size=16, lr=0.05))
+    history = trainer.fit(data.train, data.val)
+    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    assert trainer.best_epoch == best + 1
+    assert trainer.evaluate(data.val)["loss"] == pytest.approx(history[best]["val_loss"], rel=1e-5)

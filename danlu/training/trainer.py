@@ -174,8 +174,9 @@ class Trainer:
             self.model = model = dist.unshard(model, plain, device)
         monitor = cfg.early_stopping.metric
         best = self._path("checkpoints", "best.safetensors")
-        if cfg.restore_best and best and os.path.exists(best) and state["best_epoch"] != len(self.history):
-            load_weights(model, load_tensors(best)[0], where=best)
+        kept = getattr(self, "_best_weights", None)
+        if cfg.restore_best and state["best_epoch"] != len(self.history) and (kept or (best and os.path.exists(best))):
+            load_weights(model, kept or load_tensors(best)[0], where=best or "the best epoch's weights")
             where = (f"step {self.history[state['best_epoch'] - 1]['step']}" if every
                      else f"epoch {state['best_epoch']}")
             self._say(f"restored the weights of {where} (best {monitor} {state['best']:.4f})")
@@ -209,10 +210,12 @@ class Trainer:
         value = row.get(monitor)
         if value is not None and (state["best"] is None or (value < state["best"] if lower_better else value > state["best"])):
             state.update(best=value, best_epoch=len(self.history), bad_epochs=0)
-            if self.run_dir and cfg.restore_best:
+            if cfg.restore_best:
                 meta = {"epoch": epoch} if epoch_end else {"epoch": epoch, "step": state["step"]}
                 weights = self._full_state(optimizer=False)[0]
-                if dist.is_main():
+                if not self.run_dir:  # no run directory (the Python API): keep the best weights in memory
+                    self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.state_dict().items()}
+                elif dist.is_main():
                     save_weights(self._path("checkpoints", "best.safetensors"), weights, meta)
         else:
             state["bad_epochs"] += 1
