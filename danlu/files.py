@@ -9,7 +9,6 @@ import json
 import os
 import tempfile
 
-import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from danlu.registry import ConfigError

@@ -33,6 +33,15 @@ def write_csv(path, rows, header=("text", "label"), delimiter=","):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared machine: one thread avoids waiting on a descheduled second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def reviews_csv(tmp_path):
     return write_csv(tmp_path / "reviews.csv", make_reviews(400))
 

@@ -11,13 +11,7 @@ from danlu.data import corpus as corpus_mod
 from danlu.data.corpus import TokenStream, build_corpus, encode_corpus, read_corpus, split_pieces
 from danlu.data.sources import DataError
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread avoids waiting on a descheduled second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

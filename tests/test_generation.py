@@ -7,13 +7,7 @@ from danlu.data.tokenizer import TextTokenizer
 from danlu.generation import IncrementalDecoder, encode_prompts, generate, generate_ids, sample, stream_generate
 from danlu.models.gpt import GPT, GPTConfig
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread avoids waiting on a descheduled second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

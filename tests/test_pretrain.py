@@ -21,13 +21,7 @@ from danlu.pretrain import pretrain
 from danlu.registry import ConfigError
 from danlu.training.tasks import IGNORE, CausalLMTask, LanguageModelMetrics, MaskedLMTask, mask_tokens
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread avoids waiting on a descheduled second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
