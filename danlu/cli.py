@@ -98,14 +98,23 @@ def cmd_info(args):
     print(f"run:        {run.path}")
     print(f"task:       {cfg.task}")
     print(f"model:      {cfg.model.kind}, {count_parameters(run.model):,} parameters, {size / 1e6:.2f} MB on disk")
-    print(f"data:       {cfg.data.train} (text column {cfg.data.text_column!r}, label column {cfg.data.label_column!r})")
-    print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}, max length {run.tokenizer.max_length}")
+    language_model = cfg.task in ("causal_lm", "masked_lm")
+    if language_model:  # a corpus of token blocks, trained for a number of steps
+        print(f"data:       {cfg.data.train} (blocks of {cfg.data.block_size} tokens)")
+        print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}")
+        print(f"training:   {run.metrics.get('steps', cfg.train.max_steps)} steps, batch {cfg.train.batch_size}, "
+              f"{cfg.train.optimizer} lr {cfg.train.lr}")
+    else:
+        print(f"data:       {cfg.data.train} (text column {cfg.data.text_column!r}, label column {cfg.data.label_column!r})")
+        print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}, "
+              f"max length {run.tokenizer.max_length}")
+        print(f"training:   {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr}")
     if run.labels:
         print(f"labels:     {', '.join(run.labels)}")
-    print(f"training:   {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr}")
     for split in ("val", "test"):
         if split in run.metrics:
-            print(_metrics_line(split, run.metrics[split]))
+            line = _metrics_line(split, run.metrics[split])
+            print(line.replace(" examples)", " tokens)") if language_model else line)
     files = sorted(os.listdir(run.path))
     print(f"files:      {', '.join(files)}")
 

@@ -141,6 +141,9 @@ def test_generate_command_streams(tmp_path, capsys):
     assert main(["generate", run.path, "the king", "--no-stream", "--temperature", "0", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the king")
     assert main(["pretrain", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["info", run.path]) == 0
+    out = capsys.readouterr().out
+    assert "causal_lm" in out and "4 steps" in out and "tokens)" in out and "label column" not in out
 
 
 def test_pretrain_bert_masked_lm(tmp_path):
