@@ -141,3 +141,24 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes(setup):
     again = torchrun(["train", config, f"run.dir={root / 'killed'}", "train.epochs=1", "--resume"], root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
+
+
+def test_max_restarts_resumes_from_the_last_checkpoint(setup):
+    """With torchrun --max-restarts, a killed worker restarts the job, which resumes from its checkpoint
+    and finishes."""
+    root, config = setup
+    log = open(root / "restart.log", "w+")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "DANLU_DIST_TIMEOUT": "20"}
+    job = subprocess.Popen([*TORCHRUN, "--max-restarts", "1", "-m", "danlu", "train", str(config),
+                            f"run.dir={root / 'restarted'}", "train.epochs=40", "train.eval_every=0",
+                            "train.checkpoint_every=2"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for((root / "restarted" / "checkpoints" / "last.safetensors").exists, 60), "no checkpoint"
+        os.kill(_worker(job.pid, 1), signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = (root / "restart.log").read_text()
+    assert job.returncode == 0, text[-3000:]
+    assert "resumed from" in text and (root / "restarted" / "model.safetensors").exists()

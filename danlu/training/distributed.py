@@ -79,7 +79,16 @@ def setup(mode="auto", device=None):
     if not initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=float(os.environ.get("DANLU_DIST_TIMEOUT", 60)))
-        torch.distributed.init_process_group(backend, timeout=timeout,
+        store = None
+        if restart_count():
+            # After a torchrun restart the rendezvous store still holds the previous attempt's keys (the dead
+            # ranks' addresses); a prefix per attempt keeps the new process group from dialling them.
+            store = torch.distributed.PrefixStore(f"danlu/attempt_{restart_count()}", torch.distributed.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                is_master=False, timeout=timeout))
+        torch.distributed.init_process_group(backend, timeout=timeout, store=store,
+                                             rank=int(os.environ["RANK"]) if store else -1,
+                                             world_size=int(os.environ["WORLD_SIZE"]) if store else -1,
                                              device_id=device if backend == "nccl" else None)
         atexit.register(cleanup)
     return "ddp" if mode == "auto" else mode
