@@ -98,7 +98,7 @@ def prepare_config(cfg, base):
         raise ConfigError(f"task causal_lm needs a decoder base (gpt / Llama family), got {model_cfg.kind}")
     if ft.pooling and hasattr(model_cfg, "pooling"):
         model_cfg = dataclasses.replace(model_cfg, pooling=ft.pooling)
-    context = model_cfg.max_positions
+    context = getattr(model_cfg, "max_positions", None) or 1 << 30  # recurrent and convolutional models have no cap
     tokenizer = dataclasses.replace(cfg.data.tokenizer, kind=base.tokenizer_kind)
     if cfg.task == "classification":
         tokenizer = dataclasses.replace(tokenizer, max_length=min(tokenizer.max_length, context))
@@ -157,12 +157,16 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
     from danlu.training.tasks import TASKS, CausalLMTask
     from danlu.training.trainer import Trainer
 
-    cfg = resolve_config(config, overrides, **sections)
-    say = lambda m: print(m, file=sys.stderr, flush=True)
+    from danlu.training import distributed as dist
+
+    # under torchrun every rank must name the same run directory, and only rank 0 logs and writes it
+    cfg = resolve_config(config, overrides, dist.launched(), **sections)
+    main = dist.is_main()
+    say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     base = load_base(cfg.finetune.base, cfg.data.tokenizer.max_length)
     cfg = prepare_config(cfg, base)
-    run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite)
+    run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite) if main else cfg.run.dir
     seed_everything(cfg.run.seed)
     tokenizer = base.tokenizer
     if cfg.task == "classification":
@@ -180,15 +184,17 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
     trainable, total = count_trainable(model)
     say(f"method: {cfg.finetune.method}, {trainable:,} of {total:,} parameters train ({trainable / total:.2%}); "
         f"run directory: {run_dir}")
-    atomic_write_text(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
-    save_tokenizer(run_dir, tokenizer)
-    atomic_write_json(os.path.join(run_dir, "labels.json"), list(labels))
-    if template is not None:
-        atomic_write_text(os.path.join(run_dir, TEMPLATE_FILE), template)
+    if main:
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+        save_tokenizer(run_dir, tokenizer)
+        atomic_write_json(os.path.join(run_dir, "labels.json"), list(labels))
+        if template is not None:
+            atomic_write_text(os.path.join(run_dir, TEMPLATE_FILE), template)
     adapter_only = cfg.finetune.method == "lora"  # checkpoints of a frozen base would be the whole base, each time
     trainer = Trainer(model, task, cfg.train, run_dir=None if adapter_only else run_dir, seed=cfg.run.seed,
                       loggers=_loggers(cfg, loggers))
     history = trainer.fit(data["train"], data.get("val"))
+    model = trainer.model  # under FSDP, the gathered full model
     metrics = {name: trainer.evaluate(data[name]) for name in ("test", "val") if data.get(name) is not None}
     metrics.update({
         "epochs_run": len(history), "parameters": total, "trainable_parameters": trainable,
@@ -197,7 +203,7 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
     })
     unit = "samples_per_s" if cfg.task == "classification" else "tokens_per_s"
     metrics[unit] = sum(r.get(unit, 0.0) for r in history) / max(len(history), 1)
-    if adapter_only and cfg.finetune.save == "adapter":
+    if main and adapter_only and cfg.finetune.save == "adapter":
         atomic_write_text(os.path.join(run_dir, "history.jsonl"),
                           "".join(json.dumps(r) + "\n" for r in history))
         path = os.path.join(run_dir, ADAPTER_FILE)
@@ -205,7 +211,7 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
                      {"kind": cfg.model.kind, "base": cfg.finetune.base, "r": cfg.finetune.lora_r})
         metrics["adapter_bytes"] = os.path.getsize(path)
         atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    else:
+    elif main:
         if adapter_only:
             merge_lora(model)
             cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, method="full"))

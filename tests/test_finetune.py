@@ -124,3 +124,16 @@ def test_minilm_head_only_finetune(data, tmp_path):
     assert run.cfg.model.kind == "bert" and run.cfg.model.pooling == "cls"
     assert run.metrics["trainable_parameters"] == 384 * 2 + 2
     assert load_run(run.path).tokenizer.encode(["hello world"])[0].tolist() == [101, 7592, 2088, 102]
+
+
+def test_finetune_from_a_recurrent_run(tmp_path, reviews_csv):
+    """Models without a position table (LSTM, TextCNN, MLP) fine-tune too: no context cap to apply."""
+    import danlu
+    from conftest import tiny_config
+
+    base = danlu.train(tiny_config(reviews_csv, tmp_path / "base", train={"epochs": 1}))
+    run = finetune({"task": "classification", "finetune": {"base": base.path, "method": "full"},
+                    "data": {"train": reviews_csv, "tokenizer": {"max_length": 32}},
+                    "train": {"epochs": 2, "batch_size": 16, "lr": 0.01}, "run": {"dir": str(tmp_path / "ft")}})
+    assert run.cfg.model.kind == "lstm" and run.metrics["test"]["accuracy"] > 0.8
+    assert load_run(run.path).predict(["很好推荐喜欢"])[0]["label"] == "正面"
