@@ -54,3 +54,11 @@ def max_logit_difference(model, hf, vocab_size, length=32):
     diff = (model(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
     model.train(was[0]), hf.train(was[1])
     return diff
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a timer reads the time it took (a no-op on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()

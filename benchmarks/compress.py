@@ -24,6 +24,7 @@ configs/transformer_zh_sentiment.yaml with train.epochs=3 (with --quick: 2,000 e
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 NAME = "compress"
@@ -182,9 +183,7 @@ def _random_gpt_row(bits, target):
             "pass": None}
 
 
-if __name__ == "__main__":
-    import sys
-
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import run as harness
 

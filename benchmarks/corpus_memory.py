@@ -13,13 +13,13 @@ allocations (tracemalloc, which also sees numpy buffers but not the Rust tokeniz
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 NAME = "corpus_memory"
 
@@ -90,15 +90,10 @@ def run(args):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    for row in run(args):
-        print(row)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as harness
+
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

@@ -16,7 +16,6 @@ both; what differs is the work around them (masks, positions, cache bookkeeping,
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ def run(args):
 
 def _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids):
     import torch
+    from _gpt2 import sync
 
     def danlu_run(ids, mask):
         return torch.stack(list(generate_ids(ours, ids, mask, max_new_tokens=new, temperature=0)), 1)  # (B, new)
@@ -96,10 +96,10 @@ def _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, a
         timings = {name: [] for name in runs}
         for r in range(rounds):
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 runs[name](ids, mask)
-                _sync(device)
+                sync(device)
                 timings[name].append(B * new / (time.perf_counter() - start))
         base = statistics.median(timings["transformers generate"])
         for name, values in timings.items():
@@ -112,22 +112,11 @@ def _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, a
     return rows
 
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="auto")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    for row in run(args):
-        print(row)
 
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as harness
 
-if __name__ == "__main__":
-    main()
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

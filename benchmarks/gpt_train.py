@@ -19,7 +19,6 @@ On a busy machine run it with one thread (`--threads 1`): two threads wait on ea
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ def run(args):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _gpt2 import gpt2_model, max_logit_difference
+    from _gpt2 import gpt2_model, max_logit_difference, sync
 
     from danlu.data.spec import DataSpec
     from danlu.models.gpt import GPT, GPTConfig
@@ -117,11 +116,11 @@ def run(args):
         order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
         for name in order:
             model, step = contenders[name]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for i in range(steps):
                 step(model, optimizers[name], i + 1)
-            _sync(device)
+            sync(device)
             timings[name].append(B * T * steps / (time.perf_counter() - start))
     peak = max(peak, measure_peak_flops(device, dtype or torch.float32))
     flops = training_flops_per_token(ours, T)
@@ -140,22 +139,11 @@ def run(args):
     return rows
 
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="auto")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    for row in run(args):
-        print(row)
 
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as harness
 
-if __name__ == "__main__":
-    main()
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

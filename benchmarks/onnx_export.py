@@ -14,9 +14,10 @@ classifier (width 128), and a 4-layer GPT decoder (width 128; logits for every p
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 NAME = "onnx_export"
 
@@ -65,10 +66,8 @@ def run(args):
     return rows
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=0)
-    add_arguments(parser)
-    for row in run(parser.parse_args()):
-        print(row)
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as harness
+
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

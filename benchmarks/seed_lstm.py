@@ -17,6 +17,7 @@ and also given for danlu's full run.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -194,9 +195,7 @@ def _row(side, n, epochs):
     }
 
 
-if __name__ == "__main__":
-    import sys
-
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import run as harness
 

@@ -16,7 +16,6 @@ a server alone would reach; the comparison between the two modes is what the tab
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -27,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 NAME = "serve"
 CLIENTS = (1, 16, 64)
@@ -197,10 +197,8 @@ def _cuda():
     return torch.cuda.is_available()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    add_arguments(parser)
-    for row in run(parser.parse_args()):
-        print(row)
+if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as harness
+
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))
