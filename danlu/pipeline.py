@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import random
 import sys
@@ -79,8 +81,13 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     trainer = Trainer(model, task, cfg.train, run_dir=run_dir, seed=cfg.run.seed, loggers=_loggers(cfg, loggers))
     history = trainer.fit(data.train, data.val, resume=resume)
     model = trainer.model  # under FSDP, the gathered full model
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # the final numbers use every held-out example
+    mistakes = _mistakes(cfg) if main else None  # the report's most confident mistakes, from the same pass
+    started_eval = time.perf_counter()
+    test = trainer.evaluate(data.test, on_batch=mistakes.update if mistakes else None)
+    eval_seconds = time.perf_counter() - started_eval
     metrics = {
-        "test": trainer.evaluate(data.test),
+        "test": test,
         "val": trainer.evaluate(data.val),
         "best_epoch": trainer.best_epoch,
         "epochs_run": len(history),
@@ -93,16 +100,24 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     run = Run(run_dir, cfg, model, data.tokenizer, data.labels, metrics)
     if main:
         save_run(run_dir, cfg, model, data.tokenizer, data.labels, metrics)
-        _write_report(run, data, history, trainer)
+        _write_report(run, data, history, trainer, mistakes, eval_seconds)
     return run
 
 
-def _write_report(run, data, history, trainer):
+def _mistakes(cfg):
+    try:
+        from danlu.evaluate.report import TOP_MISTAKES, ConfidentMistakes
+    except ImportError:
+        return None
+    return ConfidentMistakes(TOP_MISTAKES, cfg.task == "regression")
+
+
+def _write_report(run, data, history, trainer, mistakes, eval_seconds):
     try:
         from danlu.evaluate.report import write_run_report
     except ImportError:
         return
-    write_run_report(run, data=data, history=history, trainer=trainer)
+    write_run_report(run, data=data, history=history, trainer=trainer, mistakes=mistakes, eval_seconds=eval_seconds)
 
 
 def _loggers(cfg, extra):

@@ -77,16 +77,18 @@ def _scalar(t):
 # the two entry points
 
 
-def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES):
-    """Plots and report of a freshly trained run, into the run directory."""
+def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=None, eval_seconds=None):
+    """Plots and report of a freshly trained run, into the run directory. `mistakes` (a ConfidentMistakes
+    filled while the test metrics were computed) and `eval_seconds` spare a second pass over the test set."""
     plots = os.path.join(run.path, "plots")
     rows = list(history)
     regression = run.cfg.task == "regression"
-    mistakes = ConfidentMistakes(top_k, regression)
-    started = time.perf_counter()
-    test_metrics = trainer.evaluate(data.test, on_batch=mistakes.update)
-    eval_seconds = time.perf_counter() - started
-    test = run.metrics.get("test") or test_metrics
+    test = run.metrics.get("test")
+    if mistakes is None or test is None:
+        mistakes = ConfidentMistakes(top_k, regression)
+        started = time.perf_counter()
+        test = trainer.evaluate(data.test, on_batch=mistakes.update)
+        eval_seconds = time.perf_counter() - started
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
     figures = {"curves": _plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
     lengths = {name: [len(t) for t in ex.texts] for name, ex in data.examples.items()}
