@@ -62,6 +62,7 @@ def _cell(value):
     if value is None:
         return ""
     if isinstance(value, float):
+        value = round(value, 12) + 0.0  # no "-0.0000" from rounding noise
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
     return str(value)
 
