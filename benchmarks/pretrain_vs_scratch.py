@@ -30,6 +30,10 @@ def add_arguments(parser):
     group.add_argument("--pretrain-steps", type=int, default=800, help="when the run must be pretrained first")
     group.add_argument("--finetune-steps", type=int, default=300, help="optimizer steps for both sides")
     group.add_argument("--finetune-lr", type=float, default=TRAIN["lr"], help="peak learning rate for both sides")
+    group.add_argument("--pooling", default="last", choices=("last", "mean"),
+                       help="classifier input of both sides: the last real token's state or the mean over tokens")
+    group.add_argument("--control", action="store_true",
+                       help="add a row: the pretrained run's tokenizer and fine-tuning path with freshly initialised weights")
 
 
 def run(args):
@@ -53,22 +57,48 @@ def run(args):
         pretrain_metrics = pretrain_perplexity(base)
         data = {"train": "zh_sentiment", "limit": limit, "tokenizer": {"max_length": 128}}
         train_section = {**TRAIN, "max_steps": steps, "lr": args.finetune_lr}
-        tuned = finetune(None, task="classification", finetune={"base": os.path.abspath(base), "method": "full"},
+        tuned = finetune(None, task="classification", finetune={"base": os.path.abspath(base), "method": "full", "pooling": args.pooling},
                          data=data, train=train_section, run={"dir": os.path.join(tmp, "finetuned"), "seed": 0})
-        model = {k: v for k, v in dataclasses.asdict(base_cfg.model).items()}
+        controlled = None
+        if args.control:  # separates what the pretrained weights do from what its tokenizer and path do
+            controlled = finetune(None, task="classification",
+                                  finetune={"base": reinitialised(base, os.path.join(tmp, "fresh")), "method": "full",
+                                            "pooling": args.pooling},
+                                  data=data, train=train_section, run={"dir": os.path.join(tmp, "control"), "seed": 0})
+        model = {**dataclasses.asdict(base_cfg.model), "pooling": args.pooling}
         tok = dataclasses.asdict(base_cfg.data.tokenizer)
         scratch = train(None, task="classification", model=model,
                         data={**data, "tokenizer": {**tok, "max_length": 128}}, train=train_section,
                         run={"dir": os.path.join(tmp, "scratch"), "seed": 0})
     rows = []
-    for name, r in (("from scratch (danlu train)", scratch), ("pretrained + fine-tuned (danlu finetune)", tuned)):
+    contenders = [("from scratch (danlu train)", scratch, "none", None),
+                  ("pretrained + fine-tuned (danlu finetune)", tuned, pretrain_note, pretrain_metrics)]
+    if controlled is not None:
+        contenders.append(("control: its tokenizer, fresh weights (danlu finetune)", controlled, "none", None))
+    for name, r, pretraining, perplexity in contenders:
         rows.append({"model": name, "architecture": f"gpt {base_cfg.model.num_layers}x{base_cfg.model.embed_dim}",
-                     "pretraining": pretrain_note if "pretrained" in name else "none",
-                     "pretrain_val_perplexity": pretrain_metrics if "pretrained" in name else None,
-                     "finetune_steps": steps, "batch_size": TRAIN["batch_size"], "lr": args.finetune_lr,
+                     "pretraining": pretraining, "pretrain_val_perplexity": perplexity,
+                     "finetune_steps": steps, "batch_size": TRAIN["batch_size"], "lr": args.finetune_lr, "pooling": args.pooling,
                      "test_accuracy": r.metrics["test"]["accuracy"], "test_macro_f1": r.metrics["test"]["macro"]["f1"],
                      "train_seconds": r.metrics["train_seconds"]})
     return rows
+
+
+def reinitialised(run_dir, out):
+    """A copy of the run at `out` whose weights are a fresh initialisation (seed 0) of the same model."""
+    import shutil
+
+    import torch
+
+    from danlu.files import save_weights
+    from danlu.models import build_model
+    from danlu.runs import _spec, load_run
+
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("checkpoints"))
+    run = load_run(out)
+    torch.manual_seed(0)
+    save_weights(os.path.join(out, "model.safetensors"), build_model(run.cfg.model, _spec(run.cfg, run.tokenizer, run.labels)))
+    return out
 
 
 def pretrain_perplexity(run_dir):

@@ -134,7 +134,7 @@ class FinetuneConfig:
     method: str = "full"
     """full (train every weight), lora (low-rank adapters, Hu et al. 2021) or freeze (train the head only)."""
     pooling: str = ""
-    """Encoder classifiers: cls or mean (empty: the base's own setting). Decoders read the last token."""
+    """Classifier input (empty: the base's own setting): cls or mean for encoders, last or mean for decoders."""
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -149,7 +149,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         for key, allowed in (("method", ("full", "lora", "freeze")), ("save", ("adapter", "merged")),
-                             ("pooling", ("", "cls", "mean"))):
+                             ("pooling", ("", "cls", "mean", "last"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"finetune.{key}: unknown value {getattr(self, key)!r}; expected one of: "
                                   + ", ".join(a or "''" for a in allowed))

@@ -107,6 +107,20 @@ def test_gpt_sequence_classifier_reads_last_real_token():
     torch.testing.assert_close(logits[1], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_gpt_mean_pooling_ignores_padding():
+    model = build(dataclasses.replace(TINY_GPT, pooling="mean"), CLS_SPEC)
+    ids, mask = batch([7, 4], 7)
+    seen = []
+    model.norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        logits = model(ids, mask)
+        alone = model(ids[1:2, :4], mask[1:2, :4])
+    torch.testing.assert_close(logits[1], alone[0], atol=1e-5, rtol=1e-5)  # padding changes nothing
+    torch.testing.assert_close(alone[0], model.head(seen[1].mean(1))[0], atol=1e-5, rtol=1e-5)  # the states' mean
+    with pytest.raises(ConfigError, match="pooling"):
+        dataclasses.replace(TINY_GPT, pooling="cls")
+
+
 def test_bert_mlm_and_classifier_shapes():
     config = BERTConfig(num_layers=2, embed_dim=32, num_heads=2)
     ids, mask = batch([8, 5], 8)

@@ -49,10 +49,12 @@ class GPTConfig:
     """The output head shares the token embedding matrix (Press & Wolf 2017)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies (SmolLM2: 100000)."""
+    pooling: str = "last"
+    """Classifier input: last (the last real token's state, as GPT-1 fine-tuning) or mean (over real tokens)."""
 
     def __post_init__(self):
         for key, allowed in (("positions", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                             ("mlp", ("gelu", "gelu_tanh", "swiglu"))):
+                             ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("pooling", ("last", "mean"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
                                   + ", ".join(allowed))
@@ -174,7 +176,13 @@ class GPT(nn.Module):
             cache.length = end
         x = self.norm(x)  # (B, T, C)
         if self.num_classes > 0:
-            if attention_mask is None:
+            if self.config.pooling == "mean":
+                if attention_mask is None:
+                    x = x.mean(1)  # (B, C)
+                else:
+                    weights = attention_mask[:, -T:].unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+                    x = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
+            elif attention_mask is None:
                 x = x[:, -1]  # (B, C)
             else:  # each row's last real token, wherever the padding is
                 last = T - 1 - attention_mask[:, -T:].flip(-1).int().argmax(-1)  # (B,)
