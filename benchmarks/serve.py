@@ -1,12 +1,14 @@
 """Serving throughput and latency: `danlu serve` with and without micro-batching, at 1, 16 and 64 clients.
 
 The server is `python -m danlu serve RUN` in its own process, bound to 127.0.0.1; the clients are kept-alive
-HTTP/1.1 connections from one asyncio process (a minimal client: httpx would spend more CPU than the server),
-each sending its next request as soon as the last one is answered (a closed loop), for a fixed time after a
-warm-up. Without batching (`--max-batch 1`) every request is one model call;
-with it (`--max-batch 32 --max-wait-ms 2`) the requests that arrive while the model is busy share the next
-call. The model is the guide's seed LSTM classifier (embedding 128, LSTM 128, texts of 30-60 characters) and,
-for completions, a small GPT; both are trained for a moment only (speed does not depend on accuracy).
+HTTP/1.1 connections from one asyncio process (uvloop when installed), each sending its next request as soon
+as the last one is answered (a closed loop), for a fixed time after a warm-up. The client is minimal on
+purpose (requests encoded once, responses read by Content-Length), since it shares the CPU with the server:
+httpx would spend more CPU than the server. Without batching (`--max-batch 1`) every request is one model
+call; with it (`--max-batch 32 --max-wait-ms 2`, the defaults) the requests that arrive while the model
+computes share the next call. The model is the guide's seed LSTM classifier (embedding 128, LSTM 128, texts
+of 30-60 characters) and, for completions, a small GPT; both are trained for a moment only (speed does not
+depend on accuracy).
 
 On one machine the clients and the server share the CPU cores, so the absolute figures are lower than
 a server alone would reach; the comparison between the two modes is what the table is for.
@@ -56,19 +58,17 @@ def run(args):
 
         classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128, embed_dim=128,
                                     hidden_dim=128)
-        texts = _texts(200)
         rows += _measure(classifier.path, device, seconds, rounds, threads, "lstm classifier", "/v1/predict",
-                         lambda rng: {"texts": rng.choice(texts)})
+                         [{"texts": text} for text in _texts(200)])
         if not getattr(args, "serve_no_lm", False):
             lm = language_model_run(os.path.join(tmp, "gpt"), steps=10, embed_dim=128, num_heads=4, num_layers=4)
             prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
             rows += _measure(lm.path, device, seconds, rounds, threads, "gpt completions, 16 tokens", "/v1/completions",
-                             lambda rng: {"model": "gpt", "prompt": rng.choice(prompts), "max_tokens": 16,
-                                          "temperature": 0})
+                             [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts])
     return rows
 
 
-def _measure(run_dir, device, seconds, rounds, threads, model, route, body, clients=CLIENTS):
+def _measure(run_dir, device, seconds, rounds, threads, model, route, bodies, clients=CLIENTS):
     """Both servers run side by side; the modes alternate within each round, so that load from elsewhere
     on the machine falls on both; each figure is the median over rounds."""
     results = {(mode, n): [] for mode in MODES for n in clients}
@@ -78,7 +78,7 @@ def _measure(run_dir, device, seconds, rounds, threads, model, route, body, clie
         for _ in range(rounds):
             for n in clients:
                 for mode in MODES:
-                    results[mode, n].append(asyncio.run(_load(urls[mode], route, body, n, seconds)))
+                    results[mode, n].append(_run_loop(_load(urls[mode], route, bodies, n, seconds)))
     finally:
         for server in servers.values():
             server.__exit__()
@@ -98,9 +98,11 @@ def _measure(run_dir, device, seconds, rounds, threads, model, route, body, clie
     return rows
 
 
-async def _load(url, route, make_body, clients, seconds, warmup=0.5):
-    """Closed-loop load: `clients` keep-alive connections, each sending its next request once answered."""
+async def _load(url, route, bodies, clients, seconds, warmup=0.5):
+    """Closed-loop load: `clients` keep-alive connections, each sending its next request (one of `bodies`,
+    at random) once answered."""
     host, port = url.split("//", 1)[1].split(":")
+    requests = [_request(host, route, body) for body in bodies]
     rng = random.Random(0)
     latencies, errors = [], 0
     start = time.perf_counter()
@@ -114,7 +116,7 @@ async def _load(url, route, make_body, clients, seconds, warmup=0.5):
                 sent = time.perf_counter()
                 if sent >= stop_at:
                     return
-                status = await _post(reader, writer, host, route, make_body(rng))
+                status = await _post(reader, writer, rng.choice(requests))
                 done = time.perf_counter()
                 if sent >= measure_from:
                     if status == 200:
@@ -131,12 +133,17 @@ async def _load(url, route, make_body, clients, seconds, warmup=0.5):
             "p50": statistics.median(latencies) * 1000 if latencies else float("nan"), "p99": pick(0.99)}
 
 
-async def _post(reader, writer, host, route, body):
-    """One HTTP/1.1 POST on a kept-alive connection -> status code. A minimal client on purpose: httpx costs
-    several milliseconds of CPU a request at 64 connections, and the client shares the cores with the server."""
+def _request(host, route, body):
+    """The bytes of one HTTP/1.1 POST of `body` as JSON."""
     payload = json.dumps(body).encode()
-    writer.write(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return (f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+async def _post(reader, writer, request):
+    """Send one request on a kept-alive connection -> the status code. A minimal client on purpose: httpx costs
+    several milliseconds of CPU a request at 64 connections, and the client shares the cores with the server."""
+    writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
@@ -189,6 +196,15 @@ def _texts(n, seed=0):
     rng = random.Random(seed)
     words = FILLER + POSITIVE + NEGATIVE + ["，", "。", "的", "了", "很", "也"]
     return ["".join(rng.choices(words, k=rng.randint(12, 24))) for _ in range(n)]
+
+
+def _run_loop(coroutine):
+    """asyncio.run, on uvloop when installed (it comes with uvicorn[standard]): less client CPU a request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def _cuda():

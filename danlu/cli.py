@@ -339,7 +339,7 @@ def _serve_args(p):
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (default: $DANLU_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="texts or prompts per model call; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill (default: 2)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request that finds the model idle may wait for a second one to batch with (default: 2)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond which the server answers 503")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     p.add_argument("--max-texts", type=int, default=256, help="texts per /v1/predict request (default: 256)")

@@ -97,8 +97,6 @@ def test_run_template_file_is_used(tmp_path):
 
 
 def test_micro_batcher_batches_in_order_and_refuses_when_full():
-    from concurrent.futures import ThreadPoolExecutor
-
     seen = []
 
     def fn(payloads):
@@ -106,20 +104,62 @@ def test_micro_batcher_batches_in_order_and_refuses_when_full():
         time.sleep(0.01)
         return [[t.upper() for t in p] for p in payloads]
 
+    def put_all(batcher, payloads):
+        futures = []
+        for p in payloads:
+            try:
+                futures.append(batcher.put(p))
+            except Overloaded as e:
+                futures.append(e)
+        return futures
+
     async def main():
-        batcher = MicroBatcher(fn, ThreadPoolExecutor(1), max_batch=4, max_wait_ms=50, max_queue=64, size=len)
-        results = await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(10)), batcher.submit(["a", "b"]))
-        small = MicroBatcher(fn, ThreadPoolExecutor(1), max_batch=1, max_wait_ms=0, max_queue=1, size=len)
-        outcomes = await asyncio.gather(*(small.submit(["x"]) for _ in range(5)), return_exceptions=True)
+        batcher = MicroBatcher(fn, max_batch=4, max_wait_ms=50, max_queue=64, size=len)
+        results = await asyncio.gather(*put_all(batcher, [[f"t{i}"] for i in range(10)] + [["a", "b"]]))
+        loop = asyncio.get_running_loop()
+        thread = await loop.run_in_executor(batcher, lambda: threading.current_thread().name)  # a plain call
+        small = MicroBatcher(fn, max_batch=1, max_wait_ms=0, max_queue=1, size=len)
+        outcomes = put_all(small, [["x"]] * 5)
+        outcomes = [await o if isinstance(o, asyncio.Future) else o for o in outcomes]
         await batcher.close()
         await small.close()
-        return results, outcomes
+        return results, thread, outcomes
 
-    results, outcomes = asyncio.run(main())
+    results, thread, outcomes = asyncio.run(main())
     assert results[:10] == [[f"T{i}"] for i in range(10)] and results[10] == ["A", "B"]
     assert max(seen[:4]) <= 4 and sum(seen[:4]) >= 8 and len(seen) < 12  # batched, never above max_batch
+    assert thread == "danlu-model"  # other calls run in the model thread too
     assert any(isinstance(o, Overloaded) for o in outcomes)  # queue of 1: the rest is refused at once
     assert [["X"]] == [o for o in outcomes if not isinstance(o, Exception)][:1]
+
+
+def test_micro_batcher_drops_timed_out_requests_and_survives_errors():
+    calls = []
+
+    def fn(payloads):
+        calls.append(payloads)
+        if "boom" in payloads:
+            raise ValueError("boom")
+        time.sleep(0.05)
+        return [p.upper() for p in payloads]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=1, max_wait_ms=0)
+        first = batcher.put("a")  # runs while the next two wait
+        late = batcher.put("late")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(late, 0.01)
+        failed = batcher.put("boom")
+        with pytest.raises(ValueError):
+            await failed
+        after = await batcher.put("b")
+        await batcher.close()
+        with pytest.raises(Overloaded):
+            batcher.put("c")
+        return await first, after
+
+    assert asyncio.run(main()) == ("A", "B")
+    assert ["late"] not in calls  # cancelled before its turn: never computed
 
 
 def test_metrics_exposition_format():

@@ -19,7 +19,6 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
@@ -40,7 +39,7 @@ class ServeOptions:
     max_batch: int = 32
     """Texts (or prompts) per model call; 1 turns micro-batching off."""
     max_wait_ms: float = 2.0
-    """How long the first request of a batch waits for others to join it."""
+    """How long a request that finds the model idle and nobody queued may wait for company (only under load)."""
     max_queue: int = 256
     """Requests waiting for the model (and streams running) beyond which the server answers 503."""
     max_body_bytes: int = 1 << 20
@@ -282,11 +281,11 @@ class _State:
     def __init__(self, predictor, options):
         self.predictor, self.options = predictor, options
         self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danlu-model")
         kind = "predict" if predictor.kind == "classifier" else "generate"
         fn = self._classify_batch if kind == "predict" else self._generate_batch
-        self.batcher = MicroBatcher(fn, self.executor, options.max_batch, options.max_wait_ms, options.max_queue,
-                                    size=len, on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
+        self.batcher = MicroBatcher(fn, options.max_batch, options.max_wait_ms, options.max_queue, size=len,
+                                    on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
+        self.executor = self.batcher  # the model thread: batches, and each step of a stream in turn with them
         self.streams = 0
         self.metrics.gauges["danlu_queue_depth"] = lambda: self.depth
         self.metrics.gauges["danlu_streams_active"] = lambda: self.streams
@@ -298,13 +297,12 @@ class _State:
 
     async def close(self):
         await self.batcher.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- model calls ------------------------------------------------------------------------------
     async def run(self, payload):
         """Submit a payload (a list) to the batcher; wait at most timeout_s."""
         try:
-            return await asyncio.wait_for(self.batcher.submit(payload), self.options.timeout_s)
+            return await asyncio.wait_for(self.batcher.put(payload), self.options.timeout_s)
         except Overloaded as e:
             raise APIError(503, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after)}) from None
         except asyncio.TimeoutError:

@@ -1,24 +1,34 @@
 """Micro-batching with back-pressure: many small requests, one model call.
 
-Requests put work items on a bounded asyncio queue and await a future. One background task takes
-the first waiting item, keeps collecting for up to `max_wait_ms` or until `max_batch` units (texts,
-prompts) are gathered, and runs `fn(payloads) -> results` in the model's single worker thread, so
-the event loop keeps accepting connections while the model computes (the dynamic batching of
-Clipper, Crankshaw et al. 2017, and of TorchServe / Triton). A full queue raises Overloaded at once
-(HTTP 503 with Retry-After) instead of letting latency grow without bound.
+Requests put work items on a bounded queue and await a future. One model thread takes the first
+waiting item and every item queued behind it, up to `max_batch` units (texts, prompts), runs
+`fn(payloads) -> results`, hands the results to the event loop in one call and goes straight on to
+the next batch, made of the requests that arrived meanwhile (the dynamic batching of Clipper,
+Crankshaw et al. 2017, and of TorchServe / Triton): the batch size follows the load, and the event
+loop is never a step between two model calls. A full queue raises Overloaded at once (HTTP 503 with
+Retry-After) instead of letting latency grow without bound.
 
-The wait is adaptive: it only happens when the previous batch held more than one unit. Under load
-the requests that arrive while the model computes fill the next batch anyway, and a few milliseconds
-more gather the stragglers; a lone client, whose requests never find company, is never delayed.
+The wait is for company, not for a full batch: a request that finds the model idle and nobody
+queued behind it waits up to `max_wait_ms` (from its arrival) for a second one, and the batch then
+takes whatever is queued. A batch that has company never waits (waiting for a batch to fill, when
+every client's request is already in it, only idles the model), and nothing waits right after a batch
+that ran alone, so a lone client is never delayed.
 
->>> batcher = MicroBatcher(lambda batch: [len(t) for t in batch], executor, max_batch=32, max_wait_ms=5)
->>> await batcher.submit("质量很好")                                # doctest: +SKIP
+The batcher is also the executor of its thread: `submit(fn, *args)` (or `loop.run_in_executor(batcher,
+...)`) runs any other call, such as a stream's next step, in the same thread in turn with the batches,
+so that the model never runs twice at once.
+
+>>> batcher = MicroBatcher(lambda batch: [len(t) for t in batch], max_batch=32, max_wait_ms=2)
+>>> await batcher.put("质量很好")                                    # doctest: +SKIP
 4
 """
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 
@@ -38,8 +48,26 @@ class _Item:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
-class MicroBatcher:
-    """Collect payloads from concurrent requests into batches for `fn`, run in `executor`.
+@dataclass
+class _Call:
+    fn: object
+    args: tuple
+    kwargs: dict
+    future: Future
+
+    def run(self):
+        if self.future.set_running_or_notify_cancel():
+            try:
+                self.future.set_result(self.fn(*self.args, **self.kwargs))
+            except BaseException as e:  # noqa: BLE001  the caller awaits the future and gets it there
+                self.future.set_exception(e)
+
+
+_STOP = object()
+
+
+class MicroBatcher(Executor):
+    """Collect payloads from concurrent requests into batches for `fn`, run in the batcher's own thread.
 
     `fn(payloads) -> results` takes a list and returns one result per payload, in order (it may
     raise; then every request of that batch gets the exception). `size(payload)` counts how many
@@ -47,95 +75,130 @@ class MicroBatcher:
     larger than `max_batch` still runs, alone. With `max_batch=1` every payload runs on its own.
     """
 
-    def __init__(self, fn, executor, max_batch=32, max_wait_ms=5.0, max_queue=256, size=lambda p: 1,
-                 on_batch=None):
-        self.fn, self.executor, self.size = fn, executor, size
+    def __init__(self, fn, max_batch=32, max_wait_ms=2.0, max_queue=256, size=lambda p: 1, on_batch=None):
+        self.fn, self.size = fn, size
         self.max_batch, self.max_wait, self.max_queue = max(1, max_batch), max_wait_ms / 1000.0, max_queue
-        self.on_batch = on_batch  # called with (units, seconds) after each batch, e.g. for metrics
-        self._queue = None
-        self._task = None
-        self._held = None  # an item taken from the queue that did not fit the last batch
+        self.on_batch = on_batch  # called in the model thread with (units, seconds) after each batch
+        self._queue = queue.SimpleQueue()  # _Item, _Call or _STOP; bounded by put(), which counts
+        self._thread = None
+        self._lock = threading.Lock()
+        self._held = None  # an entry taken from the queue that did not fit the last batch
         self._last_units = 0  # size of the previous batch: waiting for company only pays under load
+        self._closed = False
 
     @property
     def depth(self):
-        """Items waiting (not yet in a running batch)."""
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+        """Entries waiting (not yet in a running batch)."""
+        return self._queue.qsize() + (self._held is not None)
 
-    async def submit(self, payload):
-        """Queue `payload` and wait for its result; raises Overloaded when the queue is full."""
-        self._start()
+    def put(self, payload) -> asyncio.Future:
+        """Queue `payload`; the future gets its result. Raises Overloaded when the queue is full.
+        Cancelling the future (a timeout) drops the payload if its batch has not started yet."""
+        if self._closed:
+            raise Overloaded("server shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded()
         future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Item(payload, self.size(payload), future))
-        except asyncio.QueueFull:
-            raise Overloaded() from None
-        return await future
+        self._start()
+        self._queue.put(_Item(payload, self.size(payload), future))
+        return future
 
-    def _start(self):
-        if self._task is None or self._task.done():
-            if self._queue is None:
-                self._queue = asyncio.Queue(self.max_queue)
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Run `fn(*args, **kwargs)` in the model thread, after what is queued before it (Executor's API)."""
+        if self._closed:
+            raise RuntimeError("the model thread is shut down")
+        future = Future()
+        self._start()
+        self._queue.put(_Call(fn, args, kwargs, future))
+        return future
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop the thread after its current batch; queued requests get Overloaded, queued calls are cancelled."""
+        self._closed = True
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(entry, _Item):
+                entry.future.get_loop().call_soon_threadsafe(_fail, entry.future, Overloaded("server shutting down"))
+            elif isinstance(entry, _Call):
+                entry.future.cancel()
+        self._queue.put(_STOP)
+        if self._thread is not None and wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
     async def close(self):
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        while self._queue is not None and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(Overloaded("server shutting down"))
+        """shutdown() from the event loop, without waiting for the batch or call in progress."""
+        self.shutdown(wait=False)
 
-    async def _run(self):
-        loop = asyncio.get_running_loop()
+    def _start(self):
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._work, name="danlu-model", daemon=True)
+                    self._thread.start()
+
+    # -- the model thread ---------------------------------------------------------------------------
+    def _work(self):
         while True:
-            batch = await self._collect()
-            if not batch:
+            entry = self._held or self._queue.get()
+            self._held = None
+            if entry is _STOP:
+                return
+            if isinstance(entry, _Call):
+                entry.run()
                 continue
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item.payload for item in batch])
-            except Exception as e:  # noqa: BLE001  handed to each waiting request, which answers 500
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(sum(item.size for item in batch), time.perf_counter() - started)
-            for item, result in zip(batch, results):
-                if not item.future.done():  # a request that timed out has cancelled its future
-                    item.future.set_result(result)
+            batch = self._collect(entry)
+            if batch:
+                self._run(batch)
 
-    async def _collect(self):
-        """Wait for a first live item, then gather more until max_batch units or max_wait elapses."""
-        first = self._held or await self._queue.get()
-        self._held = None
-        if first.future.done():
+    def _collect(self, first):
+        """`first` and the live items queued behind it, up to max_batch units."""
+        if first.future.done():  # cancelled while it waited (a timeout): drop it
             return []
         batch, units = [first], first.size
-        deadline = time.perf_counter() + (self.max_wait if self._last_units > 1 else 0.0)
+        deadline = first.queued_at + (self.max_wait if self._last_units > 1 else 0.0)
         while units < self.max_batch:
             try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            if item.future.done():
-                continue
-            if units + item.size > self.max_batch:
-                self._held = item  # first in line for the next batch
+                remaining = deadline - time.perf_counter() if len(batch) == 1 else 0.0
+                entry = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
                 break
-            batch.append(item)
-            units += item.size
+            if isinstance(entry, _Item) and entry.future.done():
+                continue
+            if entry is _STOP or isinstance(entry, _Call) or units + entry.size > self.max_batch:
+                self._held = entry  # first in line after this batch
+                break
+            batch.append(entry)
+            units += entry.size
         self._last_units = units
         return batch
+
+    def _run(self, batch):
+        started = time.perf_counter()
+        try:
+            results, error = self.fn([item.payload for item in batch]), None
+        except Exception as e:  # noqa: BLE001  handed to each waiting request, which answers 500
+            results, error = None, e
+        if error is None and self.on_batch is not None:
+            self.on_batch(sum(item.size for item in batch), time.perf_counter() - started)
+        try:
+            batch[0].future.get_loop().call_soon_threadsafe(_deliver, batch, results, error)
+        except RuntimeError:  # the event loop is closed: nobody waits for these results any more
+            pass
+
+
+def _deliver(batch, results, error):
+    """In the event loop: each request's future gets its result (or the batch's exception)."""
+    for i, item in enumerate(batch):
+        if not item.future.done():  # a request that timed out has cancelled its future
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(results[i])
+
+
+def _fail(future, error):
+    if not future.done():
+        future.set_exception(error)
