@@ -72,7 +72,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     """A FastAPI app serving `predictor` (a danlu.serve.Predictor)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     from danlu.chat_template import TemplateError
@@ -179,7 +179,9 @@ def create_app(predictor, options: ServeOptions | None = None):
                 if body.top_k:
                     probs = dict(list(probs.items())[: body.top_k])
                 data.append(s.Prediction(index=i, label=r["label"], score=r["score"], probabilities=probs))
-            return s.PredictResponse(model=predictor.name, data=data)
+            # serialized here: returning the model would have FastAPI validate and encode it a second time
+            return Response(s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True),
+                            media_type="application/json")
 
     # -- language models --------------------------------------------------------------------------
     else:
