@@ -16,29 +16,19 @@ headers (as in InstructGPT-style supervised fine-tuning, Ouyang et al. 2022).
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
 
 from danlu.chat_template import render_chat
-from danlu.data.sources import DataError
+from danlu.data.sources import DataError, jsonl_records
 from danlu.training.tasks import IGNORE
 
 
 def read_chat(path, system=""):
     """A JSONL file -> list of conversations ([{role, content}]); `system` is prepended where none is given."""
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON: {e}") from None
-            conversations.append(to_messages(row, f"{path}:{line_no}", system))
+    conversations = [to_messages(row, f"{path}:{number}", system) for number, row in jsonl_records(path)]
     if not conversations:
         raise DataError(f"{path}: no conversations")
     return conversations

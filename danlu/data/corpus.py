@@ -12,7 +12,6 @@ Memory stays flat however large the corpus is: nothing holds more than one batch
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from danlu.data.builtin import package_dir
-from danlu.data.sources import DataError
+from danlu.data.sources import DataError, jsonl_records
 from danlu.data.spec import DataSpec
 from danlu.data.tokenizer import TextTokenizer
 from danlu.files import atomic_write_json, read_json
@@ -108,19 +107,12 @@ def _group_lines(lines, end_document):
 
 
 def _jsonl_pieces(path, text_field):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r} "
-                                f"(set data.text_column)")
-            yield from _group_lines(text.splitlines(keepends=True), end_document=True)
+    for number, record in jsonl_records(path, errors="replace"):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r} "
+                            f"(set data.text_column)")
+        yield from _group_lines(text.splitlines(keepends=True), end_document=True)
 
 
 def split_pieces(source, text_field="text", val_fraction=0.0):

@@ -143,6 +143,20 @@ def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
     return rows
 
 
+def jsonl_records(path, errors="strict"):
+    """Yield (line number, parsed value) for each non-blank line of a JSONL file, reading it as a stream;
+    a line that is not JSON raises DataError naming the file and line."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield number, record
+
+
 def _jsonl_rows(path, text, bad):
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
