@@ -1,9 +1,10 @@
 import csv
 import os
-import random
 
 import pytest
 import torch
+
+from danlu.serve.tiny_runs import reviews
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -14,14 +15,7 @@ FILLER = ["质量", "物流", "价格", "包装", "客服", "这个", "东西", 
 
 def make_reviews(n, seed=0):
     """Synthetic two-class reviews that a small model learns in a few epochs."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "正面" if i % 2 == 0 else "负面"
-        words = rng.choices(FILLER, k=rng.randint(1, 6)) + rng.choices(POSITIVE if label == "正面" else NEGATIVE, k=2)
-        rng.shuffle(words)
-        rows.append(("".join(words), label))
-    return rows
+    return reviews(n, seed, POSITIVE, NEGATIVE, FILLER, max_filler=6)
 
 
 def write_csv(path, rows, header=("text", "label"), delimiter=","):

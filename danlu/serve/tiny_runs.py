@@ -26,13 +26,13 @@ CORPUS = [
 ]
 
 
-def reviews(n, seed=0):
-    """(text, label) rows of synthetic two-class reviews."""
+def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_filler=5):
+    """(text, label) rows of synthetic two-class reviews: 1 to `max_filler` neutral words and two of the label's."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = "正面" if i % 2 == 0 else "负面"
-        words = rng.choices(FILLER, k=rng.randint(1, 5)) + rng.choices(POSITIVE if label == "正面" else NEGATIVE, k=2)
+        words = rng.choices(filler, k=rng.randint(1, max_filler)) + rng.choices(positive if label == "正面" else negative, k=2)
         rng.shuffle(words)
         rows.append(("".join(words), label))
     return rows
