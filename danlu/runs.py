@@ -19,6 +19,7 @@ import torch
 
 from danlu import config as config_mod
 from danlu.data import DataError, TextTokenizer, encode_examples, make_spec, read_split
+from danlu.data.batching import iterate
 from danlu.data.sources import Examples
 from danlu.files import atomic_write_json, atomic_write_text, load_tensors, load_weights, read_json, save_weights
 from danlu.models import build_model
@@ -90,9 +91,21 @@ class Run:
         ex = Examples(list(texts), labels, [f"text {i + 1}" for i in range(len(texts))])
         return encode_examples(ex, self.tokenizer, self.labels, self.cfg.task == "regression")
 
+    @torch.inference_mode()
     def predict_proba(self, texts, batch_size=64):
-        """(N, C) class probabilities ((N,) values for regression)."""
-        return self.trainer().predict(self.dataset(texts), batch_size)
+        """(N, C) class probabilities ((N,) values for regression), in the order of `texts`.
+
+        Texts of similar length share a padded batch; no Trainer is built, so the server can call this
+        once per micro-batch."""
+        data = self.dataset(texts)
+        regression = self.cfg.task == "regression"
+        out = torch.empty(len(data)) if regression else torch.empty(len(data), len(self.labels))
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        for batch in iterate(data, batch_size, data.pad_id, shuffle=False):
+            logits = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+            out[batch["index"]] = (logits.squeeze(-1) if regression else logits.softmax(-1)).cpu()
+        return out
 
     def predict(self, texts, batch_size=64, top_k=None):
         """[{label, score, probabilities: {label: p}}] per text."""

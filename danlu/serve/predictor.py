@@ -28,7 +28,6 @@ class Predictor:
         self.labels = tuple(run.labels)
         self.created = int(os.path.getmtime(os.path.join(run.path, "model.safetensors")))
         self.chat_template = load_template(run.path) if self.kind == "language_model" else None
-        self.device = next(run.model.parameters()).device
         self._counter = None
 
     @classmethod
@@ -39,30 +38,9 @@ class Predictor:
 
     # -- classifiers ------------------------------------------------------------------------------
     def classify(self, texts, top_k=None):
-        """[{label, score, probabilities}] (or [{value}] for regression), one per text.
-
-        What run.predict computes, made for the server, which calls it once per micro-batch: the texts
-        are tokenized in one encode_batch call and go through the model as one padded batch (per 64
-        texts of similar length) under inference_mode, without a Trainer or a tensor per row."""
-        from danlu.data.batching import batch_order, collate
-
-        data = self.run.dataset(texts)
-        rows = [None] * len(data)
-        with torch.inference_mode():
-            for index in batch_order(data.lengths, 64, shuffle=False):
-                batch = collate(data, index, data.pad_id)
-                out = self.run.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-                out = out.float().squeeze(-1) if self.task == "regression" else out.float().softmax(-1)
-                for i, row in zip(index.tolist(), out.tolist()):
-                    rows[i] = row
-        if self.task == "regression":
-            return [{"value": v} for v in rows]
-        return [self._labelled(row, top_k) for row in rows]
-
-    def _labelled(self, probs, top_k=None):
-        best = max(range(len(probs)), key=probs.__getitem__)
-        pairs = sorted(zip(self.labels, probs), key=lambda p: -p[1])[: top_k or len(probs)]
-        return {"label": self.labels[best], "score": probs[best], "probabilities": dict(pairs)}
+        """[{label, score, probabilities}] (or [{value}] for regression), one per text; the server calls
+        it once per micro-batch."""
+        return self.run.predict(list(texts), batch_size=64, top_k=top_k)
 
     # -- language models --------------------------------------------------------------------------
     @property

@@ -256,18 +256,6 @@ class Trainer:
         self.model.train()
         return metrics.compute()
 
-    @torch.no_grad()
-    def predict(self, dataset, batch_size=64):
-        """Class probabilities (N, C) for classifiers, values (N,) for regression, in dataset order."""
-        self.model.eval()
-        out = [None] * len(dataset)
-        for batch in iterate(dataset, batch_size, dataset.pad_id, shuffle=False):
-            logits = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)).float()
-            values = logits.squeeze(-1) if self.task.name == "regression" else logits.softmax(-1)
-            for i, v in zip(batch["index"].tolist(), values.cpu()):
-                out[i] = v
-        return torch.stack(out) if out else torch.empty(0)
-
     # -- helpers --------------------------------------------------------------------------------------
     def _done(self, state, total_steps):
         return bool(self.cfg.max_steps) and state["step"] >= total_steps
