@@ -52,7 +52,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
         scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     return meta["state"]
