@@ -128,3 +128,25 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[True, True, True], [True, False, False]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_char_fast_path_matches_the_tokenizers_pipeline(tmp_path):
+    """encode() looks characters up in a table for danlu's char tokenizer: the ids must be exactly the
+    `tokenizers` pipeline's, including where characters interact (composition, newline runs, special tokens)."""
+    import random
+
+    rng = random.Random(0)
+    sample = [chr(i) for i in range(0x20, 0x30000, 7) if not 0xD800 <= i < 0xE000]
+    tok = TextTokenizer("char", vocab_size=200000, max_length=24).fit(["".join(sample)] * 2 + ["质量很好，物流也快"])
+    tok.save(tmp_path / "tokenizer.json")
+    tok = TextTokenizer.load(tmp_path / "tokenizer.json")
+    assert tok._char_table() is not None  # the table is used for a loaded char tokenizer too
+    tricky = list("质量很好ΣΑΣﬁ①Ⅻ㋿\n\r\t 한국어\u1100\u1161\u11a8e\u0301\u0cbf\u0cd5") + ["[SEP]", "[UNK]", "<s>", "\n\n"]
+    texts = ["a" + c + "b" for c in sample + tricky]
+    texts += ["".join(rng.choice(tricky) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    fast = tok.encode(texts)
+    slow = [e.ids for e in tok.tokenizer_.encode_batch(texts)]
+    assert [ids.tolist() for ids in fast] == slow
+    assert all(ids.dtype == np.int32 for ids in fast)
+    assert len(tok._table.ids) > 1000  # most texts went through the table, not the fallback
+    assert TextTokenizer("bpe", vocab_size=300).fit(texts[:50])._char_table() is None
