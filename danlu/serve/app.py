@@ -24,7 +24,7 @@ from importlib import resources
 
 from danlu.serve.batching import MicroBatcher, Overloaded
 from danlu.serve.metrics import Metrics
-from danlu.serve.middleware import GuardMiddleware, MetricsMiddleware, error_body
+from danlu.serve.middleware import GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
 
 log = logging.getLogger("danlu.serve")
 
@@ -157,10 +157,8 @@ def create_app(predictor, options: ServeOptions | None = None):
 
     # -- classifiers ------------------------------------------------------------------------------
     if classifier:
-        @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
-                  responses=errors, tags=["predict"])
-        async def predict(body: s.PredictRequest):
-            """Classify one or many texts: labels, scores and the probability of every label."""
+        async def predict_json(body: s.PredictRequest) -> bytes:
+            """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
             texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
@@ -179,9 +177,14 @@ def create_app(predictor, options: ServeOptions | None = None):
                 if body.top_k:
                     probs = dict(list(probs.items())[: body.top_k])
                 data.append(s.Prediction(index=i, label=r["label"], score=r["score"], probabilities=probs))
+            return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
+
+        @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
+                  responses=errors, tags=["predict"])
+        async def predict(body: s.PredictRequest):
+            """Classify one or many texts: labels, scores and the probability of every label."""
             # serialized here: returning the model would have FastAPI validate and encode it a second time
-            return Response(s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True),
-                            media_type="application/json")
+            return Response(await predict_json(body), media_type="application/json")
 
     # -- language models --------------------------------------------------------------------------
     else:
@@ -264,6 +267,9 @@ def create_app(predictor, options: ServeOptions | None = None):
     app.openapi = openapi
 
     # middleware, outermost last: metrics see every answer, including the guard's 401 / 413
+    if classifier:
+        app.add_middleware(LeanPredictMiddleware, validate=s.PredictRequest.model_validate_json, answer=predict_json,
+                           api_error=APIError)
     app.add_middleware(GuardMiddleware, options=options)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_route_templates(app))
     return app
