@@ -6,7 +6,9 @@ same optimizer — torch's fused AdamW (transformers' Trainer default with torch
 `train.fused_optimizer`), decay / no-decay groups, lr 3e-4 — gradient clipping 1.0 and autocast precision
 (bf16 where the hardware has it). danlu's step is the one its training loop runs (CausalLMTask.loss, backward, clip,
 step, and the loop's token counts); transformers' is `model(input_ids, labels=...).loss` with the same
-optimizer. The contenders alternate round by round in one process, so load from elsewhere on the machine
+optimizer. In bf16 on CPU a third row, "danlu gpt, fused SDPA only", trains the same model with
+torch's fused attention kernel everywhere, which shows what danlu's unfused short-window attention
+(danlu.models.blocks) is worth. The contenders alternate round by round in one process, so load from elsewhere on the machine
 falls on all of them; each figure is the median over rounds.
 
 MFU = tokens/s x training FLOPs per token (6 N + 12 L C T, PaLM appendix B) / peak FLOP/s, the peak being
@@ -96,13 +98,25 @@ def run(args):
         "transformers GPT2LMHeadModel": (theirs, hf_step),
         "danlu gpt": (ours, danlu_step),
     }
+    if dtype == torch.bfloat16 and device.type == "cpu":  # ablation: without the unfused short-window attention
+        import danlu.models.blocks as blocks
+
+        def fused_sdpa_step(model, optimizer, i):
+            saved, blocks.UNFUSED_MAX_LENGTH = blocks.UNFUSED_MAX_LENGTH, 0
+            try:
+                return danlu_step(model, optimizer, i)
+            finally:
+                blocks.UNFUSED_MAX_LENGTH = saved
+
+        contenders["danlu gpt, fused SDPA only"] = (ours, fused_sdpa_step)
     if getattr(args, "gpt_train_compile", False):
         contenders["danlu gpt + train.compile"] = (torch.compile(ours), danlu_step)  # shares danlu gpt's weights
     optimizers = {name: torch.optim.AdamW(param_groups(ours if name.startswith("danlu") else theirs, 0.1), lr=3e-4,
                                           fused=True)
                   for name in contenders}
-    if len(contenders) == 3:  # the compiled module trains the same parameters: one optimizer for both
-        optimizers["danlu gpt + train.compile"] = optimizers["danlu gpt"]
+    for name in contenders:  # the variants train danlu gpt's parameters: one optimizer for them all
+        if name.startswith("danlu"):
+            optimizers[name] = optimizers["danlu gpt"]
 
     first_loss, compile_seconds = {}, {}
     for name, (model, step) in contenders.items():  # warm-up (and compilation), not timed

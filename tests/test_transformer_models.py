@@ -7,7 +7,7 @@ import torch
 from danlu.data.spec import DataSpec
 from danlu.models import MODELS, build_model
 from danlu.models.bert import BERT, BERTConfig
-from danlu.models.blocks import Attention
+from danlu.models.blocks import Attention, unfused_causal_attention
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
@@ -84,6 +84,33 @@ def test_gpt_generate_greedy_matches_stepwise_argmax():
         for _ in range(4):
             row = torch.cat([row, model(row)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert new[1].tolist() == row[0, 3:].tolist()
+
+
+def test_unfused_causal_attention_matches_sdpa_forward_and_backward(monkeypatch):
+    """bf16 on CPU takes the unfused path (faster there); it must compute what SDPA computes."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, requires_grad=True) for _ in range(3))
+    out = unfused_causal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # a GPT under bf16 autocast goes through it, and agrees with fp32 SDPA to bf16 precision
+    import danlu.models.blocks as blocks
+
+    calls = []
+    monkeypatch.setattr(blocks, "unfused_causal_attention", lambda *a: calls.append(1) or unfused_causal_attention(*a))
+    model = build(TINY_GPT, LM_SPEC)
+    ids, _ = batch([12, 12], 12)
+    with torch.no_grad():
+        full = model(ids)
+        assert not calls  # fp32: SDPA
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(ids).float()
+    assert len(calls) == TINY_GPT.num_layers
+    assert (half - full).abs().max() < 0.05 * full.abs().max()
 
 
 def test_gqa_shapes_and_parameter_count():

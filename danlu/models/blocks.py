@@ -171,18 +171,47 @@ class Attention(nn.Module):
             keys[:, :, start : start + T] = k
             values[:, :, start : start + T] = v
             k, v = keys[:, :, : start + T], values[:, :, : start + T]  # (B, K, S, D)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            # one query (a decoding step) sees every cached key; SDPA's is_causal would align it to key 0
-            is_causal=self.causal and mask is None and (kv is None or T > 1),
-            enable_gqa=K != H,  # SDPA broadcasts the shared heads; no repeat_interleave copy
-        )  # (B, H, T, D)
+        if self.causal and mask is None and kv is None and _unfused_is_faster(q, K == H, self.training and self.dropout):
+            y = unfused_causal_attention(q, k, v)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                # one query (a decoding step) sees every cached key; SDPA's is_causal would align it to key 0
+                is_causal=self.causal and mask is None and (kv is None or T > 1),
+                enable_gqa=K != H,  # SDPA broadcasts the shared heads; no repeat_interleave copy
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.out_dropout(self.out(y))  # (B, T, C)
+
+
+UNFUSED_MAX_LENGTH = 512
+
+
+def _unfused_is_faster(q, same_heads, dropout):
+    """bf16 on CPU, short windows, no dropout: torch's fused CPU kernel (flash attention, computing in
+    fp32) is slower there than three plain ops on the bf16 matmul kernels (benchmarks/gpt_train.py
+    measures a whole training step both ways, at context 256). Longer windows favour the fused kernel,
+    which never holds the (T, T) scores: at 1024 it is twice as fast. fp32 stays on the fused kernel."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and same_heads and not dropout
+            and q.size(-2) <= UNFUSED_MAX_LENGTH)
+
+
+_CAUSAL = {}
+
+
+def unfused_causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs; the softmax in fp32."""
+    T = q.size(-2)
+    future = _CAUSAL.get((T, q.device))
+    if future is None:
+        future = _CAUSAL[(T, q.device)] = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, T)
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
+    return probs.to(v.dtype) @ v  # (B, H, T, D)
 
 
 class FeedForward(nn.Module):
