@@ -199,10 +199,8 @@ def test_predict_one_and_many_texts_match_the_run(cls_url, cls_run):
 
 
 def test_lean_predict_path_answers_exactly_as_fastapi(cls_run):
-    """Valid /v1/predict requests skip FastAPI's request machinery (LeanPredictMiddleware): the answers,
-    errors included, must be byte for byte the ones the FastAPI route gives."""
-    from danlu.serve.middleware import LeanPredictMiddleware
-
+    """/v1/predict goes to metrics, guard and LeanPredictMiddleware before FastAPI's stack (app.hot): the
+    answers, errors included, must be byte for byte the ones the FastAPI route gives, and be counted once."""
     bodies = [{"texts": "质量很好"}, {"texts": ["太差了", "还行吧 ok"], "top_k": 1}, {"texts": ["好"], "model": "cls"},
               {"texts": []}, {"texts": ["a"] * 9}, {"texts": ["a"], "model": "gpt-4"}, {"texts": 42}, {"text": "a"},
               {"texts": ["a"], "top_k": 0}]
@@ -210,10 +208,13 @@ def test_lean_predict_path_answers_exactly_as_fastapi(cls_run):
     for lean in (True, False):
         app = create_app(Predictor(cls_run), ServeOptions(max_texts=8))
         if not lean:
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not LeanPredictMiddleware]
+            app.hot = None  # every request through FastAPI's stack
         with ServerThread(app) as url:
             answers.append([(r.status_code, r.headers["content-type"], r.content)
                             for r in (httpx.post(url + "/v1/predict", json=b) for b in bodies)])
+            metrics = httpx.get(url + "/metrics").text
+        counted = sum(float(n) for n in re.findall(r'danlu_requests_total\{route="/v1/predict"[^}]*\} (\S+)', metrics))
+        assert counted == len(bodies)
     assert [a[0] for a in answers[0]] == [200, 200, 200, 400, 400, 404, 400, 400, 400]
     assert answers[0] == answers[1]
 

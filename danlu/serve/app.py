@@ -24,7 +24,7 @@ from importlib import resources
 
 from danlu.serve.batching import MicroBatcher, Overloaded
 from danlu.serve.metrics import Metrics
-from danlu.serve.middleware import GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
+from danlu.serve.middleware import PASSED, GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
 
 log = logging.getLogger("danlu.serve")
 
@@ -86,7 +86,15 @@ def create_app(predictor, options: ServeOptions | None = None):
         yield
         await state.close()
 
-    app = FastAPI(title=f"danlu serve: {predictor.name}", version="1", docs_url=None, redoc_url=None,
+    class App(FastAPI):
+        hot = None  # (path, ASGI app): POST requests to path go there first, before FastAPI's own stack
+
+        async def __call__(self, scope, receive, send):
+            if self.hot is not None and scope["type"] == "http" and scope["path"] == self.hot[0]:
+                return await self.hot[1](scope, receive, send)
+            return await super().__call__(scope, receive, send)
+
+    app = App(title=f"danlu serve: {predictor.name}", version="1", docs_url=None, redoc_url=None,
                   lifespan=lifespan, description=f"danlu {predictor.kind} `{predictor.name}`.")
     app.state.danlu = state
     errors = {code: {"model": s.ErrorResponse, "description": text} for code, text in (
@@ -267,11 +275,16 @@ def create_app(predictor, options: ServeOptions | None = None):
     app.openapi = openapi
 
     # middleware, outermost last: metrics see every answer, including the guard's 401 / 413
-    if classifier:
-        app.add_middleware(LeanPredictMiddleware, validate=s.PredictRequest.model_validate_json, answer=predict_json,
-                           api_error=APIError)
+    routes = _route_templates(app)
     app.add_middleware(GuardMiddleware, options=options)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_route_templates(app))
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
+    if classifier:  # the hot path: the same checks, then the lean handler; FastAPI's stack for anything else
+        async def fastapi(scope, receive, send):  # metrics and guard are done: FastAPI's copies pass it through
+            return await FastAPI.__call__(app, {**scope, PASSED: True}, receive, send)
+
+        lean = LeanPredictMiddleware(fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json,
+                                     api_error=APIError)
+        app.hot = ("/v1/predict", MetricsMiddleware(GuardMiddleware(lean, options=options), state.metrics, routes))
     return app
 
 
