@@ -1,11 +1,12 @@
 """torchrun on 2 CPU processes (gloo): the loss curve of DDP and FSDP equals one process's with the same
-global batch, checkpoints resume on another number of processes, and a killed worker stops the job (or,
-with --max-restarts, the job resumes from its last checkpoint).
+global batch, checkpoints (FSDP's sharded ones included) resume on another number of processes, and a killed
+worker stops the job (or, with --max-restarts, the job resumes from its last checkpoint).
 
 Per-step losses come from history rows (train.eval_every=1: a row per optimizer step, the loss reduced
 over ranks). The models have no dropout: each rank draws its own dropout masks."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 import yaml
 
 import danlu
+from danlu.files import load_tensors
+from danlu.training.checkpoint import last_checkpoint
 
 from conftest import make_reviews, tiny_config, write_csv
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.distributed
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 DDP_TOLERANCE = 1e-5
 FSDP_TOLERANCE = 1e-5  # documented in docs/distributed.md: the same gradients, reduced in another order
+MLP = ["model.kind=mlp", "model.embed_dim=16", "model.hidden_dim=16"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,25 @@ def assert_close(a, b, tolerance):
     assert max(abs(x - y) for x, y in zip(a, b)) <= tolerance, list(zip(a, b))
 
 
+def assert_same_run(run_dir, reference, tolerance):
+    """The same loss curve and final weights (model.safetensors), each within `tolerance`."""
+    assert_close(losses(run_dir), losses(reference), tolerance)
+    a, b = (load_tensors(os.path.join(d, "model.safetensors"))[0] for d in (run_dir, reference))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= tolerance
+
+
+def mlp_run(root, config, name, *args):
+    """The finished run `name` (one process, or FSDP on 2 with "fsdp"), started if an earlier test did not."""
+    if not (root / name / "model.safetensors").exists():
+        if name.startswith("fsdp"):
+            done = torchrun(["train", config, f"run.dir={root / name}", "train.distributed=fsdp", *MLP, *args], root)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            danlu.train(str(config), f"run.dir={root / name}", *MLP, *args)
+    return root / name
+
+
 def test_ddp_matches_one_process_and_resumes_on_one(setup):
     root, config = setup
     reference = danlu.train(str(config), f"run.dir={root / 'one'}").path
@@ -77,13 +100,61 @@ def test_one_process_checkpoint_resumes_on_two(setup):
 
 def test_fsdp_matches_one_process(setup):
     root, config = setup
-    mlp = ["model.kind=mlp", "model.embed_dim=16", "model.hidden_dim=16"]
-    reference = losses(danlu.train(str(config), f"run.dir={root / 'mlp'}", *mlp).path)
-    done = torchrun(["train", config, f"run.dir={root / 'fsdp'}", "train.distributed=fsdp", *mlp], root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_close(losses(root / "fsdp"), reference, FSDP_TOLERANCE)
+    reference = losses(mlp_run(root, config, "mlp"))
+    assert_close(losses(mlp_run(root, config, "fsdp")), reference, FSDP_TOLERANCE)
     assert (root / "fsdp" / "model.safetensors").exists()  # the gathered full weights, the usual format
     assert danlu.load(str(root / "fsdp")).predict(["很好"])[0]["label"]
+
+
+def test_fsdp_sharded_checkpoint_resumes_on_one_and_on_two(setup):
+    """Under FSDP each rank writes its shards (torch.distributed.checkpoint, safetensors, no pickled
+    metadata); the checkpoint resumes on 2 processes and on 1 without torchrun, as the uninterrupted run."""
+    root, config = setup
+    full = mlp_run(root, config, "fsdp")
+    half = mlp_run(root, config, "fsdp_half", "train.epochs=1")
+    last = half / "checkpoints" / "last"
+    assert sorted(os.listdir(last)) == ["shards", "state.safetensors"]
+    assert sorted(os.listdir(last / "shards")) == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+    assert not (half / "checkpoints" / "last.safetensors").exists()
+    one = root / "fsdp_on_one"
+    shutil.copytree(half, one)
+    danlu.train(str(one), f"run.dir={one}", "train.epochs=2", resume=True)
+    assert_same_run(one, full, FSDP_TOLERANCE)
+    assert sorted(os.listdir(one / "checkpoints")) == ["best.safetensors", "last.safetensors"]  # one format at a time
+    done = torchrun(["train", half, "train.epochs=2", "--resume"], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert_same_run(half, full, FSDP_TOLERANCE)
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(setup):
+    root, config = setup
+    reference = mlp_run(root, config, "mlp")
+    danlu.train(str(config), f"run.dir={root / 'mlp_half'}", "train.epochs=1", *MLP)
+    done = torchrun(["train", root / "mlp_half", "train.epochs=2", "train.distributed=fsdp", "--resume"], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert_same_run(root / "mlp_half", reference, FSDP_TOLERANCE)
+    assert (root / "mlp_half" / "checkpoints" / "last" / "shards").is_dir()
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    """A sharded checkpoint counts once renamed into place (last.tmp/ never); a crash between the two renames
+    of danlu.training.checkpoint._replace_folder leaves last.old/, which is used."""
+    def write(path, mtime):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+
+    assert last_checkpoint(tmp_path) is None
+    write(tmp_path / "last.tmp" / "state.safetensors", 3)
+    assert last_checkpoint(tmp_path) is None
+    write(tmp_path / "last.old" / "state.safetensors", 1)
+    assert last_checkpoint(tmp_path) == str(tmp_path / "last.old")
+    write(tmp_path / "last.safetensors", 2)
+    assert last_checkpoint(tmp_path) == str(tmp_path / "last.safetensors")
+    write(tmp_path / "last" / "state.safetensors", 4)
+    assert last_checkpoint(tmp_path) == str(tmp_path / "last")
 
 
 def _worker(pid, rank):

@@ -1,5 +1,5 @@
 """Distributed training from the torchrun environment: one helper for the process group, rank-0 work,
-data sharding and the full (unsharded) state of a DDP or FSDP model.
+data sharding and the full (unsharded) state of an FSDP model.
 
 The training loop stays the same; under `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR in the environment)
 it joins the process group (gloo on CPU, nccl on GPU), wraps the model in DistributedDataParallel or
@@ -171,17 +171,14 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-# -- full state of a sharded model: the same safetensors checkpoint for 1 process, DDP and FSDP ----------
-
-
-_FULL = dict(full_state_dict=True, cpu_offload=True)
+# -- full state of a sharded model: the weights in the usual safetensors format, and one-process checkpoints ---
 
 
 def full_model_state(model):
     """The unsharded state dict, on CPU, on rank 0 ({} elsewhere). Collective: call it on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def plain_copy(model):
@@ -199,44 +196,32 @@ def unshard(model, plain, device):
 
 
 class FullState:
-    """Stands in for an FSDP model and its optimizer in danlu.training.checkpoint. `gathered()` (collective)
-    returns views whose `state_dict()` is the full state (on rank 0); `loaders()` returns views whose
-    `load_state_dict()` shards a full state back. The optimizer state uses the ids of a single-process
-    `optimizer.state_dict()`, so one checkpoint format serves 1 process, DDP and FSDP, on any number of ranks."""
+    """Stands in for an FSDP model and its optimizer where danlu needs their full state: `weights()`
+    (collective) is a view whose `state_dict()` is the full model state (on rank 0), for best.safetensors;
+    `loaders()` returns views whose `load_state_dict()` shards a full state back, to resume a one-process
+    or DDP checkpoint (danlu.training.checkpoint.load_checkpoint, single-process optimizer ids) under FSDP.
+    FSDP's own checkpoints are sharded (danlu.training.checkpoint.save_sharded)."""
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
 
-    def gathered(self, optimizer=True):
-        return _View(full_model_state(self.model)), _View(self._optimizer_state() if optimizer else {})
+    def weights(self):
+        return _View(full_model_state(self.model))
 
     def loaders(self):
         shapes = {k: torch.empty(v.shape, device="meta") for k, v in self.model.state_dict().items()}
         return _View(shapes, self._load_model), _View({}, self._load_optimizer)
-
-    def _names(self):
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def _load_model(self, state, strict=True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
-    def _optimizer_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(**_FULL))
-        if not full:
-            return {"state": {}, "param_groups": []}
-        ids = {name: i for i, name in enumerate(self._names())}
-        groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in full["param_groups"]]
-        return {"state": {ids[n]: v for n, v in full["state"].items()}, "param_groups": groups}
-
     def _load_optimizer(self, state, strict=True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        names = self._names()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         full = {"state": {names[i]: v for i, v in state["state"].items()},
                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
         set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))

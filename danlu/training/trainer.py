@@ -30,7 +30,8 @@ from danlu.config import TrainConfig
 from danlu.data.batching import iterate, num_batches
 from danlu.files import atomic_write_text, load_tensors, load_weights, save_weights
 from danlu.training import distributed as dist
-from danlu.training.checkpoint import load_checkpoint, save_checkpoint
+from danlu.training.checkpoint import (LAST_FILE, LAST_FOLDER, last_checkpoint, load_checkpoint, load_sharded,
+                                       remove_other, save_checkpoint, save_sharded)
 from danlu.training.optim import build_optimizer, build_schedule
 from danlu.training.flops import bf16_supported, measure_peak_flops, training_flops_per_token
 from danlu.training.tasks import ALL_TASKS
@@ -89,9 +90,9 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, cfg, total_steps)
         state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0,
                  "sums": [0.0, 0, 0.0], "history": []}
-        ckpt = self._path("checkpoints", "last.safetensors")
-        if resume and ckpt and os.path.exists(ckpt):
-            state = load_checkpoint(ckpt, *self._full_state(load=True), self.scheduler)
+        ckpt = last_checkpoint(self._path("checkpoints")) if self.run_dir else None
+        if resume and ckpt:
+            state = self._resume(ckpt)
             self.history = History(state["history"])
             self._say(f"resumed from {ckpt} at epoch {state['epoch'] + 1}, batch {state['batch']}")
         else:
@@ -212,7 +213,7 @@ class Trainer:
             state.update(best=value, best_epoch=len(self.history), bad_epochs=0)
             if cfg.restore_best:
                 meta = {"epoch": epoch} if epoch_end else {"epoch": epoch, "step": state["step"]}
-                weights = self._full_state(optimizer=False)[0]
+                weights = dist.FullState(self.model, None).weights() if self.distributed == "fsdp" else self.model
                 if not self.run_dir:  # no run directory (the Python API): keep the best weights in memory
                     self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.state_dict().items()}
                 elif dist.is_main():
@@ -263,19 +264,28 @@ class Trainer:
         return os.path.join(self.run_dir, *parts) if self.run_dir else None
 
     def _checkpoint(self, state):
-        if self.run_dir:
-            model, optimizer = self._full_state()
-            if dist.is_main():
-                save_checkpoint(self._path("checkpoints", "last.safetensors"), model, optimizer, self.scheduler, state)
-                atomic_write_text(self._path("history.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history))
+        """checkpoints/last.safetensors from rank 0, or under FSDP the sharded checkpoints/last/ that every
+        rank writes its part of (danlu.training.checkpoint)."""
+        if not self.run_dir:
+            return
+        folder, sharded = self._path("checkpoints"), self.distributed == "fsdp"
+        if sharded:
+            save_sharded(os.path.join(folder, LAST_FOLDER), self.model, self.optimizer, self.scheduler, state)
+        elif dist.is_main():
+            save_checkpoint(os.path.join(folder, LAST_FILE), self.model, self.optimizer, self.scheduler, state)
+        if dist.is_main():
+            remove_other(folder, sharded)
+            rows = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history)
+            atomic_write_text(self._path("history.jsonl"), rows)
 
-    def _full_state(self, load=False, optimizer=True):
-        """The model and optimizer as checkpoints see them: themselves, or under FSDP views of their full
-        (unsharded) state, so that a checkpoint resumes on any number of processes. Collective under FSDP."""
-        if self.distributed != "fsdp":
-            return self.model, self.optimizer
-        full = dist.FullState(self.model, self.optimizer)
-        return full.loaders() if load else full.gathered(optimizer)
+    def _resume(self, path):
+        """Load a checkpoint on this run's processes, whatever number wrote it: a sharded one through DCP
+        (which reshards), a single file directly or, under FSDP, sharded from its full state."""
+        if os.path.isdir(path):
+            return load_sharded(path, self.model, self.optimizer, self.scheduler)
+        if self.distributed == "fsdp":
+            return load_checkpoint(path, *dist.FullState(self.model, self.optimizer).loaders(), self.scheduler)
+        return load_checkpoint(path, self.model, self.optimizer, self.scheduler)
 
     def _progress(self, total, done, desc):
         return _Progress(total, done, desc)
