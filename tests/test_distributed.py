@@ -138,6 +138,41 @@ def test_one_process_checkpoint_resumes_under_fsdp(setup):
     assert (root / "mlp_half" / "checkpoints" / "last" / "shards").is_dir()
 
 
+EXIT_SCRIPT = """
+import os, sys
+import danlu
+from danlu.training import distributed as dist
+
+def threads():
+    return [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+
+danlu.train(*sys.argv[1:])
+before = threads()
+dist.cleanup()  # what runs at exit
+print(f"rank {dist.rank()} before {before} after {threads()}", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from /proc (Linux)")
+def test_fsdp_exit_leaves_no_gloo_thread(setup):
+    """At exit the process group is destroyed and its gloo backend freed, FSDP's mesh notwithstanding: no
+    gloo worker is left to release a collective's tensors (and ask for the GIL) while the interpreter shuts
+    down, which aborted a rank now and then on a busy machine."""
+    root, config = setup
+    script = root / "exit_threads.py"
+    script.write_text(EXIT_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "DANLU_DIST_TIMEOUT": "20"}
+    done = subprocess.run([*TORCHRUN, str(script), str(config), f"run.dir={root / 'fsdp_exit'}", "train.epochs=1",
+                           "train.distributed=fsdp", *MLP], cwd=root, env=env, timeout=120, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, done.stderr[-3000:]
+    for line in lines:
+        before, after = line.split(" before ")[1].split(" after ")
+        assert "gloo" in before and "gloo" not in after, line
+
+
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     """A sharded checkpoint counts once renamed into place (last.tmp/ never); a crash between the two renames
     of danlu.training.checkpoint._replace_folder leaves last.old/, which is used."""

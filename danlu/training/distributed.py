@@ -16,7 +16,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import gc
 import os
+import weakref
 from datetime import timedelta
 
 import torch
@@ -77,6 +79,11 @@ def setup(mode="auto", device=None):
                               "use auto, ddp or fsdp, or launch one process")
         return "none"
     if not initialized():
+        # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported, and
+        # FSDP and torch.distributed.checkpoint import it: imported after the process group exists, it would
+        # keep that group alive past `cleanup` (see there). Imported first, its defaults are None.
+        import torch.distributed.nn
+
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=float(os.environ.get("DANLU_DIST_TIMEOUT", 60)))
         store = None
@@ -94,9 +101,29 @@ def setup(mode="auto", device=None):
     return "ddp" if mode == "auto" else mode
 
 
+_meshes = []  # weak references to the device meshes FSDP shards over (`wrap`), for `cleanup`
+
+
 def cleanup():
-    if initialized():
-        torch.distributed.destroy_process_group()
+    """Destroy the process group that `setup` created (at exit), and with it its backend's threads.
+
+    destroy_process_group() only unregisters the group; the backend is freed, and gloo joins its worker
+    threads, when the last reference goes, and FSDP's device mesh holds one (DTensor's caches hold the mesh).
+    Left alone, the gloo workers run on into interpreter shutdown; one that then releases a finished
+    collective's tensors asks for the GIL, Python 3.11 ends such a thread with pthread_exit, and the forced
+    unwind through a noexcept destructor aborts the process ("terminate called without an active
+    exception"), which a busy machine makes likely enough to fail runs. So, while the interpreter is whole,
+    the meshes let go of the group and a collection frees the sharded modules' cycles: the backend is
+    destroyed, and its workers finish and are joined here."""
+    if not initialized():
+        return
+    torch.distributed.destroy_process_group()
+    for ref in _meshes:
+        mesh = ref()
+        if mesh is not None:
+            getattr(mesh, "_pg_registry", {}).clear()  # the groups by name, kept for torch.compile
+    _meshes.clear()
+    gc.collect()
 
 
 def barrier():
@@ -122,13 +149,16 @@ def wrap(model, mode, device):
 
         return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(device.type, (world_size(),))  # one mesh for all units, released by cleanup
+        _meshes.append(weakref.ref(mesh))
         for module in list(model.modules()):
             if isinstance(module, torch.nn.ModuleList):
                 for block in module:
-                    fully_shard(block)
-        fully_shard(model)
+                    fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     return model, model
 
 
