@@ -195,7 +195,7 @@ def _unfused_is_faster(q, same_heads, dropout):
     """bf16 on CPU, short windows, no dropout: torch's fused CPU kernel (flash attention, computing in
     fp32) is slower there than three plain ops on the bf16 matmul kernels (benchmarks/gpt_train.py
     measures a whole training step both ways, at context 256). Longer windows favour the fused kernel,
-    which never holds the (T, T) scores: at 1024 it is twice as fast. fp32 stays on the fused kernel."""
+    which never holds the (T, T) scores; fp32 stays on it too."""
     return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and same_heads and not dropout
             and q.size(-2) <= UNFUSED_MAX_LENGTH)
 
