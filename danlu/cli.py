@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from danlu.registry import ConfigError
 
@@ -387,7 +388,15 @@ VERBS = {
 }
 
 
+def _warning_line(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """danlu's own warnings are messages for the user: one line, without the source line that raised them."""
+    if os.path.dirname(os.path.abspath(__file__)) in os.path.abspath(filename):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv=None):
+    warnings.formatwarning = _warning_line
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # overrides after a flag (`train cfg.yaml --overwrite train.epochs=3`) arrive in `rest`

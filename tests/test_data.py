@@ -9,6 +9,7 @@ from danlu.data.batching import batch_order, collate, TextDataset
 from danlu.data.builtin import zh_sentiment
 from danlu.data.sources import read_examples
 from danlu.data.tokenizer import TextTokenizer
+from danlu.registry import ConfigError
 
 from conftest import make_reviews, write_csv
 
@@ -150,3 +151,30 @@ def test_char_fast_path_matches_the_tokenizers_pipeline(tmp_path):
     assert all(ids.dtype == np.int32 for ids in fast)
     assert len(tok._table.ids) > 1000  # most texts went through the table, not the fallback
     assert TextTokenizer("bpe", vocab_size=300).fit(texts[:50])._char_table() is None
+
+
+def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):
+    """Excel on Chinese Windows saves CSV as GBK: read as GB18030 with a warning; data.encoding chooses;
+    a semicolon-, tab- or bar-separated .csv is read by the separator its header shows."""
+    rows = make_reviews(20) + [("质量很好，推荐购买", "正面")]
+    body = "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows)
+    (tmp_path / "gbk.csv").write_bytes(body.encode("gbk"))
+    with pytest.warns(UserWarning, match="GB18030"):
+        ex = read_examples(tmp_path / "gbk.csv")
+    assert list(zip(ex.texts, ex.labels)) == rows
+    explicit = read_examples(tmp_path / "gbk.csv", encoding="gb18030")  # no warning when chosen
+    assert explicit.texts == ex.texts
+    msg = _bad(tmp_path, "gbk2.csv", body.encode("gbk"), encoding="utf-8")
+    assert "gbk2.csv, line 2" in msg and "data.encoding" in msg
+    with pytest.raises(ConfigError, match="data.encoding"):
+        read_examples(tmp_path / "gbk.csv", encoding="no-such-codec")
+    (tmp_path / "bom.csv").write_bytes(body.encode("utf-8-sig"))
+    assert read_examples(tmp_path / "bom.csv").texts == ex.texts  # the BOM is not part of the header
+    for sep in (";", "\t", "|"):
+        (tmp_path / "sep.csv").write_text(body.replace(",label", sep + "label").replace(",正面", sep + "正面")
+                                          .replace(",负面", sep + "负面"), encoding="utf-8")
+        assert list(zip(*(lambda e: (e.texts, e.labels))(read_examples(tmp_path / "sep.csv")))) == rows
+    (tmp_path / "d" / "正面").mkdir(parents=True)
+    (tmp_path / "d" / "正面" / "1.txt").write_bytes("物流很快".encode("gbk"))
+    with pytest.warns(UserWarning, match="GB18030"):
+        assert read_examples(tmp_path / "d").texts == ["物流很快"]

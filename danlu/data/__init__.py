@@ -61,7 +61,8 @@ def make_spec(tokenizer, labels, numeric=False):
 
 
 def read_split(path, cfg, numeric=False, need_labels=True):
-    return read_examples(path, cfg.text_column, cfg.label_column, cfg.on_bad_rows, need_labels=need_labels, numeric=numeric)
+    return read_examples(path, cfg.text_column, cfg.label_column, cfg.on_bad_rows, need_labels=need_labels, numeric=numeric,
+                         encoding=cfg.encoding)
 
 
 def encode_examples(examples, tokenizer, labels, numeric=False) -> TextDataset:

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 from danlu.registry import ConfigError
@@ -30,8 +31,12 @@ FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def read_examples(path, text_column="text", label_column="label", on_bad_rows="error", need_labels=True, numeric=False):
+def read_examples(path, text_column="text", label_column="label", on_bad_rows="error", need_labels=True, numeric=False,
+                  encoding="auto"):
     """Read (text, label) examples from a file or a folder; fail or skip on bad rows.
+
+    A CSV file may also be separated by semicolons, tabs or bars: when the header read with commas lacks
+    the columns, the first of those separators whose header has them is used.
 
     >>> ex = read_examples("reviews.csv", text_column="review", label_column="stars")  # doctest: +SKIP
     """
@@ -43,14 +48,16 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
     out = Examples([], [], [])
     bad = _BadRows(path, on_bad_rows)
     if os.path.isdir(path):
-        rows = _folder_rows(path, bad, text_column, label_column)
+        rows = _folder_rows(path, bad, text_column, label_column, encoding)
     else:
         ext = os.path.splitext(path)[1].lower()
         if ext not in FORMATS:
             raise DataError(f"{path}: unknown file type {ext or '(none)'!r}; expected one of: {', '.join(FORMATS)} or a folder")
         with open(path, "rb") as f:
             raw = f.read()
-        text = raw.decode("utf-8-sig", errors="surrogateescape")
+        text, used = decode(raw, encoding)
+        if encoding == "auto" and used == "gb18030":
+            _read_as_gb18030(path)
         if ext in (".jsonl", ".json", ".ndjson"):
             rows = _jsonl_rows(path, text, bad)
         else:
@@ -65,7 +72,8 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
             bad(line, f"{text_column!r} must be a string, got {json.dumps(text_value, ensure_ascii=False)}")
             continue
         if _has_bad_bytes(text_value):
-            bad(line, "not valid UTF-8 text (save the file as UTF-8)")
+            bad(line, f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
+                          f"or set data.encoding to its encoding)")
             continue
         if not text_value.strip():
             bad(line, f"empty text in {text_column!r}")
@@ -88,7 +96,8 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
             else:
                 label = _label_str(label)
                 if _has_bad_bytes(label):
-                    bad(line, "not valid UTF-8 text (save the file as UTF-8)")
+                    bad(line, f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
+                          f"or set data.encoding to its encoding)")
                     continue
         out.texts.append(text_value)
         out.labels.append(label)
@@ -116,6 +125,26 @@ def _label_str(label):
     return str(label).strip()
 
 
+def decode(raw, encoding="auto"):
+    """Bytes of a file -> (text, encoding used). Bytes that do not decode become lone surrogates
+    (U+DC80-U+DCFF), which the row checks report as bad rows naming their line. "auto" reads UTF-8 (a BOM
+    is dropped), or GB18030 when the bytes are not UTF-8 but are GB18030 throughout."""
+    if encoding != "auto":
+        try:
+            return raw.decode(encoding, errors="surrogateescape"), encoding
+        except LookupError:
+            raise ConfigError(f"data.encoding: unknown encoding {encoding!r}; expected auto or a codec name "
+                              f"such as utf-8, gb18030, big5") from None
+    try:
+        return raw.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode("gb18030"), "gb18030"
+    except UnicodeDecodeError:
+        return raw.decode("utf-8-sig", errors="surrogateescape"), "utf-8"
+
+
 def _has_bad_bytes(s):
     return any("\udc80" <= ch <= "\udcff" for ch in s)
 
@@ -129,6 +158,11 @@ def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
     header = [h.strip() for h in header]
     wanted = [text_column] + ([label_column] if need_labels else [])
     missing = [c for c in wanted if c not in header]
+    if missing and delimiter == ",":  # a CSV separated by something else: the first separator that explains the header
+        first = text.split("\n", 1)[0]
+        for other in (";", "\t", "|"):
+            if other in first and all(c in [h.strip() for h in next(csv.reader([first], delimiter=other))] for c in wanted):
+                return _csv_rows(path, text, other, text_column, label_column, need_labels)
     if missing:
         raise DataError(
             f"{path}, line 1: no column {missing[0]!r}; the header has: {', '.join(header)}. "
@@ -174,22 +208,29 @@ def _jsonl_rows(path, text, bad):
     return rows
 
 
-def _folder_rows(path, bad, text_column, label_column):
+def _read_as_gb18030(path):
+    warnings.warn(f"{path} is not UTF-8 but reads cleanly as GB18030 (GBK, what Excel writes for Chinese text); "
+                  f"read as GB18030 (set data.encoding to choose)", stacklevel=3)
+
+
+def _folder_rows(path, bad, text_column, label_column, encoding="auto"):
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise DataError(f"{path}: a folder of examples needs one sub-folder per class, holding .txt files; found none")
-    rows = []
+    rows, gb18030 = [], False
     for label in classes:
         for name in sorted(os.listdir(os.path.join(path, label))):
             if not name.endswith(".txt"):
                 continue
             file = os.path.join(path, label, name)
             with open(file, "rb") as f:
-                raw = f.read()
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as e:
-                bad(0, f"{file}: not valid UTF-8 at byte {e.start}")
+                text, used = decode(f.read(), encoding)
+            if _has_bad_bytes(text):
+                bad(0, f"{file}: not valid {'UTF-8' if encoding == 'auto' else encoding} text (save it as UTF-8, "
+                       f"or set data.encoding to its encoding)")
                 continue
+            gb18030 = gb18030 or used == "gb18030"
             rows.append((0, {text_column: text.strip(), label_column: label, "_file": file}))
+    if gb18030 and encoding == "auto":
+        _read_as_gb18030(path + " (some files)")
     return rows
