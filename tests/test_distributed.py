@@ -268,3 +268,30 @@ def test_max_restarts_resumes_from_the_last_checkpoint(setup):
     text = (root / "restart.log").read_text()
     assert job.returncode == 0, text[-3000:]
     assert "resumed from" in text and (root / "restarted" / "model.safetensors").exists()
+
+
+def test_gpt_pretraining_on_two_processes_matches_one(tmp_path):
+    """`danlu pretrain` under torchrun: a GPT's loss curve (its forward computes the loss, blocks.lm_head_loss)
+    equals one process's with DDP and with FSDP."""
+    from test_pretrain import lm_config, write_corpus
+
+    from danlu.pretrain import pretrain
+
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
+    cfg = lm_config(corpus, tmp_path / "unused", max_steps=6, eval_every=1, eval_batches=1, batch_size=8)
+    cfg["model"]["dropout"] = 0.0
+    config = tmp_path / "gpt.yaml"
+    config.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    reference = losses(pretrain(str(config), f"run.dir={tmp_path / 'one'}").path)
+    assert len(reference) == 6
+    for mode in ("ddp", "fsdp"):
+        done = torchrun(["pretrain", config, f"run.dir={tmp_path / mode}", f"train.distributed={mode}"], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert_close(losses(tmp_path / mode), reference, FSDP_TOLERANCE)
+    # a sharded checkpoint of tied weights (embedding = output layer) resumes on one process
+    done = torchrun(["pretrain", config, f"run.dir={tmp_path / 'half'}", "train.distributed=fsdp", "train.max_steps=3"],
+                    tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "half" / "checkpoints" / "last" / "shards").is_dir()
+    pretrain(str(tmp_path / "half"), "train.max_steps=6", resume=True)
+    assert_close(losses(tmp_path / "half"), reference, FSDP_TOLERANCE)

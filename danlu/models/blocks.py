@@ -214,6 +214,67 @@ def unfused_causal_attention(q, k, v):
     return probs.to(v.dtype) @ v  # (B, H, T, D)
 
 
+LM_LOSS_CHUNK = 256  # rows of logits at a time: 256 x vocab 8192 in fp32 is 8 MB, which stays in cache
+
+
+def lm_head_loss(hidden, weight, labels, ignore_index=-100):
+    """Mean next-token cross-entropy of `hidden @ weight.T` without holding the (N, V) logits: the rows go
+    through in chunks, and each chunk's gradient is computed on the spot (the loss is the end of the graph,
+    so it is known). Returns (loss, correct, count): the loss with its gradient, how many labels have the
+    highest logit (ties count as right) and how many labels there are (IGNORE excluded).
+
+    hidden (..., C), weight (V, C), labels (...). Under autocast the matmuls run in the autocast dtype and
+    the softmax in fp32, as `cross_entropy(linear(hidden, weight).float(), labels)` would; the result is the
+    same, computed with a fraction of the memory traffic (on CPU the (N, V) fp32 logits of a GPT-2-sized
+    vocabulary are much larger than the cache)."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    return _LMHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), ignore_index, dtype)
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype) if dtype is not None else hidden
+            w = weight.to(dtype) if dtype is not None else weight.to(hidden.dtype)
+            valid = labels != ignore_index
+            count = int(valid.sum())
+            scale = 1.0 / max(count, 1)
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            correct = 0
+            for start in range(0, h.size(0), LM_LOSS_CHUNK):
+                rows = slice(start, start + LM_LOSS_CHUNK)
+                y, keep = labels[rows], valid[rows]
+                logits = (h[rows] @ w.t()).float()  # (n, V)
+                lse = logits.logsumexp(-1)  # (n,)
+                target = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n,)
+                total += ((lse - target) * keep).sum()
+                correct += int(((target >= logits.amax(-1)) & keep).sum())
+                if need_h or need_w:
+                    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+                    grad[torch.arange(grad.size(0), device=grad.device), y.clamp(min=0)] -= 1.0
+                    grad.mul_((keep * scale).unsqueeze(-1))  # d(mean loss) / d logits; 0 on ignored rows
+                    grad = grad.to(w.dtype)
+                    if need_h:
+                        grad_h[rows] = grad @ w
+                    if need_w:
+                        grad_w += (grad.t() @ h[rows]).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.have = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total * scale, correct, count
+
+    @staticmethod
+    def backward(ctx, grad_loss, _correct, _count):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_loss if ctx.have[0] else None
+        grad_w = (saved.pop(0) * grad_loss).to(ctx.weight_dtype) if ctx.have[1] else None
+        return grad_h, grad_w, None, None, None
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP. `gelu` (erf), `gelu_tanh` (GPT-2's approximation) or `swiglu`
     (Shazeer 2020: down(silu(gate(x)) * up(x)), gate and up fused into one projection)."""

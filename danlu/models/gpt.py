@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, make_norm, rope_tables
+from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, lm_head_loss, make_norm, rope_tables
 from danlu.registry import ConfigError
 
 
@@ -128,13 +128,15 @@ class GPT(nn.Module):
         return KVCache(c.num_layers, batch_size, c.kv_heads, max_length, c.head_dim, dtype or weight.dtype,
                        weight.device)
 
-    def forward(self, input_ids, attention_mask=None, cache=None, positions=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, labels=None):
         """input_ids (B, T); attention_mask (B, T) bool, True = real token, padding on either side.
 
         With `cache`, input_ids are the next T tokens after those already cached (the whole prompt
         first, then one token per step); attention_mask covers these T tokens (or all tokens so far)
         and defaults to all real. `positions` (B, T) overrides the position ids, which otherwise
-        count real tokens from each row's first one. Returns logits (B, T, vocab) or (B, num_classes).
+        count real tokens from each row's first one. Returns logits (B, T, vocab) or (B, num_classes);
+        with `labels` (B, T) (language models, training), (mean loss, correct, count) from
+        `lm_head_loss` instead, which never holds the logits.
         """
         B, T = input_ids.shape
         mask, start, end = None, 0, T  # mask None: plain causal attention, SDPA's fastest path
@@ -175,6 +177,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm(x)  # (B, T, C)
+        if labels is not None:
+            return lm_head_loss(x, self.head.weight, labels)
         if self.num_classes > 0:
             if self.config.pooling == "mean":
                 if attention_mask is None:

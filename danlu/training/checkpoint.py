@@ -73,7 +73,7 @@ def save_sharded(folder, model, optimizer, scheduler, state):
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    save(_tensors(model_state, optim_state),
+    save(_tensors(model_state, optim_state, model),
          storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, "shards"), save_distributed=True))
     if dist.is_main():
         plain = {"param_groups": optim_state["param_groups"],
@@ -96,7 +96,7 @@ def load_sharded(folder, model, optimizer, scheduler):
     model_state, optim_state = get_state_dict(model, optimizer)  # this run's layout, filled in place
     with warnings.catch_warnings():  # one process: DCP says that it loads without a process group
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        load(_tensors(model_state, optim_state),
+        load(_tensors(model_state, optim_state, model),
              storage_reader=HuggingFaceStorageReader(os.path.join(folder, "shards")))
     for p, values in meta["optimizer"]["state"].items():
         optim_state["state"][p].update(values)
@@ -124,10 +124,20 @@ def remove_other(folder, sharded):
         shutil.rmtree(os.path.join(folder, LAST_FOLDER), ignore_errors=True)
 
 
-def _tensors(model_state, optim_state):
-    """The tensors DCP writes or fills, flat; a tied weight once, under its first name."""
-    items = [(f"model.{k}", v) for k, v in model_state.items()]
-    items += [(f"optim.{p}.{k}", v) for p, values in optim_state["state"].items() for k, v in values.items()]
+def _tensors(model_state, optim_state, model):
+    """The tensors DCP writes or fills, flat; a tied weight once, under its first name. Under FSDP the two
+    names of a tied weight get two DTensors over the same shard, so ties are found in the model itself
+    (the same on every rank, as DCP's plan needs)."""
+    module = getattr(model, "module", model)  # DDP
+    first, aliases = {}, set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    items = [(f"model.{k}", v) for k, v in model_state.items() if k not in aliases]
+    items += [(f"optim.{p}.{k}", v) for p, values in optim_state["state"].items() if p not in aliases
+              for k, v in values.items()]
     flat, seen = {}, set()
     for name, t in items:
         if torch.is_tensor(t) and id(t) not in seen:

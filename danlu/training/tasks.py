@@ -126,6 +126,8 @@ class _LanguageModelTask(Task):
         metrics.update(outputs, batch["labels"])
 
     def counts(self, outputs, batch):
+        if isinstance(outputs, Counted):
+            return outputs[0], outputs[1], batch["input_ids"].numel()
         labels = batch["labels"]
         valid = labels != IGNORE
         correct = (top1(outputs.detach(), labels) & valid).sum().item()
@@ -150,9 +152,33 @@ class CausalLMTask(_LanguageModelTask):
             ids, mask = batch["input_ids"], batch.get("attention_mask")
             labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE) if mask is not None else ids[:, 1:]
             batch["labels"] = F.pad(labels, (0, 1), value=IGNORE)  # (B, T): the last position has no next token
+        if torch.is_grad_enabled() and _fused_head(model) and model.training:
+            loss, correct, count = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"])
+            return loss, Counted(count, correct)
         logits = model(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
         return loss, logits
+
+
+class Counted(tuple):
+    """(count, correct) of a training batch whose loss came from the model's fused head (no logits)."""
+
+    __slots__ = ()
+
+    def __new__(cls, count, correct):
+        return super().__new__(cls, (count, correct))
+
+
+def _fused_head(model):
+    """Whether `model` (under DDP / FSDP / torch.compile wrappers) is a language-model GPT whose head is a
+    plain linear layer, so that its forward computes the loss itself (`labels=`, blocks.lm_head_loss)."""
+    from torch import nn
+
+    from danlu.models.gpt import GPT
+
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return isinstance(model, GPT) and model.num_classes == 0 and type(model.head) is nn.Linear and model.head.bias is None
 
 
 def mask_tokens(input_ids, mask_id, vocab_size, num_special=7, rate=0.15, attention_mask=None, generator=None):
