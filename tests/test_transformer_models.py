@@ -7,7 +7,7 @@ import torch
 from danlu.data.spec import DataSpec
 from danlu.models import MODELS, build_model
 from danlu.models.bert import BERT, BERTConfig
-from danlu.models.blocks import Attention, unfused_causal_attention
+from danlu.models.blocks import Attention, lm_head_loss, unfused_causal_attention
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
@@ -111,6 +111,47 @@ def test_unfused_causal_attention_matches_sdpa_forward_and_backward(monkeypatch)
             half = model(ids).float()
     assert len(calls) == TINY_GPT.num_layers
     assert (half - full).abs().max() < 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_lm_head_loss_equals_cross_entropy_of_the_logits(autocast):
+    """The chunked loss (no logits held) against cross_entropy(linear(h, W).float()): value, accuracy
+    count and gradients, with ignored labels and more rows than one chunk."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(600, 32, generator=g, requires_grad=True)
+    w = (torch.randn(300, 32, generator=g) * 0.1).requires_grad_()
+    y = torch.randint(0, 300, (600,), generator=g)
+    y[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = h @ w.t()
+        ref = F.cross_entropy(logits.float(), y, ignore_index=-100)
+        loss, correct, count = lm_head_loss(h, w, y)
+    valid = y != -100
+    assert count == int(valid.sum())
+    target = logits.float().gather(1, y.clamp(min=0)[:, None])[:, 0]
+    assert correct == int(((target >= logits.float().amax(1)) & valid).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    grads = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(grads, ref_grads):  # bf16: within one bf16 rounding step of the largest gradient
+        torch.testing.assert_close(a, b, rtol=0.02 if autocast else 1e-5, atol=4e-3 * b.abs().max().item() if autocast else 1e-7)
+
+
+def test_causal_lm_task_trains_a_gpt_through_the_fused_loss():
+    from danlu.training.tasks import CausalLMTask, Counted
+
+    model = build(TINY_GPT, LM_SPEC).train()
+    ids, _ = batch([12, 12], 12)
+    labels = torch.roll(ids, -1, 1)
+    task = CausalLMTask()
+    loss, out = task.loss(model, {"input_ids": ids, "labels": labels})
+    assert isinstance(out, Counted)  # no logits: the model computed the loss
+    with torch.no_grad():
+        ref_loss, logits = task.loss(model, {"input_ids": ids, "labels": labels})  # no grad: the plain path
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    assert task.counts(out, {"input_ids": ids, "labels": labels}) == task.counts(logits, {"input_ids": ids, "labels": labels})
 
 
 def test_gqa_shapes_and_parameter_count():
