@@ -244,7 +244,7 @@ class _LMHeadLoss(torch.autograd.Function):
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            correct = 0
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)  # read once at the end: one sync
             for start in range(0, h.size(0), LM_LOSS_CHUNK):
                 rows = slice(start, start + LM_LOSS_CHUNK)
                 y, keep = labels[rows], valid[rows]
@@ -252,7 +252,7 @@ class _LMHeadLoss(torch.autograd.Function):
                 lse = logits.logsumexp(-1)  # (n,)
                 target = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n,)
                 total += ((lse - target) * keep).sum()
-                correct += int(((target >= logits.amax(-1)) & keep).sum())
+                correct += ((target >= logits.amax(-1)) & keep).sum()
                 if need_h or need_w:
                     grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
                     grad[torch.arange(grad.size(0), device=grad.device), y.clamp(min=0)] -= 1.0
@@ -265,7 +265,7 @@ class _LMHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.have = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
-        return total * scale, correct, count
+        return total * scale, int(correct), count
 
     @staticmethod
     def backward(ctx, grad_loss, _correct, _count):
