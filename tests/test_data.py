@@ -151,6 +151,9 @@ def test_char_fast_path_matches_the_tokenizers_pipeline(tmp_path):
     assert all(ids.dtype == np.int32 for ids in fast)
     assert len(tok._table.ids) > 1000  # most texts went through the table, not the fallback
     assert TextTokenizer("bpe", vocab_size=300).fit(texts[:50])._char_table() is None
+    tok.tokenizer_.no_truncation()  # as fine-tuning does on a loaded tokenizer: the table follows
+    assert [ids.tolist() for ids in tok.encode(texts[-50:])] == [e.ids for e in tok.tokenizer_.encode_batch(texts[-50:])]
+    assert max(len(ids) for ids in tok.encode(texts[-50:])) > 24
 
 
 def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):

@@ -72,7 +72,9 @@ class TextTokenizer:
         table = self._char_table()
         if table is None:
             return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer_.encode_batch(texts)]
-        out = [table.encode(t) for t in texts]
+        trunc = self.tokenizer_.truncation  # read at each call: fine-tuning changes it on a loaded tokenizer
+        limit = trunc["max_length"] if trunc else 0
+        out = [table.encode(t, limit) for t in texts]
         rest = [i for i, ids in enumerate(out) if ids is None]
         if rest:
             for i, e in zip(rest, self.tokenizer_.encode_batch([texts[i] for i in rest])):
@@ -150,8 +152,8 @@ class _CharTable:
     one piece) and a special token written out, such as "[SEP]".
     """
 
-    def __init__(self, tokenizer, added, max_length):
-        self.tokenizer, self.added, self.max_length = tokenizer, added, max_length
+    def __init__(self, tokenizer, added):
+        self.tokenizer, self.added = tokenizer, added
         self.ids = {}  # character -> tuple of ids, or None when it must go through the tokenizer
 
     @classmethod
@@ -169,11 +171,10 @@ class _CharTable:
             and (d.get("truncation") is None or d["truncation"]["direction"] == "Right")
         ):
             return None
-        trunc = d.get("truncation")
-        return cls(tokenizer, [t["content"] for t in d.get("added_tokens", [])], trunc["max_length"] if trunc else 0)
+        return cls(tokenizer, [t["content"] for t in d.get("added_tokens", [])])
 
-    def encode(self, text):
-        """int32 ids of `text`, or None when it has to go through the tokenizer."""
+    def encode(self, text, max_length=0):
+        """int32 ids of `text` (the first max_length, if not 0), or None when it has to go through the tokenizer."""
         out = []
         for c in text:
             ids = self.ids.get(c, False)
@@ -184,7 +185,7 @@ class _CharTable:
             out.extend(ids)
         if any(a in text for a in self.added):
             return None
-        return np.array(out[: self.max_length] if self.max_length else out, dtype=np.int32)
+        return np.array(out[:max_length] if max_length else out, dtype=np.int32)
 
     def _lookup(self, c):
         if c == "\n" or _composes(unicodedata.normalize("NFKD", c)[0]):
