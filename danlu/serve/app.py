@@ -24,7 +24,7 @@ from importlib import resources
 
 from danlu.serve.batching import MicroBatcher, Overloaded
 from danlu.serve.metrics import Metrics
-from danlu.serve.middleware import PASSED, GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
+from danlu.serve.middleware import GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
 
 log = logging.getLogger("danlu.serve")
 
@@ -87,11 +87,11 @@ def create_app(predictor, options: ServeOptions | None = None):
         await state.close()
 
     class App(FastAPI):
-        hot = None  # (path, ASGI app): POST requests to path go there first, before FastAPI's own stack
+        front = None  # danlu's own middleware, which every HTTP request meets before FastAPI's stack
 
         async def __call__(self, scope, receive, send):
-            if self.hot is not None and scope["type"] == "http" and scope["path"] == self.hot[0]:
-                return await self.hot[1](scope, receive, send)
+            if scope["type"] == "http":
+                return await self.front(scope, receive, send)
             return await super().__call__(scope, receive, send)
 
     app = App(title=f"danlu serve: {predictor.name}", version="1", docs_url=None, redoc_url=None,
@@ -274,17 +274,16 @@ def create_app(predictor, options: ServeOptions | None = None):
 
     app.openapi = openapi
 
-    # middleware, outermost last: metrics see every answer, including the guard's 401 / 413
-    routes = _route_templates(app)
-    app.add_middleware(GuardMiddleware, options=options)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
-    if classifier:  # the hot path: the same checks, then the lean handler; FastAPI's stack for anything else
-        async def fastapi(scope, receive, send):  # metrics and guard are done: FastAPI's copies pass it through
-            return await FastAPI.__call__(app, {**scope, PASSED: True}, receive, send)
+    # danlu's middleware, outermost first: metrics see every answer, including the guard's 401 / 413; valid
+    # /v1/predict requests are answered by the lean handler, everything else goes on to FastAPI's stack
+    async def fastapi(scope, receive, send):
+        return await FastAPI.__call__(app, scope, receive, send)
 
-        lean = LeanPredictMiddleware(fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json,
-                                     api_error=APIError)
-        app.hot = ("/v1/predict", MetricsMiddleware(GuardMiddleware(lean, options=options), state.metrics, routes))
+    inner = fastapi
+    if classifier:
+        inner = app.state.lean_predict = LeanPredictMiddleware(
+            fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json, api_error=APIError)
+    app.front = MetricsMiddleware(GuardMiddleware(inner, options=options), state.metrics, _route_templates(app))
     return app
 
 

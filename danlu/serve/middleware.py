@@ -14,8 +14,6 @@ from danlu.serve.metrics import Metrics
 
 log = logging.getLogger("danlu.serve")
 
-PASSED = "danlu.passed"  # scope key: the request went through metrics and guard already (the hot path)
-
 
 def error_body(message, type="invalid_request_error", param=None, code=None):
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -38,7 +36,7 @@ class GuardMiddleware:
         self.key = options.api_key.encode() if options.api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or PASSED in scope:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {}
         for k, v in scope.get("headers", ()):
@@ -111,7 +109,7 @@ class MetricsMiddleware:
         return "other"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or PASSED in scope:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 500
 
@@ -133,11 +131,10 @@ class LeanPredictMiddleware:
 
     Routing, dependency solving, content-type sniffing, the Request / Response objects and FastAPI's own
     middleware cost ~5x the handler itself, and on a busy server that time is taken from the model thread
-    (one GIL). The app sends /v1/predict to MetricsMiddleware(GuardMiddleware(this)) before FastAPI's
-    stack; here the body is validated by the same pydantic model and answered by the same handler
-    (`answer`). A request that does not validate, or is not plain JSON, goes on to FastAPI unchanged
-    (`app`), so every error message and the OpenAPI schema stay FastAPI's. APIErrors get the app's
-    error shape.
+    (one GIL). The app's chain is MetricsMiddleware(GuardMiddleware(this(FastAPI))); here the body is
+    validated by the same pydantic model and answered by the same handler (`answer`). Any other request,
+    and one that does not validate or is not plain JSON, goes on to FastAPI unchanged (`app`), so every
+    error message and the OpenAPI schema stay FastAPI's. APIErrors get the app's error shape.
     """
 
     def __init__(self, app, validate, answer, api_error):
