@@ -6,6 +6,7 @@ for the training loop's running numbers `counts(outputs, batch)` and `train_metr
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class _LanguageModelTask(Task):
 
     def counts(self, outputs, batch):
         if isinstance(outputs, Counted):
-            return outputs[0], outputs[1], batch["input_ids"].numel()
+            return outputs.count, outputs.correct, batch["input_ids"].numel()
         labels = batch["labels"]
         valid = labels != IGNORE
         correct = (top1(outputs.detach(), labels) & valid).sum().item()
@@ -160,13 +161,11 @@ class CausalLMTask(_LanguageModelTask):
         return loss, logits
 
 
-class Counted(tuple):
-    """(count, correct) of a training batch whose loss came from the model's fused head (no logits)."""
+class Counted(NamedTuple):
+    """Labels and right answers of a training batch whose loss came from the model's fused head (no logits)."""
 
-    __slots__ = ()
-
-    def __new__(cls, count, correct):
-        return super().__new__(cls, (count, correct))
+    count: int
+    correct: int
 
 
 def _fused_head(model):
