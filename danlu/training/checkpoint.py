@@ -135,14 +135,9 @@ def _tensors(model_state, optim_state, model):
             aliases.add(name)
         else:
             first[id(param)] = name
-    items = [(f"model.{k}", v) for k, v in model_state.items() if k not in aliases]
-    items += [(f"optim.{p}.{k}", v) for p, values in optim_state["state"].items() if p not in aliases
-              for k, v in values.items()]
-    flat, seen = {}, set()
-    for name, t in items:
-        if torch.is_tensor(t) and id(t) not in seen:
-            seen.add(id(t))
-            flat[name] = t
+    flat = {f"model.{k}": v for k, v in model_state.items() if k not in aliases}
+    flat.update((f"optim.{p}.{k}", v) for p, values in optim_state["state"].items() if p not in aliases
+                for k, v in values.items() if torch.is_tensor(v))
     return flat
 
 
