@@ -72,8 +72,7 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
             bad(line, f"{text_column!r} must be a string, got {json.dumps(text_value, ensure_ascii=False)}")
             continue
         if _has_bad_bytes(text_value):
-            bad(line, f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
-                          f"or set data.encoding to its encoding)")
+            bad(line, _undecoded(encoding))
             continue
         if not text_value.strip():
             bad(line, f"empty text in {text_column!r}")
@@ -96,8 +95,7 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
             else:
                 label = _label_str(label)
                 if _has_bad_bytes(label):
-                    bad(line, f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
-                          f"or set data.encoding to its encoding)")
+                    bad(line, _undecoded(encoding))
                     continue
         out.texts.append(text_value)
         out.labels.append(label)
@@ -143,6 +141,11 @@ def decode(raw, encoding="auto"):
         return raw.decode("gb18030"), "gb18030"
     except UnicodeDecodeError:
         return raw.decode("utf-8-sig", errors="surrogateescape"), "utf-8"
+
+
+def _undecoded(encoding):
+    return (f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
+            f"or set data.encoding to its encoding)")
 
 
 def _has_bad_bytes(s):
@@ -226,8 +229,7 @@ def _folder_rows(path, bad, text_column, label_column, encoding="auto"):
             with open(file, "rb") as f:
                 text, used = decode(f.read(), encoding)
             if _has_bad_bytes(text):
-                bad(0, f"{file}: not valid {'UTF-8' if encoding == 'auto' else encoding} text (save it as UTF-8, "
-                       f"or set data.encoding to its encoding)")
+                bad(0, f"{file}: {_undecoded(encoding)}")
                 continue
             gb18030 = gb18030 or used == "gb18030"
             rows.append((0, {text_column: text.strip(), label_column: label, "_file": file}))
