@@ -200,18 +200,23 @@ def _unfused_is_faster(q, same_heads, dropout):
             and q.size(-2) <= UNFUSED_MAX_LENGTH)
 
 
-_CAUSAL = {}
+_CAUSAL_BIAS = {}  # (T, device, dtype) -> (T, T): 0 on and below the diagonal, -inf above
 
 
 def unfused_causal_attention(q, k, v):
-    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs; the softmax in fp32."""
-    T = q.size(-2)
-    future = _CAUSAL.get((T, q.device))
-    if future is None:
-        future = _CAUSAL[(T, q.device)] = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, T)
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
-    return probs.to(v.dtype) @ v  # (B, H, T, D)
+    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs. The mask is added as a bias
+    inside the first matmul (baddbmm), so no pass of its own forward or backward. The softmax runs on
+    the scores in their own dtype: torch's CPU kernel computes a bf16 row in fp32 and rounds once on
+    writing, as an fp32 softmax cast back to bf16 would, without that cast-and-copy round trip."""
+    B, H, T, D = q.shape
+    key = (T, q.device, q.dtype)
+    bias = _CAUSAL_BIAS.get(key)
+    if bias is None:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        bias = _CAUSAL_BIAS[key] = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+    scores = torch.baddbmm(bias.expand(B * H, T, T), q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
+                           alpha=D**-0.5)  # (B*H, T, T)
+    return (scores.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 LM_LOSS_CHUNK = 256  # rows of logits at a time: 256 x vocab 8192 in fp32 is 8 MB, which stays in cache
@@ -247,17 +252,22 @@ class _LMHeadLoss(torch.autograd.Function):
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)  # read once at the end: one sync
             for start in range(0, h.size(0), LM_LOSS_CHUNK):
                 rows = slice(start, start + LM_LOSS_CHUNK)
-                y, keep = labels[rows], valid[rows]
+                y, keep = labels[rows].clamp(min=0), valid[rows]
                 logits = (h[rows] @ w.t()).float()  # (n, V)
-                lse = logits.logsumexp(-1)  # (n,)
-                target = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n,)
+                top = logits.amax(-1)  # (n,)
+                target = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (n,)
+                # One row-at-a-time softmax kernel instead of logsumexp and a separate exp pass (on CPU
+                # that kernel's exp is vectorized and a row stays in L1). The log-sum-exp is the top
+                # logit minus the log of the largest probability, which is at least 1 / V: no underflow.
+                probs = logits.softmax(-1)  # (n, V)
+                lse = top - probs.amax(-1).log()  # (n,)
                 total += ((lse - target) * keep).sum()
-                correct += ((target >= logits.amax(-1)) & keep).sum()
+                correct += ((target >= top) & keep).sum()
                 if need_h or need_w:
-                    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
-                    grad[torch.arange(grad.size(0), device=grad.device), y.clamp(min=0)] -= 1.0
-                    grad.mul_((keep * scale).unsqueeze(-1))  # d(mean loss) / d logits; 0 on ignored rows
-                    grad = grad.to(w.dtype)
+                    probs[torch.arange(probs.size(0), device=probs.device), y] -= 1.0
+                    # d(mean loss) / d logits, 0 on ignored rows, written once in the matmul dtype
+                    out = probs if w.dtype == probs.dtype else torch.empty_like(probs, dtype=w.dtype)
+                    grad = torch.mul(probs, (keep * scale).unsqueeze(-1), out=out)
                     if need_h:
                         grad_h[rows] = grad @ w
                     if need_w:
