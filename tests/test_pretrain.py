@@ -49,7 +49,7 @@ def lm_config(corpus, run_dir, task="causal_lm", **train):
         "model": model,
         "train": {"max_steps": 40, "epochs": 100, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "schedule": "cosine",
                   "warmup_steps": 5, "grad_clip": 1.0, "eval_every": 10, "eval_batches": 4, "peak_flops": 1e11,
-                  "fused_optimizer": True, **train},
+                  **train},
     }
 
 

@@ -31,8 +31,9 @@ OPTIMIZERS = {
 
 
 def _fused(cfg):
-    """torch's fused Adam kernel (one pass over all parameters; on CPU the default is a slow per-tensor loop)."""
-    return True if getattr(cfg, "fused_optimizer", False) else None
+    """torch's fused Adam kernel (one pass over all parameters) unless train.fused_optimizer is false, which
+    leaves the choice to torch (on CPU a slow loop over the tensors)."""
+    return True if getattr(cfg, "fused_optimizer", True) else None
 
 
 def lr_factor(kind, step, warmup, total):
