@@ -48,6 +48,7 @@ def run(args):
 
     from danlu.data.spec import DataSpec
     from danlu.models.gpt import GPT, GPTConfig
+    from danlu.training.allocator import keep_freed_memory
     from danlu.training.flops import measure_peak_flops, training_flops_per_token
     from danlu.training.optim import param_groups
     from danlu.training.tasks import CausalLMTask
@@ -55,6 +56,8 @@ def run(args):
 
     quick = getattr(args, "quick", False)
     device = pick_device(getattr(args, "device", "auto") or "auto")
+    if device.type == "cpu":  # what danlu's Trainer sets on CPU; process-wide, so transformers runs with it too
+        keep_freed_memory()
     steps = getattr(args, "gpt_train_steps", None) or (1 if quick else 3)
     rounds = getattr(args, "gpt_train_rounds", None) or (2 if quick else 5)
     precision = getattr(args, "gpt_train_precision", "auto") or "auto"

@@ -151,6 +151,10 @@ def run(args):
     from danlu.data import build_data
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":  # what danlu's Trainer sets on CPU; process-wide, so Keras runs with it too
+        from danlu.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
     epochs = args.epochs or (1 if args.quick else 10)
     compare_at = args.keras_epochs or (1 if args.quick else 2)
     limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else 0)

@@ -30,6 +30,7 @@ from danlu.config import TrainConfig
 from danlu.data.batching import iterate, num_batches
 from danlu.files import atomic_write_text, load_tensors, load_weights, save_weights
 from danlu.training import distributed as dist
+from danlu.training.allocator import keep_freed_memory
 from danlu.training.checkpoint import (LAST_FILE, LAST_FOLDER, last_checkpoint, load_checkpoint, load_sharded,
                                        remove_other, save_checkpoint, save_sharded)
 from danlu.training.optim import build_optimizer, build_schedule
@@ -78,6 +79,8 @@ class Trainer:
         cfg = dataclasses.replace(self.cfg, **{k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v})
         self.cfg = cfg
         model, task, device = self.model, self.task, self.device
+        if device.type == "cpu":
+            keep_freed_memory()  # no page faults for the blocks every step allocates again (allocator.py)
         regression = task.name == "regression"
         per_epoch = math.ceil(_num_batches(train, cfg.batch_size) / cfg.grad_accum)
         total_steps = cfg.max_steps or per_epoch * cfg.epochs
