@@ -1,3 +1,4 @@
+import codecs
 import json
 
 import numpy as np
@@ -158,7 +159,8 @@ def test_char_fast_path_matches_the_tokenizers_pipeline(tmp_path):
 
 def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):
     """Excel on Chinese Windows saves CSV as GBK: read as GB18030 with a warning; data.encoding chooses;
-    a semicolon-, tab- or bar-separated .csv is read by the separator its header shows."""
+    UTF-16 / UTF-32 files with a byte-order mark (Excel's "Unicode Text") read as such; a semicolon-,
+    tab- or bar-separated .csv is read by the separator its header shows."""
     rows = make_reviews(20) + [("质量很好，推荐购买", "正面")]
     body = "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows)
     (tmp_path / "gbk.csv").write_bytes(body.encode("gbk"))
@@ -173,6 +175,13 @@ def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):
         read_examples(tmp_path / "gbk.csv", encoding="no-such-codec")
     (tmp_path / "bom.csv").write_bytes(body.encode("utf-8-sig"))
     assert read_examples(tmp_path / "bom.csv").texts == ex.texts  # the BOM is not part of the header
+    # Excel's "Unicode Text": UTF-16 little-endian with a BOM, tab-separated, CRLF
+    (tmp_path / "excel.tsv").write_bytes(body.replace(",", "\t").replace("\n", "\r\n").encode("utf-16"))
+    assert list(zip(*(lambda e: (e.texts, e.labels))(read_examples(tmp_path / "excel.tsv")))) == rows
+    (tmp_path / "be.csv").write_bytes(codecs.BOM_UTF16_BE + body.encode("utf-16-be"))
+    assert read_examples(tmp_path / "be.csv").texts == ex.texts
+    (tmp_path / "u32.csv").write_bytes(body.encode("utf-32"))
+    assert read_examples(tmp_path / "u32.csv").texts == ex.texts
     for sep in (";", "\t", "|"):
         (tmp_path / "sep.csv").write_text(body.replace(",label", sep + "label").replace(",正面", sep + "正面")
                                           .replace(",负面", sep + "负面"), encoding="utf-8")

@@ -4,6 +4,7 @@ Every example remembers where it came from (file and line), so that bad input is
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -125,14 +126,19 @@ def _label_str(label):
 
 def decode(raw, encoding="auto"):
     """Bytes of a file -> (text, encoding used). Bytes that do not decode become lone surrogates
-    (U+DC80-U+DCFF), which the row checks report as bad rows naming their line. "auto" reads UTF-8 (a BOM
-    is dropped), or GB18030 when the bytes are not UTF-8 but are GB18030 throughout."""
+    (U+DC80-U+DCFF), which the row checks report as bad rows naming their line. "auto" reads UTF-16 or
+    UTF-32 when the file starts with their byte-order mark (Excel's "Unicode Text" is UTF-16), else UTF-8
+    (a BOM is dropped), or GB18030 when the bytes are not UTF-8 but are GB18030 throughout."""
     if encoding != "auto":
         try:
             return raw.decode(encoding, errors="surrogateescape"), encoding
         except LookupError:
             raise ConfigError(f"data.encoding: unknown encoding {encoding!r}; expected auto or a codec name "
                               f"such as utf-8, gb18030, big5") from None
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):  # UTF-32 first: its little-endian mark begins with UTF-16's
+            return raw.decode(codec, errors="surrogateescape"), codec
     try:
         return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
