@@ -3,11 +3,12 @@
 By default glibc's malloc serves blocks above a threshold (128 KB, moved up as it sees larger blocks
 freed) with their own mmap, gives them back to the kernel on free, and trims free memory off the heap's
 top beyond twice that threshold. A training step that allocates the same few-MB activations, logits and
-gradients again therefore pays a page fault for every 4 KB page of them, step after step: tens of thousands a step for a small GPT (tests/test_allocator.py), about a tenth of the step's
-time in bf16 on CPU (benchmarks/gpt_train.py: 3,231 -> 3,595 tokens/s). Raising the mmap threshold to
-its 64-bit maximum (32 MB) and the trim threshold to 1 GB keeps freed blocks in the heap, where the next
-step finds them: the effect PyTorch's CPU performance guide gets by preloading jemalloc or tcmalloc.
-It applies to the whole process, once; elsewhere (macOS, Windows, musl) nothing changes.
+gradients again therefore pays a page fault for every 4 KB page of them, step after step: thousands a
+step for a small GPT (tests/test_allocator.py), about a tenth of the step's time in bf16 on CPU
+(benchmarks/gpt_train.py: 3,231 -> 3,595 tokens/s). Raising the mmap threshold to its 64-bit maximum
+(32 MB) and the trim threshold to 1 GB keeps freed blocks in the heap, where the next step finds them:
+the effect PyTorch's CPU performance guide gets by preloading jemalloc or tcmalloc. It applies to the
+whole process, once; elsewhere (macOS, Windows, musl) nothing changes.
 """
 from __future__ import annotations
 
