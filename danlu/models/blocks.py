@@ -200,7 +200,17 @@ def _unfused_is_faster(q, same_heads, dropout):
             and q.size(-2) <= UNFUSED_MAX_LENGTH)
 
 
-_CAUSAL_BIAS = {}  # (T, device, dtype) -> (T, T): 0 on and below the diagonal, -inf above
+_CAUSAL_BIAS = {}  # (device, dtype) -> (L, L): 0 on and below the diagonal, -inf above; L the longest window yet
+
+
+def _causal_bias(T, device, dtype):
+    """The (T, T) causal bias: the top-left corner of one cached bias, so that windows of many lengths
+    (bucketed batches) share one tensor instead of keeping one each."""
+    bias = _CAUSAL_BIAS.get((device, dtype))
+    if bias is None or bias.size(0) < T:
+        future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+        bias = _CAUSAL_BIAS[(device, dtype)] = torch.zeros(T, T, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+    return bias[:T, :T]
 
 
 def unfused_causal_attention(q, k, v):
@@ -209,11 +219,7 @@ def unfused_causal_attention(q, k, v):
     the scores in their own dtype: torch's CPU kernel computes a bf16 row in fp32 and rounds once on
     writing, as an fp32 softmax cast back to bf16 would, without that cast-and-copy round trip."""
     B, H, T, D = q.shape
-    key = (T, q.device, q.dtype)
-    bias = _CAUSAL_BIAS.get(key)
-    if bias is None:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        bias = _CAUSAL_BIAS[key] = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+    bias = _causal_bias(T, q.device, q.dtype)
     scores = torch.baddbmm(bias.expand(B * H, T, T), q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
                            alpha=D**-0.5)  # (B*H, T, T)
     return (scores.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
