@@ -7,7 +7,7 @@ import torch
 from danlu.data.spec import DataSpec
 from danlu.models import MODELS, build_model
 from danlu.models.bert import BERT, BERTConfig
-from danlu.models.blocks import Attention, lm_head_loss, unfused_causal_attention
+from danlu.models.blocks import Attention, gelu, lm_head_loss, unfused_causal_attention
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
@@ -131,6 +131,29 @@ def test_unfused_bf16_attention_gradients_are_as_close_as_sdpas_own():
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()
         assert (a - r).abs().max() / scale < max(0.01, 1.5 * ((b - r).abs().max() / scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_table_gelu_is_torchs_gelu_bit_for_bit(dtype, monkeypatch):
+    """The tanh GELU of 16-bit CPU tensors is a table lookup; for every one of the 65,536 inputs (NaN and
+    infinities included) its value and its gradient must be exactly what torch's own kernels give."""
+    import danlu.models.blocks as blocks
+
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype).repeat(2)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    looked_up, computed = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = gelu(looked_up, approximate="tanh")
+    ours.backward(up)
+    assert ours.grad_fn.name().endswith("_TableGELUBackward")  # the table path, not F.gelu
+    ref = torch.nn.functional.gelu(computed, approximate="tanh")
+    ref.backward(up)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(looked_up.grad, computed.grad, rtol=0, atol=0, equal_nan=True)
+    # fp32, the erf GELU and small inputs (a decoding step) stay on torch's kernel
+    monkeypatch.setattr(blocks, "_TableGELU", None)
+    for a, approximate in ((x.float(), "tanh"), (x, "none"), (x[:100], "tanh")):
+        torch.testing.assert_close(gelu(a, approximate), torch.nn.functional.gelu(a, approximate=approximate),
+                                   rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("spread", [0.1, 30.0], ids=["usual", "logit-gaps-over-100"])

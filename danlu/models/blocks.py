@@ -291,6 +291,52 @@ class _LMHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+TABLE_GELU_MIN_SIZE = 1 << 16  # smaller inputs (a decode step) are not worth the lookup's set-up
+
+
+def gelu(x, approximate="none"):
+    """`F.gelu`, with the same results. On CPU the tanh approximation of a 16-bit float tensor (bf16
+    autocast) is looked up in a table of all 65,536 inputs instead: torch's kernel computes an exact
+    fp32 `tanh` per element, which made it the largest cost of a small GPT's training step after
+    the matmuls. The table is filled by torch's own kernel, so the values are bit for bit the same."""
+    if (approximate != "tanh" or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16)
+            or x.numel() < TABLE_GELU_MIN_SIZE):
+        return F.gelu(x, approximate=approximate)
+    return _TableGELU.apply(x)
+
+
+_GELU_TABLES = {}  # dtype -> (values, slopes), each indexed by an input's 16 bits read as an unsigned integer
+
+
+def _gelu_tables(dtype):
+    if dtype not in _GELU_TABLES:
+        inputs = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)  # every 16-bit value
+        values = F.gelu(inputs, approximate="tanh")
+        # torch's backward for 16-bit inputs is float(grad) * slope(float(x)), rounded once: keep slopes in fp32
+        slopes = torch.ops.aten.gelu_backward(torch.ones(inputs.shape), inputs.float(), approximate="tanh")
+        _GELU_TABLES[dtype] = values, slopes
+    return _GELU_TABLES[dtype]
+
+
+def _table_index(x):
+    return x.view(torch.uint16).reshape(-1).long()  # each value's 16 bits, as index_select takes them
+
+
+class _TableGELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        values, _ = _gelu_tables(x.dtype)
+        return values.index_select(0, _table_index(x)).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        _, slopes = _gelu_tables(x.dtype)
+        slope = slopes.index_select(0, _table_index(x)).view(x.shape)  # fp32
+        return slope.mul_(grad).to(grad.dtype)  # computed in fp32, rounded once
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP. `gelu` (erf), `gelu_tanh` (GPT-2's approximation) or `swiglu`
     (Shazeer 2020: down(silu(gate(x)) * up(x)), gate and up fused into one projection)."""
@@ -311,7 +357,7 @@ class FeedForward(nn.Module):
             gate, up = h.chunk(2, dim=-1)  # (B, T, I) each
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+            h = gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.dropout(self.down(h))  # (B, T, C)
 
 
