@@ -277,7 +277,7 @@ class _LMHeadLoss(torch.autograd.Function):
                     if need_h:
                         grad_h[rows] = grad @ w
                     if need_w:
-                        grad_w += (grad.t() @ h[rows]).float()
+                        grad_w.add_(grad.t() @ h[rows])  # a 16-bit product is added in fp32
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.have = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
