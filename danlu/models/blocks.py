@@ -228,6 +228,7 @@ def unfused_causal_attention(q, k, v):
 LM_LOSS_CHUNK = 256  # rows of logits at a time: 256 x vocab 8192 in fp32 is 8 MB, which stays in cache
 
 
+@torch.compiler.disable  # runs as written under torch.compile: it returns Python counts, and is fused already
 def lm_head_loss(hidden, weight, labels, ignore_index=-100):
     """Mean next-token cross-entropy of `hidden @ weight.T` without holding the (N, V) logits: the rows go
     through in chunks, and each chunk's gradient is computed on the spot (the loss is the end of the graph,
