@@ -9,7 +9,8 @@ step, and the loop's token counts); transformers' is `model(input_ids, labels=..
 optimizer. In bf16 on CPU a third row, "danlu gpt, fused SDPA only", trains the same model with
 torch's fused attention kernel everywhere, which shows what danlu's unfused short-window attention
 (danlu.models.blocks) is worth. The contenders alternate round by round in one process, so load from elsewhere on the machine
-falls on all of them; each figure is the median over rounds.
+falls on all of them; each figure is the median over rounds. With --gpt-train-compile two more rows time
+both models under torch.compile (danlu's `train.compile`); their ratio is against compiled transformers.
 
 MFU = tokens/s x training FLOPs per token (6 N + 12 L C T, PaLM appendix B) / peak FLOP/s, the peak being
 the best of a 2048 x 2048 matmul in the training dtype on the same device and threads, measured before
@@ -37,7 +38,8 @@ def add_arguments(parser):
     group.add_argument("--gpt-train-precision", default="auto", choices=("auto", "fp32", "bf16"),
                        help="autocast precision for both (auto: bf16 where the hardware has it)")
     group.add_argument("--gpt-train-compile", action="store_true",
-                       help="also time danlu with train.compile (torch.compile; a minute or more to compile on CPU)")
+                       help="also time both compiled: danlu with train.compile, transformers with torch.compile "
+                            "(half a minute or more to compile each on CPU)")
 
 
 def run(args):
@@ -112,14 +114,16 @@ def run(args):
                 blocks.UNFUSED_MAX_LENGTH = saved
 
         contenders["danlu gpt, fused SDPA only"] = (ours, fused_sdpa_step)
-    if getattr(args, "gpt_train_compile", False):
-        contenders["danlu gpt + train.compile"] = (torch.compile(ours), danlu_step)  # shares danlu gpt's weights
-    optimizers = {name: torch.optim.AdamW(param_groups(ours if name.startswith("danlu") else theirs, 0.1), lr=3e-4,
-                                          fused=True)
-                  for name in contenders}
-    for name in contenders:  # the variants train danlu gpt's parameters: one optimizer for them all
-        if name.startswith("danlu"):
-            optimizers[name] = optimizers["danlu gpt"]
+    if getattr(args, "gpt_train_compile", False):  # each compiled model shares its eager twin's weights
+        contenders["transformers GPT2LMHeadModel + torch.compile"] = (torch.compile(theirs), hf_step)
+        contenders["danlu gpt + train.compile"] = (torch.compile(ours), danlu_step)
+    optimizers = {}
+    for name in contenders:  # the variants train their eager twin's parameters: one optimizer for each model
+        first = "danlu gpt" if name.startswith("danlu") else "transformers GPT2LMHeadModel"
+        if first not in optimizers:
+            optimizers[first] = torch.optim.AdamW(param_groups(ours if first == "danlu gpt" else theirs, 0.1),
+                                                  lr=3e-4, fused=True)
+        optimizers[name] = optimizers[first]
 
     first_loss, compile_seconds = {}, {}
     for name, (model, step) in contenders.items():  # warm-up (and compilation), not timed
@@ -141,10 +145,11 @@ def run(args):
             timings[name].append(B * T * steps / (time.perf_counter() - start))
     peak = max(peak, measure_peak_flops(device, dtype or torch.float32))
     flops = training_flops_per_token(ours, T)
-    base = statistics.median(timings["transformers GPT2LMHeadModel"])
     rows = []
     for name, values in timings.items():
         tps = statistics.median(values)
+        twin = "transformers GPT2LMHeadModel" + (" + torch.compile" if "compile" in name else "")
+        base = statistics.median(timings[twin])  # compiled rows against compiled transformers
         rows.append({
             "contender": name, "precision": "bf16" if dtype else "fp32", "device": device.type,
             "tokens_per_s": round(tps, 1), "vs_transformers": round(tps / base, 3),
