@@ -139,6 +139,7 @@ def cmd_generate(args):
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
+    _cast_for_decoding(run.model, args.precision)
     if run.cfg.task != "causal_lm":
         raise ConfigError(f"{args.run}: generate needs a causal language model run (task causal_lm), not {run.cfg.task}")
     if not args.prompts:
@@ -177,6 +178,7 @@ def cmd_chat(args):
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
+    _cast_for_decoding(run.model, args.precision)
     if run.cfg.task != "causal_lm":
         raise ConfigError(f"{args.run}: chat needs a causal language model run (task causal_lm), not {run.cfg.task}")
     template = load_template(run.path)
@@ -206,6 +208,15 @@ def cmd_chat(args):
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def _cast_for_decoding(model, precision):
+    """Decode with the weights (and so the KV cache) in 16 bits: decoding reads every weight once per step, so
+    half the bytes is nearly half the time where the hardware computes in bf16 (benchmarks/generate.py)."""
+    import torch
+
+    if precision != "fp32":
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def _metrics_line(name, m):
@@ -314,6 +325,13 @@ def _generate_args(p):
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable samples")
     p.add_argument("--no-stream", action="store_true", help="generate all prompts as one batch, print at the end")
+    _add_precision_arg(p)
+
+
+def _add_precision_arg(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights while decoding (default fp32); bf16 reads half the bytes: faster on GPUs, and on "
+                        "CPUs with AVX512-BF16 or AMX once the weights outgrow the cache (slightly different numbers)")
 
 
 def _finetune_args(p):
@@ -332,6 +350,7 @@ def _chat_args(p):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable replies")
+    _add_precision_arg(p)
 
 
 def _serve_args(p):

@@ -150,7 +150,7 @@ def test_pretrain_with_compile_matches_eager(tmp_path):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
 
 
-def test_generate_command_streams(tmp_path, capsys):
+def test_generate_command_streams(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
     run = pretrain(lm_config(corpus, tmp_path / "run", max_steps=4, eval_every=4))
     assert main(["generate", run.path, "the king", "我们", "--max-new-tokens", "5", "--seed", "0", "--top-k", "5"]) == 0
@@ -158,6 +158,15 @@ def test_generate_command_streams(tmp_path, capsys):
     assert lines[0].startswith("the king") and any(line.startswith("我们") for line in lines)
     assert main(["generate", run.path, "the king", "--no-stream", "--temperature", "0", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the king")
+    decoded_in = []  # --precision bf16 decodes with bf16 weights, and says the same text as Python would
+    generate_ids = danlu.generation.generate_ids
+    monkeypatch.setattr(danlu.generation, "generate_ids",
+                        lambda model, *a, **k: decoded_in.append(next(model.parameters()).dtype) or generate_ids(model, *a, **k))
+    assert main(["generate", run.path, "the king", "--temperature", "0", "--max-new-tokens", "5", "--precision", "bf16"]) == 0
+    assert decoded_in == [torch.bfloat16]
+    expected = danlu.generation.generate(danlu.load(run.path).model.to(torch.bfloat16), run.tokenizer, ["the king"],
+                                         max_new_tokens=5, temperature=0)[0]
+    assert capsys.readouterr().out == f"the king{expected}\n"
     assert main(["pretrain", str(tmp_path / "nope.yaml")]) == 2
     assert main(["info", run.path]) == 0
     out = capsys.readouterr().out
