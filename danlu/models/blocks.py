@@ -319,8 +319,17 @@ def _gelu_tables(dtype):
     return _GELU_TABLES[dtype]
 
 
-def _table_index(x):
-    return x.view(torch.uint16).reshape(-1).long()  # each value's 16 bits, as index_select takes them
+TABLE_GELU_CHUNK = 1 << 17  # elements looked up at a time: their int64 indices (1 MB) stay in cache
+
+
+def _chunks(x, *others):
+    """(index, pieces): x's elements and the same elements of `others` (all flat), a chunk at a time, with
+    each chunk's 16-bit patterns as int64 indices (index_select takes int32 or int64, and is faster with int64)."""
+    bits = x.reshape(-1).view(torch.uint16)
+    index = torch.empty(min(bits.numel(), TABLE_GELU_CHUNK), dtype=torch.long)
+    for start in range(0, bits.numel(), TABLE_GELU_CHUNK):
+        end = min(start + TABLE_GELU_CHUNK, bits.numel())
+        yield index[: end - start].copy_(bits[start:end]), [t[start:end] for t in others]
 
 
 class _TableGELU(torch.autograd.Function):
@@ -328,14 +337,21 @@ class _TableGELU(torch.autograd.Function):
     def forward(ctx, x):
         ctx.save_for_backward(x)
         values, _ = _gelu_tables(x.dtype)
-        return values.index_select(0, _table_index(x)).view(x.shape)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        for index, (piece,) in _chunks(x, out.view(-1)):
+            torch.index_select(values, 0, index, out=piece)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         _, slopes = _gelu_tables(x.dtype)
-        slope = slopes.index_select(0, _table_index(x)).view(x.shape)  # fp32
-        return slope.mul_(grad).to(grad.dtype)  # computed in fp32, rounded once
+        out = torch.empty(x.shape, dtype=grad.dtype)
+        slope = torch.empty(min(x.numel(), TABLE_GELU_CHUNK))  # fp32
+        for index, (g, piece) in _chunks(x, grad.reshape(-1), out.view(-1)):
+            s = torch.index_select(slopes, 0, index, out=slope[: index.numel()])
+            torch.mul(s, g, out=piece)  # computed in fp32, rounded once
+        return out
 
 
 class FeedForward(nn.Module):
