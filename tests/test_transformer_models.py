@@ -156,6 +156,24 @@ def test_table_gelu_is_torchs_gelu_bit_for_bit(dtype, monkeypatch):
                                    rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.slow
+def test_table_gelu_under_torch_compile():
+    """Compiled, the lookup is one gather the compiler fuses with its index computation: the values are still
+    torch's own, and the gradients torch's to within the compiler's own rounding (1 bf16 ulp)."""
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    compiled, eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ours = torch.compile(lambda t: gelu(t, approximate="tanh"))(compiled)
+    ours.backward(up)
+    ref = torch.nn.functional.gelu(eager, approximate="tanh")
+    ref.backward(up)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=2**-7, atol=1e-6)
+
+
 @pytest.mark.parametrize("spread", [0.1, 30.0], ids=["usual", "logit-gaps-over-100"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_lm_head_loss_equals_cross_entropy_of_the_logits(autocast, spread):

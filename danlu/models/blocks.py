@@ -326,7 +326,7 @@ def _chunks(x, *others):
     """(index, pieces): x's elements and the same elements of `others` (all flat), a chunk at a time, with
     each chunk's 16-bit patterns as int64 indices (index_select takes int32 or int64, and is faster with int64)."""
     bits = x.reshape(-1).view(torch.uint16)
-    index = torch.empty(min(bits.numel(), TABLE_GELU_CHUNK), dtype=torch.long)
+    index = torch.empty(min(bits.numel(), TABLE_GELU_CHUNK), dtype=torch.long, device=x.device)
     for start in range(0, bits.numel(), TABLE_GELU_CHUNK):
         end = min(start + TABLE_GELU_CHUNK, bits.numel())
         yield index[: end - start].copy_(bits[start:end]), [t[start:end] for t in others]
@@ -337,6 +337,8 @@ class _TableGELU(torch.autograd.Function):
     def forward(ctx, x):
         ctx.save_for_backward(x)
         values, _ = _gelu_tables(x.dtype)
+        if torch.compiler.is_compiling():  # one gather, which the compiler fuses with computing its indices
+            return values.index_select(0, x.reshape(-1).view(torch.uint16).long()).view(x.shape)
         out = torch.empty(x.shape, dtype=x.dtype)
         for index, (piece,) in _chunks(x, out.view(-1)):
             torch.index_select(values, 0, index, out=piece)
@@ -346,6 +348,8 @@ class _TableGELU(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         _, slopes = _gelu_tables(x.dtype)
+        if torch.compiler.is_compiling():
+            return (slopes.index_select(0, x.reshape(-1).view(torch.uint16).long()).view(x.shape) * grad).to(grad.dtype)
         out = torch.empty(x.shape, dtype=grad.dtype)
         slope = torch.empty(min(x.numel(), TABLE_GELU_CHUNK))  # fp32
         for index, (g, piece) in _chunks(x, grad.reshape(-1), out.view(-1)):
