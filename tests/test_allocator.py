@@ -46,5 +46,6 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_steps():
     """Ten training steps of a small GPT after five of warm-up: glibc's default maps the large blocks afresh
     each time (tens of thousands of page faults); with keep_freed_memory the heap serves them again."""
     kept, default = page_faults("keep"), page_faults("default")
-    assert kept < 2000, kept
-    assert default > 10 * max(kept, 1000), (default, kept)
+    # measured: kept 1-3 in most runs, now and then a few 4 MB blocks (1,025-5,124); default 57k-81k
+    assert kept < 10_000, kept
+    assert default > 30_000 and default > 5 * kept, (default, kept)
