@@ -121,6 +121,16 @@ def test_tiny_corpus_still_gets_validation(tmp_path):
     assert c.val is not None and len(c.val) == 17  # block_size + 1 tokens moved from the end of training
 
 
+def test_a_separate_validation_corpus(tmp_path):
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text(make_text(500), encoding="utf-8")
+    val.write_text(make_text(100, seed=1), encoding="utf-8")
+    c = build_corpus(data_config(train, val=str(val)), tmp_path / "data")
+    whole = build_corpus(data_config(train, val_fraction=0.0), tmp_path / "whole")
+    assert np.array_equal(c.train.tokens, whole.train.tokens)  # data.val: all of data.train trains
+    assert c.val is not None and c.stats["val_tokens"] == len(c.val.tokens) > 100
+
+
 def test_char_tokenizer_for_chinese(tmp_path):
     path = tmp_path / "zh.txt"
     path.write_text("我们爱中国。\n中国人民很好。\n" * 200, encoding="utf-8")

@@ -285,7 +285,7 @@ def build_corpus(cfg, out_dir, task="causal_lm", tokenizer=None, say=None) -> Co
     else:
         counts = encode_corpus(split_pieces(cfg.train, cfg.text_column, val_fraction), tokenizer, out_dir, eos)
         if cfg.val:
-            val_counts = encode_corpus(((t, e, True) for t, e, _ in read_corpus(cfg.val, cfg.text_column)),
+            val_counts = encode_corpus(((t, e, True) for t, e in read_corpus(cfg.val, cfg.text_column)),
                                        tokenizer, os.path.join(out_dir, ".val"), eos)
             os.replace(os.path.join(out_dir, ".val", "val.bin"), os.path.join(out_dir, "val.bin"))
             os.remove(os.path.join(out_dir, ".val", "train.bin"))
