@@ -58,8 +58,9 @@ class DataConfig:
     on_bad_rows: str = "error"
     """error: stop at the first bad row, naming file and line; skip: skip bad rows and report how many."""
     encoding: str = "auto"
-    """Text encoding of the files. auto: UTF-8 (with or without BOM), or GB18030 (GBK, what Excel writes for
-    Chinese CSV files) when a file is not UTF-8 but reads cleanly as GB18030; or any Python codec name."""
+    """Text encoding of the files (tables, chat data and corpora). auto: UTF-16 / UTF-32 after a byte-order
+    mark, UTF-8 (with or without BOM), or GB18030 (GBK, what Excel writes for Chinese CSV files) when a file
+    is not UTF-8 but reads cleanly as GB18030 (corpora: judged on the first MB); or any Python codec name."""
     limit: int = 0
     """Use only the first N examples of each split (0: all). For smoke tests."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -244,7 +244,7 @@ def chat_data(cfg, tokenizer, template):
 
     tokenizer.tokenizer_.no_truncation()
     tokenizer.max_length = 0
-    read = lambda p: read_chat(p, cfg.finetune.system)
+    read = lambda p: read_chat(p, cfg.finetune.system, cfg.data.encoding)
     train = read(cfg.data.train)
     splits = {"train": train}
     order = np.random.default_rng(cfg.run.seed).permutation(len(train))

@@ -1,6 +1,7 @@
 """The pretraining corpus pipeline: streaming reads, the held-out split, token files, packed windows."""
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from danlu.config import DataConfig, TokenizerConfig
 from danlu.data import corpus as corpus_mod
 from danlu.data.corpus import TokenStream, build_corpus, encode_corpus, read_corpus, split_pieces
 from danlu.data.sources import DataError
+from danlu.registry import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,6 +131,41 @@ def test_a_separate_validation_corpus(tmp_path):
     whole = build_corpus(data_config(train, val_fraction=0.0), tmp_path / "whole")
     assert np.array_equal(c.train.tokens, whole.train.tokens)  # data.val: all of data.train trains
     assert c.val is not None and c.stats["val_tokens"] == len(c.val.tokens) > 100
+
+
+CHINESE = "".join(f"第{i}行：人民日报社论，我们的中国。\n" for i in range(2000))
+
+
+@pytest.mark.parametrize("codec", ["gb18030", "utf-16", "utf-8-sig"])
+def test_corpus_files_in_other_encodings_read_as_text(tmp_path, codec):
+    """GBK / GB18030 text files (most Chinese .txt downloads), UTF-16 with its BOM (Windows' "Unicode" text)
+    and UTF-8 with a BOM stream as the text they hold, .txt and .jsonl alike."""
+    text_file, jsonl_file = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    text_file.write_text(CHINESE, encoding=codec)
+    jsonl_file.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in CHINESE.splitlines()),
+                          encoding=codec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "".join(t for t, _ in read_corpus(text_file)) == CHINESE
+        assert "".join(t for t, _ in read_corpus(jsonl_file)) == CHINESE.replace("\n", "")
+    said = [str(w.message) for w in caught]
+    assert all("GB18030" in m for m in said) and len(said) == (2 if codec == "gb18030" else 0), said
+
+
+def test_undecodable_bytes_are_replaced_and_counted_or_refused(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes("好的\n".encode() * 10 + b"bad \xff\xfe byte\n" + "再见\n".encode() * 2 + b"\xc3\n")
+    with pytest.warns(UserWarning, match=r"a.txt: 2 line\(s\) hold bytes that are not UTF-8 text \(the first: line 11\)"):
+        text = "".join(t for t, _ in read_corpus(path))
+    assert text == "好的\n" * 10 + "bad \ufffd\ufffd byte\n" + "再见\n" * 2 + "\ufffd\n"
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    from danlu.data.sources import jsonl_records
+
+    with pytest.raises(DataError, match=r"c.jsonl:2: not valid UTF-8"):
+        list(jsonl_records(tmp_path / "c.jsonl"))  # chat data: strict
+    with pytest.raises(ConfigError, match="data.encoding: unknown encoding 'klingon'"):
+        list(read_corpus(path, encoding="klingon"))
+    assert "".join(t for t, _ in read_corpus(path, encoding="latin-1")).startswith("å¥½")  # as told
 
 
 def test_char_tokenizer_for_chinese(tmp_path):

@@ -26,9 +26,10 @@ from danlu.data.sources import DataError, jsonl_records
 from danlu.training.tasks import IGNORE
 
 
-def read_chat(path, system=""):
+def read_chat(path, system="", encoding="auto"):
     """A JSONL file -> list of conversations ([{role, content}]); `system` is prepended where none is given."""
-    conversations = [to_messages(row, f"{path}:{number}", system) for number, row in jsonl_records(path)]
+    conversations = [to_messages(row, f"{path}:{number}", system)
+                     for number, row in jsonl_records(path, encoding=encoding)]
     if not conversations:
         raise DataError(f"{path}: no conversations")
     return conversations

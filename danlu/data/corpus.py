@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from danlu.data.builtin import package_dir
-from danlu.data.sources import DataError, jsonl_records
+from danlu.data.sources import DataError, jsonl_records, text_lines
 from danlu.data.spec import DataSpec
 from danlu.data.tokenizer import TextTokenizer
 from danlu.files import atomic_write_json, read_json
@@ -59,8 +59,9 @@ def en_shakespeare():
 CORPORA = {"zh_peoples_daily": zh_peoples_daily, "en_shakespeare": en_shakespeare}
 
 
-def read_corpus(source, text_field="text"):
-    """Yield (text, ends_document) pieces of a corpus, streaming.
+def read_corpus(source, text_field="text", encoding="auto"):
+    """Yield (text, ends_document) pieces of a corpus, streaming. Files are UTF-8, UTF-16 / UTF-32 with a
+    byte-order mark, or GB18030 (GBK), found from their first MB unless `encoding` names the codec.
 
     >>> next(read_corpus("zh_peoples_daily"))[0][:8]  # doctest: +SKIP
     '迈向充满希望的新世纪'
@@ -77,10 +78,9 @@ def read_corpus(source, text_field="text"):
         raise DataError(f"{source}: the folder holds no {' / '.join(TEXT_FILES + JSON_FILES)} files")
     for path in files:
         if path.lower().endswith(JSON_FILES):
-            yield from _jsonl_pieces(path, text_field)
+            yield from _jsonl_pieces(path, text_field, encoding)
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield from _group_lines(f, end_document=True)
+            yield from _group_lines((line for _, line in text_lines(path, encoding)), end_document=True)
 
 
 def _files_under(root, extensions):
@@ -106,8 +106,8 @@ def _group_lines(lines, end_document):
         yield "", True
 
 
-def _jsonl_pieces(path, text_field):
-    for number, record in jsonl_records(path, errors="replace"):
+def _jsonl_pieces(path, text_field, encoding="auto"):
+    for number, record in jsonl_records(path, errors="replace", encoding=encoding):
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r} "
@@ -115,11 +115,11 @@ def _jsonl_pieces(path, text_field):
         yield from _group_lines(text.splitlines(keepends=True), end_document=True)
 
 
-def split_pieces(source, text_field="text", val_fraction=0.0):
+def split_pieces(source, text_field="text", val_fraction=0.0, encoding="auto"):
     """Yield (text, ends_document, is_val): each piece goes to validation with probability `val_fraction`,
     decided by a fixed-seed coin so that the split is the same on every pass and in every run."""
     coin = random.Random(SPLIT_SEED)
-    for text, ends in read_corpus(source, text_field):
+    for text, ends in read_corpus(source, text_field, encoding):
         yield text, ends, val_fraction > 0 and coin.random() < val_fraction
 
 
@@ -276,16 +276,17 @@ def build_corpus(cfg, out_dir, task="causal_lm", tokenizer=None, say=None) -> Co
     meta_path = os.path.join(out_dir, "meta.json")
     val_fraction = 0.0 if cfg.val else cfg.val_fraction
     if tokenizer is None:
-        tokenizer = fit_tokenizer(cfg, (t for t, _, v in split_pieces(cfg.train, cfg.text_column, val_fraction) if not v))
+        tokenizer = fit_tokenizer(cfg, (t for t, _, v in split_pieces(cfg.train, cfg.text_column, val_fraction, cfg.encoding)
+                                            if not v))
     dtype = token_dtype(tokenizer.vocab_size_)
     eos = tokenizer.token_id("</s>")
     if os.path.exists(meta_path):
         stats = read_json(meta_path)
         say(f"corpus: reusing the token files in {out_dir}")
     else:
-        counts = encode_corpus(split_pieces(cfg.train, cfg.text_column, val_fraction), tokenizer, out_dir, eos)
+        counts = encode_corpus(split_pieces(cfg.train, cfg.text_column, val_fraction, cfg.encoding), tokenizer, out_dir, eos)
         if cfg.val:
-            val_counts = encode_corpus(((t, e, True) for t, e in read_corpus(cfg.val, cfg.text_column)),
+            val_counts = encode_corpus(((t, e, True) for t, e in read_corpus(cfg.val, cfg.text_column, cfg.encoding)),
                                        tokenizer, os.path.join(out_dir, ".val"), eos)
             os.replace(os.path.join(out_dir, ".val", "val.bin"), os.path.join(out_dir, "val.bin"))
             os.remove(os.path.join(out_dir, ".val", "train.bin"))

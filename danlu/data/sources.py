@@ -8,6 +8,7 @@ import codecs
 import csv
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -124,6 +125,10 @@ def _label_str(label):
     return str(label).strip()
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # UTF-32 first: its little-endian
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # mark begins with UTF-16's
+
+
 def decode(raw, encoding="auto"):
     """Bytes of a file -> (text, encoding used). Bytes that do not decode become lone surrogates
     (U+DC80-U+DCFF), which the row checks report as bad rows naming their line. "auto" reads UTF-16 or
@@ -133,11 +138,9 @@ def decode(raw, encoding="auto"):
         try:
             return raw.decode(encoding, errors="surrogateescape"), encoding
         except LookupError:
-            raise ConfigError(f"data.encoding: unknown encoding {encoding!r}; expected auto or a codec name "
-                              f"such as utf-8, gb18030, big5") from None
-    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
-        if raw.startswith(bom):  # UTF-32 first: its little-endian mark begins with UTF-16's
+            raise _unknown_encoding(encoding) from None
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
             return raw.decode(codec, errors="surrogateescape"), codec
     try:
         return raw.decode("utf-8-sig"), "utf-8"
@@ -147,6 +150,11 @@ def decode(raw, encoding="auto"):
         return raw.decode("gb18030"), "gb18030"
     except UnicodeDecodeError:
         return raw.decode("utf-8-sig", errors="surrogateescape"), "utf-8"
+
+
+def _unknown_encoding(encoding):
+    return ConfigError(f"data.encoding: unknown encoding {encoding!r}; expected auto or a codec name "
+                       f"such as utf-8, gb18030, big5")
 
 
 def _undecoded(encoding):
@@ -186,18 +194,67 @@ def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
     return rows
 
 
-def jsonl_records(path, errors="strict"):
+def jsonl_records(path, errors="strict", encoding="auto"):
     """Yield (line number, parsed value) for each non-blank line of a JSONL file, reading it as a stream;
-    a line that is not JSON raises DataError naming the file and line."""
-    with open(path, encoding="utf-8", errors=errors) as f:
+    a line that is not JSON raises DataError naming the file and line. The encoding is found as
+    `text_lines` finds it; errors="strict" stops at the first line that does not decode, "replace" warns."""
+    for number, line in text_lines(path, encoding, errors):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield number, record
+
+
+SNIFF_BYTES = 1 << 20
+_CODEC_NAMES = {"utf-8-sig": "UTF-8", "utf-16": "UTF-16", "utf-32": "UTF-32", "gb18030": "GB18030"}
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that did not decode, as surrogateescape keeps them
+
+
+def sniff_encoding(path, sample=SNIFF_BYTES):
+    """The codec `decode` would choose for a file, judged on its first MB so that large files can stream:
+    UTF-16 / UTF-32 after their byte-order mark, else UTF-8 (a BOM dropped), else GB18030."""
+    with open(path, "rb") as f:
+        raw = f.read(sample)
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            return codec
+    for codec in ("utf-8-sig", "gb18030"):
+        try:  # not final unless the whole file was read: the sample may end inside a character
+            codecs.getincrementaldecoder(codec)().decode(raw, final=len(raw) < sample)
+            return codec
+        except UnicodeDecodeError:
+            pass
+    return "utf-8-sig"
+
+
+def text_lines(path, encoding="auto", errors="replace"):
+    """Yield (line number, line) of a text file as a stream. "auto" finds the encoding (`sniff_encoding`)
+    and says when it is GB18030. A line with bytes that do not decode raises DataError naming it
+    (errors="strict"), or has them replaced by U+FFFD, with one warning for the file saying how many
+    lines and the first (errors="replace")."""
+    codec = sniff_encoding(path) if encoding == "auto" else encoding
+    if encoding == "auto" and codec == "gb18030":
+        _read_as_gb18030(path)
+    try:
+        codecs.lookup(codec)
+    except LookupError:
+        raise _unknown_encoding(encoding) from None
+    bad, first = 0, 0
+    with open(path, encoding=codec, errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield number, record
+            if _UNDECODED.search(line):
+                if errors == "strict":
+                    raise DataError(f"{path}:{number}: {_undecoded(_CODEC_NAMES.get(codec, codec))}")
+                bad, first = bad + 1, first or number
+                line = _UNDECODED.sub("\ufffd", line)
+            yield number, line
+    if bad:
+        warnings.warn(f"{path}: {bad:,} line(s) hold bytes that are not {_CODEC_NAMES.get(codec, codec)} text "
+                      f"(the first: line {first}); "
+                      f"they were replaced by U+FFFD (set data.encoding if the file has another encoding)", stacklevel=2)
 
 
 def _jsonl_rows(path, text, bad):
