@@ -135,13 +135,13 @@ def cmd_pretrain(args):
 
 
 def cmd_generate(args):
-    from danlu.generation import generate, stream_generate
+    from danlu.generation import generate, set_decode_precision, stream_generate
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
-    _cast_for_decoding(run.model, args.precision)
     if run.cfg.task != "causal_lm":
         raise ConfigError(f"{args.run}: generate needs a causal language model run (task causal_lm), not {run.cfg.task}")
+    set_decode_precision(run.model, args.precision)
     if not args.prompts:
         raise ConfigError("generate: give one or more prompts, e.g. danlu generate RUN \"To be\"")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -174,13 +174,13 @@ def cmd_finetune(args):
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
     from danlu.chat_template import load_template, render_chat, stop_sequences
-    from danlu.generation import stream_generate
+    from danlu.generation import set_decode_precision, stream_generate
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
-    _cast_for_decoding(run.model, args.precision)
     if run.cfg.task != "causal_lm":
         raise ConfigError(f"{args.run}: chat needs a causal language model run (task causal_lm), not {run.cfg.task}")
+    set_decode_precision(run.model, args.precision)
     template = load_template(run.path)
     names = {"bos_token": "<s>", "eos_token": "</s>"}
     variables = {k: run.tokenizer.tokenizer_.id_to_token(run.tokenizer.token_id(v)) or "" for k, v in names.items()}
@@ -210,15 +210,6 @@ def cmd_chat(args):
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
-def _cast_for_decoding(model, precision):
-    """Decode with the weights (and so the KV cache) in 16 bits: decoding reads every weight once per step, so
-    half the bytes is nearly half the time where the hardware computes in bf16 (benchmarks/generate.py)."""
-    import torch
-
-    if precision != "fp32":
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
 def _metrics_line(name, m):
     keys = [k for k in ("accuracy", "loss", "mse", "mae", "r2", "perplexity") if k in m]
     parts = [f"{k} {m[k]:.4f}" for k in keys]
@@ -233,7 +224,7 @@ def cmd_serve(args):
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DANLU_API_KEY"),
           device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_tokens=args.max_tokens,
-          timeout_s=args.timeout, threads=args.threads, access_log=not args.no_access_log)
+          timeout_s=args.timeout, threads=args.threads, access_log=not args.no_access_log, precision=args.precision)
 
 
 def cmd_export(args):
@@ -328,10 +319,10 @@ def _generate_args(p):
     _add_precision_arg(p)
 
 
-def _add_precision_arg(p):
+def _add_precision_arg(p, what="weights while decoding"):
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights while decoding (default fp32); bf16 reads half the bytes: faster on GPUs, and on "
-                        "CPUs with AVX512-BF16 or AMX once the weights outgrow the cache (slightly different numbers)")
+                   help=f"{what} (default fp32); bf16 reads half the bytes: faster on GPUs, and on CPUs with "
+                        "AVX512-BF16 or AMX once the weights outgrow the cache (slightly different numbers)")
 
 
 def _finetune_args(p):
@@ -367,6 +358,7 @@ def _serve_args(p):
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request answers 504 (default: 60)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    _add_precision_arg(p, "weights of a language model while serving")
 
 
 def _export_args(p):

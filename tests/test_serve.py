@@ -23,6 +23,7 @@ from danlu.chat_template import DEFAULT_TEMPLATE, TemplateError, render_chat
 from danlu.serve.app import ServeOptions, create_app
 from danlu.serve.batching import MicroBatcher, Overloaded
 from danlu.serve.metrics import Metrics
+from danlu.registry import ConfigError
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
 from danlu.serve.tiny_runs import classifier_run, language_model_run
@@ -340,6 +341,19 @@ def test_openai_completions_batch_stream_and_stop(client, lm_run):
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     echo = client.completions.create(model="lm", prompt="你好", temperature=0, max_tokens=3, echo=True)
     assert echo.choices[0].text.startswith("你好")
+
+
+def test_serving_a_language_model_in_bf16(lm_run, cls_run):
+    """`danlu serve --precision bf16`: the model decodes with bf16 weights and answers what generate()
+    gives for the same bf16 weights; a classifier run is refused with the reason."""
+    predictor = Predictor.from_run(lm_run.path, precision="bf16")
+    assert next(predictor.run.model.parameters()).dtype == torch.bfloat16
+    with ServerThread(create_app(predictor, ServeOptions(max_tokens=24))) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "lm", "prompt": "你好", "temperature": 0, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy(predictor.run, "你好", 8)
+    with pytest.raises(ConfigError, match="--precision bf16: for language-model runs; .* is a classification run"):
+        Predictor.from_run(cls_run.path, precision="bf16")
 
 
 def test_seeded_sampling_is_repeatable(client):

@@ -15,6 +15,7 @@ import os
 import torch
 
 from danlu.chat_template import load_template, render_chat, stop_sequences
+from danlu.registry import ConfigError
 
 LM_TASKS = ("causal_lm",)
 
@@ -31,10 +32,17 @@ class Predictor:
         self._counter = None
 
     @classmethod
-    def from_run(cls, path, device="cpu", name=None):
+    def from_run(cls, path, device="cpu", name=None, precision="fp32"):
+        """Load a run; `precision` bf16 / fp16 casts a language model for decoding (set_decode_precision)."""
+        from danlu.generation import set_decode_precision
         from danlu.runs import load_run
 
-        return cls(load_run(path, device=device), name=name)
+        run = load_run(path, device=device)
+        if precision != "fp32":
+            if run.cfg.task not in LM_TASKS:
+                raise ConfigError(f"--precision {precision}: for language-model runs; {path} is a {run.cfg.task} run")
+            set_decode_precision(run.model, precision)
+        return cls(run, name=name)
 
     # -- classifiers ------------------------------------------------------------------------------
     def classify(self, texts, top_k=None):

@@ -55,7 +55,8 @@ def _uvicorn_server(app, access_log, log_level="info"):
     return uvicorn.Server(config)
 
 
-def serve(run, host="127.0.0.1", port=8000, api_key=None, device="cpu", access_log=True, threads=0, **options):
+def serve(run, host="127.0.0.1", port=8000, api_key=None, device="cpu", access_log=True, threads=0, precision="fp32",
+          **options):
     """Load a run and serve it until interrupted (the `danlu serve` verb)."""
     try:
         import fastapi  # noqa: F401
@@ -68,7 +69,7 @@ def serve(run, host="127.0.0.1", port=8000, api_key=None, device="cpu", access_l
         import torch
 
         torch.set_num_threads(threads)
-    predictor = Predictor.from_run(run, device=device)
+    predictor = Predictor.from_run(run, device=device, precision=precision)
     opts = ServeOptions(api_key=api_key or None, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None,
                         **options)
     app = create_app(predictor, opts)
