@@ -12,6 +12,7 @@ Memory stays flat however large the corpus is: nothing holds more than one batch
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -275,16 +276,16 @@ def build_corpus(cfg, out_dir, task="causal_lm", tokenizer=None, say=None) -> Co
     block = cfg.block_size
     meta_path = os.path.join(out_dir, "meta.json")
     val_fraction = 0.0 if cfg.val else cfg.val_fraction
+    pieces = functools.partial(split_pieces, cfg.train, cfg.text_column, val_fraction, cfg.encoding)  # a fresh stream each call
     if tokenizer is None:
-        tokenizer = fit_tokenizer(cfg, (t for t, _, v in split_pieces(cfg.train, cfg.text_column, val_fraction, cfg.encoding)
-                                            if not v))
+        tokenizer = fit_tokenizer(cfg, (t for t, _, v in pieces() if not v))
     dtype = token_dtype(tokenizer.vocab_size_)
     eos = tokenizer.token_id("</s>")
     if os.path.exists(meta_path):
         stats = read_json(meta_path)
         say(f"corpus: reusing the token files in {out_dir}")
     else:
-        counts = encode_corpus(split_pieces(cfg.train, cfg.text_column, val_fraction, cfg.encoding), tokenizer, out_dir, eos)
+        counts = encode_corpus(pieces(), tokenizer, out_dir, eos)
         if cfg.val:
             val_counts = encode_corpus(((t, e, True) for t, e in read_corpus(cfg.val, cfg.text_column, cfg.encoding)),
                                        tokenizer, os.path.join(out_dir, ".val"), eos)

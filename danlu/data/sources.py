@@ -252,9 +252,9 @@ def text_lines(path, encoding="auto", errors="replace"):
                 line = _UNDECODED.sub("\ufffd", line)
             yield number, line
     if bad:
-        warnings.warn(f"{path}: {bad:,} line(s) hold bytes that are not {_CODEC_NAMES.get(codec, codec)} text "
-                      f"(the first: line {first}); "
-                      f"they were replaced by U+FFFD (set data.encoding if the file has another encoding)", stacklevel=2)
+        warnings.warn(f"{path}: {bad:,} line(s) hold bytes that are not {_CODEC_NAMES.get(codec, codec)} text (the "
+                      f"first: line {first}); they were replaced by U+FFFD (set data.encoding if the file has another "
+                      f"encoding)", stacklevel=2)
 
 
 def _jsonl_rows(path, text, bad):
