@@ -276,7 +276,7 @@ def build_corpus(cfg, out_dir, task="causal_lm", tokenizer=None, say=None) -> Co
     block = cfg.block_size
     meta_path = os.path.join(out_dir, "meta.json")
     val_fraction = 0.0 if cfg.val else cfg.val_fraction
-    pieces = functools.partial(split_pieces, cfg.train, cfg.text_column, val_fraction, cfg.encoding)  # a fresh stream each call
+    pieces = functools.partial(split_pieces, cfg.train, cfg.text_column, val_fraction, cfg.encoding)  # new stream a call
     if tokenizer is None:
         tokenizer = fit_tokenizer(cfg, (t for t, _, v in pieces() if not v))
     dtype = token_dtype(tokenizer.vocab_size_)
