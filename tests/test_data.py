@@ -178,6 +178,11 @@ def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):
     # Excel's "Unicode Text": UTF-16 little-endian with a BOM, tab-separated, CRLF
     (tmp_path / "excel.tsv").write_bytes(body.replace(",", "\t").replace("\n", "\r\n").encode("utf-16"))
     assert list(zip(*(lambda e: (e.texts, e.labels))(read_examples(tmp_path / "excel.tsv")))) == rows
+    (tmp_path / "excel.txt").write_bytes((tmp_path / "excel.tsv").read_bytes())  # the extension Excel gives it
+    assert list(zip(*(lambda e: (e.texts, e.labels))(read_examples(tmp_path / "excel.txt")))) == rows
+    (tmp_path / "plain.txt").write_text("just a sentence\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"plain.txt, line 1: no column 'text'; the header has: just a sentence"):
+        read_examples(tmp_path / "plain.txt")
     (tmp_path / "be.csv").write_bytes(codecs.BOM_UTF16_BE + body.encode("utf-16-be"))
     assert read_examples(tmp_path / "be.csv").texts == ex.texts
     (tmp_path / "u32.csv").write_bytes(body.encode("utf-32"))

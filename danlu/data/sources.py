@@ -28,7 +28,7 @@ class Examples:
     skipped: int = 0
 
 
-FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson")
+FORMATS = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".ndjson")  # .txt: a table with a header (Excel's "Unicode Text")
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -38,7 +38,8 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
     """Read (text, label) examples from a file or a folder; fail or skip on bad rows.
 
     A CSV file may also be separated by semicolons, tabs or bars: when the header read with commas lacks
-    the columns, the first of those separators whose header has them is used.
+    the columns, the first of those separators whose header has them is used. A .txt file is read as such
+    a table (Excel saves "Unicode Text" as a tab-separated UTF-16 .txt).
 
     >>> ex = read_examples("reviews.csv", text_column="review", label_column="stars")  # doctest: +SKIP
     """
