@@ -102,6 +102,11 @@ def test_chat_lora_run_and_chat_verb(base_run, data, tmp_path, monkeypatch, caps
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/exit\n"))  # a LoRA run decodes in bf16 too
     assert main(["chat", run.path, "--max-new-tokens", "4", "--temperature", "0", "--precision", "bf16"]) == 0
     assert capsys.readouterr().out.strip()
+    from danlu.serve.predictor import Predictor  # and serves: an adapter-only run has no model.safetensors
+
+    predictor = Predictor.from_run(run.path)
+    assert predictor.kind == "language_model" and predictor.created > 0
+    assert predictor.complete(["你好"], max_new_tokens=3, temperature=0)[0][1] <= 3
 
 
 def test_bad_bases_are_named(tmp_path, data):

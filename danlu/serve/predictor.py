@@ -27,7 +27,8 @@ class Predictor:
         self.task = run.cfg.task
         self.kind = "language_model" if self.task in LM_TASKS else "classifier"
         self.labels = tuple(run.labels)
-        self.created = int(os.path.getmtime(os.path.join(run.path, "model.safetensors")))
+        weights = [os.path.join(run.path, n) for n in ("model.safetensors", "adapter.safetensors", "config.yaml")]
+        self.created = int(os.path.getmtime(next(w for w in weights if os.path.exists(w))))  # a LoRA run: its adapter
         self.chat_template = load_template(run.path) if self.kind == "language_model" else None
         self._counter = None
 
