@@ -103,8 +103,9 @@ def cmd_info(args):
     if language_model:  # a corpus of token blocks, trained for a number of steps
         print(f"data:       {cfg.data.train} (blocks of {cfg.data.block_size} tokens)")
         print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}")
-        print(f"training:   {run.metrics.get('steps', cfg.train.max_steps)} steps, batch {cfg.train.batch_size}, "
-              f"{cfg.train.optimizer} lr {cfg.train.lr}")
+        trained = (f"{run.metrics['steps']} steps" if "steps" in run.metrics  # pretraining counts steps
+                   else f"{run.metrics.get('epochs_run', cfg.train.epochs)} epochs")  # fine-tuning, epochs
+        print(f"training:   {trained}, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr}")
     else:
         print(f"data:       {cfg.data.train} (text column {cfg.data.text_column!r}, label column {cfg.data.label_column!r})")
         print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}, "

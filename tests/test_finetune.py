@@ -99,6 +99,8 @@ def test_chat_lora_run_and_chat_verb(base_run, data, tmp_path, monkeypatch, caps
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/exit\n"))
     assert main(["chat", run.path, "--system", "简短", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["info", run.path]) == 0  # trained for epochs, not a step budget
+    assert f"training:   {run.metrics['epochs_run']} epochs" in capsys.readouterr().out
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/exit\n"))  # a LoRA run decodes in bf16 too
     assert main(["chat", run.path, "--max-new-tokens", "4", "--temperature", "0", "--precision", "bf16"]) == 0
     assert capsys.readouterr().out.strip()
