@@ -147,6 +147,9 @@ def set_decode_precision(model, precision):
     CPU's cache (where the hardware computes in bf16), at the cost of slightly different numbers."""
     if precision not in DECODE_PRECISIONS:
         raise ConfigError(f"precision: unknown value {precision!r}; expected one of: {', '.join(DECODE_PRECISIONS)}")
+    if precision != "fp32" and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        raise ConfigError(f"--precision {precision}: this run's int8 layers (dynamic quantization) compute in fp32 "
+                          f"only; decode it in fp32 (its weights are 8-bit already)")
     return model.to(DECODE_PRECISIONS[precision])
 
 

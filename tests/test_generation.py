@@ -1,4 +1,6 @@
 """Text generation: batched left-padded decoding with the KV cache, sampling options, stop strings, streaming."""
+import copy
+
 import pytest
 import torch
 
@@ -158,3 +160,18 @@ def lm_spec_like(model):
     from danlu.data.spec import DataSpec
 
     return DataSpec(vocab_size=model.embed.num_embeddings, num_classes=0, max_length=64)
+
+
+def test_decode_precision_casts_and_refuses_dynamic_int8(model, tokenizer):
+    from danlu.generation import set_decode_precision
+    from danlu.registry import ConfigError
+
+    half = set_decode_precision(copy.deepcopy(model), "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert generate(half, tokenizer, ["the king"], max_new_tokens=4, temperature=0)  # decodes
+    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ConfigError, match="int8 layers .* compute in fp32 only"):
+        set_decode_precision(int8, "bf16")
+    assert set_decode_precision(int8, "fp32") is int8
+    with pytest.raises(ConfigError, match="precision: unknown value 'fp8'"):
+        set_decode_precision(model, "fp8")
