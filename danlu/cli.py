@@ -32,6 +32,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from danlu.files import atomic_write_json
     from danlu.runs import load_run
+    from danlu.training.tasks import LM_TASKS
 
     run = load_run(args.run, device=args.device)
     overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
@@ -43,7 +44,7 @@ def cmd_evaluate(args):
         from danlu.evaluate.report import write_eval_report
     except ImportError:
         write_eval_report = None
-    if write_eval_report is not None:
+    if write_eval_report is not None and run.cfg.task not in LM_TASKS:  # a language model: metrics.json only
         write_eval_report(run, args.data, metrics, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
     print(f"written to {out_dir}")
@@ -216,7 +217,8 @@ def _metrics_line(name, m):
     parts = [f"{k} {m[k]:.4f}" for k in keys]
     if "macro" in m:
         parts.append(f"macro_f1 {m['macro']['f1']:.4f}")
-    return f"{name}: " + "  ".join(parts) + (f"  ({m['count']} examples)" if "count" in m else "")
+    unit = "tokens" if "perplexity" in m else "examples"  # a language model counts predicted tokens
+    return f"{name}: " + "  ".join(parts) + (f"  ({m['count']:,} {unit})" if "count" in m else "")
 
 
 def cmd_serve(args):

@@ -120,10 +120,24 @@ class Run:
         return out
 
     def evaluate(self, path, **data_overrides):
-        """Streaming metrics on a labelled file, with the run's own tokenizer and label map."""
+        """Streaming metrics on a labelled file, with the run's own tokenizer and label map; for a language
+        model, loss, perplexity and token accuracy over every window of a corpus (file, folder, built-in)."""
         import dataclasses
 
         data_cfg = dataclasses.replace(self.cfg.data, **data_overrides)
+        if self.cfg.task in LM_TASKS:
+            import tempfile
+
+            from danlu.data.corpus import held_out_stream
+
+            with tempfile.TemporaryDirectory(prefix="danlu-eval-") as tokens:
+                stream = held_out_stream(path, self.tokenizer, data_cfg.block_size, self.cfg.task, tokens,
+                                         data_cfg.text_column, data_cfg.encoding)
+                train_cfg = dataclasses.replace(self.cfg.train, eval_batches=0)  # every window, not a sample
+                metrics = Trainer(self.model, self.task, train_cfg, device=str(next(self.model.parameters()).device)) \
+                    .evaluate(stream)
+                del stream  # the memory map, before its folder goes
+                return metrics
         examples = read_split(path, data_cfg, numeric=self.cfg.task == "regression")
         return self.trainer().evaluate(encode_examples(examples, self.tokenizer, self.labels, self.cfg.task == "regression"))
 

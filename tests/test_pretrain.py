@@ -181,6 +181,29 @@ def test_pretrain_bert_masked_lm(tmp_path):
     loaded = danlu.load(run.path)
     assert isinstance(loaded.model, BERT) and loaded.task.name == "masked_lm"
     assert "Masked-token predictions" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    held_out = loaded.evaluate(write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
+    assert held_out["count"] > 0 and held_out["loss"] < rows[0]["val_loss"]
+
+
+def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):
+    """`danlu evaluate` of a language model: loss, perplexity and token accuracy over every window of a text
+    file, with the run's tokenizer; text like the training corpus scores far better than scrambled text."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = pretrain(lm_config(corpus, tmp_path / "run", max_steps=30, eval_every=30))
+    similar = write_corpus(tmp_path / "similar.txt", lines=300, seed=1)
+    text = (tmp_path / "similar.txt").read_text(encoding="utf-8")
+    scrambled = tmp_path / "scrambled.txt"
+    scrambled.write_text("".join(np.random.default_rng(0).permutation(list(text))), encoding="utf-8")
+    loaded = danlu.load(run.path)
+    good, bad = loaded.evaluate(similar), loaded.evaluate(scrambled)
+    assert good["perplexity"] == pytest.approx(math.exp(good["loss"])) and good["perplexity"] < bad["perplexity"] / 3
+    stream = len(loaded.tokenizer.tokenizer_.encode(text).ids) + 1  # one document, then </s>
+    assert good["count"] == (stream - 1) // 32 * 32  # every whole window of 32 predicted tokens, not a sample
+    assert main(["evaluate", run.path, "--data", similar]) == 0
+    out = capsys.readouterr().out
+    assert f"perplexity {good['perplexity']:.4f}" in out and f"({good['count']:,} tokens)" in out
+    saved = json.loads((tmp_path / "run" / "eval" / "similar" / "metrics.json").read_text())
+    assert saved["perplexity"] == pytest.approx(good["perplexity"])
 
 
 def test_pretrain_refuses_supervised_tasks(tmp_path):

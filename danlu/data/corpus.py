@@ -243,6 +243,15 @@ class TokenStream:
             yield batch
 
 
+def held_out_stream(source, tokenizer, block_size, task, out_dir, text_field="text", encoding="auto"):
+    """All of a corpus (a file, a folder or a built-in name) as one held-out TokenStream, encoded with an
+    existing tokenizer into out_dir/val.bin: what `danlu evaluate` of a language model reads."""
+    encode_corpus(((text, ends, True) for text, ends in read_corpus(source, text_field, encoding)), tokenizer, out_dir,
+                  tokenizer.token_id("</s>"))
+    return TokenStream(os.path.join(out_dir, "val.bin"), block_size, token_dtype(tokenizer.vocab_size_),
+                       task == "causal_lm", tokenizer.pad_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole step: fit the tokenizer, encode, open the streams
 
