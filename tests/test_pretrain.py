@@ -204,6 +204,10 @@ def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):
     assert f"perplexity {good['perplexity']:.4f}" in out and f"({good['count']:,} tokens)" in out
     saved = json.loads((tmp_path / "run" / "eval" / "similar" / "metrics.json").read_text())
     assert saved["perplexity"] == pytest.approx(good["perplexity"])
+    assert main(["compare", run.path, str(tmp_path / "run") + "/", "--out", str(tmp_path / "cmp.png")]) == 0
+    header, _, row, *_ = capsys.readouterr().out.splitlines()  # language models: their own columns
+    assert header.split()[3:7] == ["val", "loss", "val", "perplexity"] and "tokens/s" in header and "MFU" in header
+    assert f"{run.metrics['val']['perplexity']:.4f}" in row and " 30 " in row
 
 
 def test_pretrain_refuses_supervised_tasks(tmp_path):

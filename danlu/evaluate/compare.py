@@ -20,6 +20,9 @@ CLASSIFICATION_COLUMNS = (("test acc", ("test", "accuracy")), ("test macro F1", 
                           ("test loss", ("test", "loss")), ("val acc", ("val", "accuracy")))
 REGRESSION_COLUMNS = (("test mse", ("test", "mse")), ("test mae", ("test", "mae")), ("test r2", ("test", "r2")),
                       ("val r2", ("val", "r2")))
+LM_COLUMNS = (("val loss", ("val", "loss")), ("val perplexity", ("val", "perplexity")),
+              ("val token acc", ("val", "accuracy")), ("test perplexity", ("test", "perplexity")))
+LM_TASKS = ("causal_lm", "masked_lm")
 
 
 def read_run_summary(path):
@@ -51,14 +54,21 @@ def compare_runs(paths, out="compare.png"):
     runs = [read_run_summary(p) for p in paths]
     names = _unique_names(runs)
     regression = all(r["task"] == "regression" for r in runs)
-    columns = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
-    header = ["run", "model", "params"] + [c for c, _ in columns] + ["best epoch", "epochs", "train s", "samples/s"]
+    language_models = all(r["task"] in LM_TASKS for r in runs)  # trained in steps over token windows
+    columns = LM_COLUMNS if language_models else REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    extra = ["steps", "train s", "tokens/s", "MFU"] if language_models else ["best epoch", "epochs", "train s", "samples/s"]
+    header = ["run", "model", "params"] + [c for c, _ in columns] + extra
     rows = []
     for name, r in zip(names, runs):
         m = r["metrics"]
-        rows.append([name, r["model"], f"{m.get('parameters', 0):,}"] + [_fmt(_get(m, keys)) for _, keys in columns]
-                    + [str(m.get("best_epoch", "–")), str(m.get("epochs_run", len(r["history"]))),
-                       _fmt(m.get("train_seconds"), 1), _fmt(m.get("samples_per_s"), 0)])
+        if language_models:
+            last = r["history"][-1].get("step", "–") if r["history"] else "–"
+            tail = [str(m.get("steps", last)), _fmt(m.get("train_seconds"), 1), _fmt(m.get("tokens_per_s"), 0),
+                    "–" if m.get("mfu") is None else f"{m['mfu']:.1%}"]
+        else:
+            tail = [str(m.get("best_epoch", "–")), str(m.get("epochs_run", len(r["history"]))),
+                    _fmt(m.get("train_seconds"), 1), _fmt(m.get("samples_per_s"), 0)]
+        rows.append([name, r["model"], f"{m.get('parameters', 0):,}"] + [_fmt(_get(m, keys)) for _, keys in columns] + tail)
     table = format_table(header, rows)
     from danlu.evaluate.plots import plot_compare
 
