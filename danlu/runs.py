@@ -97,6 +97,10 @@ class Run:
 
         Texts of similar length share a padded batch; no Trainer is built, so the server can call this
         once per micro-batch."""
+        if self.cfg.task in LM_TASKS:
+            raise ConfigError(f"{self.path}: predict classifies texts, and this is a language model (task {self.cfg.task}); "
+                              f"continue text with: danlu generate {self.path} \"prompt\", or score a corpus with: "
+                              f"danlu evaluate {self.path} --data FILE")
         data = self.dataset(texts)
         regression = self.cfg.task == "regression"
         out = torch.empty(len(data)) if regression else torch.empty(len(data), len(self.labels))

@@ -208,6 +208,8 @@ def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):
     header, _, row, *_ = capsys.readouterr().out.splitlines()  # language models: their own columns
     assert header.split()[3:7] == ["val", "loss", "val", "perplexity"] and "tokens/s" in header and "MFU" in header
     assert f"{run.metrics['val']['perplexity']:.4f}" in row and " 30 " in row
+    assert main(["predict", run.path, "the king"]) == 2  # a classifier's verb: a clear refusal, not a traceback
+    assert "this is a language model (task causal_lm); continue text with: danlu generate" in capsys.readouterr().err
 
 
 def test_pretrain_refuses_supervised_tasks(tmp_path):
