@@ -98,9 +98,8 @@ class Run:
         Texts of similar length share a padded batch; no Trainer is built, so the server can call this
         once per micro-batch."""
         if self.cfg.task in LM_TASKS:
-            raise ConfigError(f"{self.path}: predict classifies texts, and this is a language model (task {self.cfg.task}); "
-                              f"continue text with: danlu generate {self.path} \"prompt\", or score a corpus with: "
-                              f"danlu evaluate {self.path} --data FILE")
+            raise ConfigError(f"{self.path}: predict classifies texts, and this is a language model (task "
+                              f"{self.cfg.task}); {language_model_verbs(self.path, self.cfg.task)}")
         data = self.dataset(texts)
         regression = self.cfg.task == "regression"
         out = torch.empty(len(data)) if regression else torch.empty(len(data), len(self.labels))
@@ -144,6 +143,14 @@ class Run:
                 return metrics
         examples = read_split(path, data_cfg, numeric=self.cfg.task == "regression")
         return self.trainer().evaluate(encode_examples(examples, self.tokenizer, self.labels, self.cfg.task == "regression"))
+
+
+def language_model_verbs(path, task):
+    """What one can do with a language-model run, for messages that refuse a classifier's verb."""
+    if task == "masked_lm":
+        return (f"a masked language model is a backbone: fine-tune it for a task (finetune.base: {path}), "
+                f"or score a corpus with: danlu evaluate {path} --data FILE")
+    return f"continue text with: danlu generate {path} \"prompt\", or score a corpus with: danlu evaluate {path} --data FILE"
 
 
 def load_run(path, device="cpu") -> Run:

@@ -183,6 +183,12 @@ def test_pretrain_bert_masked_lm(tmp_path):
     assert "Masked-token predictions" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     held_out = loaded.evaluate(write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
     assert held_out["count"] > 0 and held_out["loss"] < rows[0]["val_loss"]
+    with pytest.raises(ConfigError, match="a masked language model is a backbone: fine-tune it"):
+        loaded.predict(["the king"])
+    from danlu.serve.predictor import Predictor
+
+    with pytest.raises(ConfigError, match="nothing to serve yet: a masked language model is a backbone"):
+        Predictor.from_run(run.path)
 
 
 def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):

@@ -39,6 +39,10 @@ class Predictor:
         from danlu.runs import load_run
 
         run = load_run(path, device=device)
+        if run.cfg.task == "masked_lm":
+            from danlu.runs import language_model_verbs
+
+            raise ConfigError(f"{path}: nothing to serve yet: {language_model_verbs(path, run.cfg.task)}")
         if precision != "fp32":
             if run.cfg.task not in LM_TASKS:
                 raise ConfigError(f"--precision {precision}: for language-model runs; {path} is a {run.cfg.task} run")
