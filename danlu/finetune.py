@@ -217,8 +217,7 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
             merge_lora(model)
             cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, method="full"))
         save_run(run_dir, cfg, model, tokenizer, labels, metrics)
-    say(f"run directory: {run_dir}")
-    return Run(run_dir, cfg, model, tokenizer, labels, metrics)
+    return Run(run_dir, cfg, model, tokenizer, labels, metrics)  # the CLI names run_dir after the metrics
 
 
 def classification_data(cfg, tokenizer):
