@@ -22,6 +22,10 @@ LM_TASKS = ("causal_lm",)
 
 class Predictor:
     def __init__(self, run, name=None):
+        if run.cfg.task == "masked_lm":  # neither classes nor generation
+            from danlu.runs import language_model_verbs
+
+            raise ConfigError(f"{run.path}: nothing to serve yet: {language_model_verbs(run.path, run.cfg.task)}")
         self.run = run
         self.name = name or os.path.basename(os.path.normpath(run.path)) or "model"
         self.task = run.cfg.task
@@ -39,15 +43,12 @@ class Predictor:
         from danlu.runs import load_run
 
         run = load_run(path, device=device)
-        if run.cfg.task == "masked_lm":
-            from danlu.runs import language_model_verbs
-
-            raise ConfigError(f"{path}: nothing to serve yet: {language_model_verbs(path, run.cfg.task)}")
+        predictor = cls(run, name=name)  # refuses a masked LM, saying what to do with it
         if precision != "fp32":
-            if run.cfg.task not in LM_TASKS:
+            if predictor.kind != "language_model":
                 raise ConfigError(f"--precision {precision}: for language-model runs; {path} is a {run.cfg.task} run")
             set_decode_precision(run.model, precision)
-        return cls(run, name=name)
+        return predictor
 
     # -- classifiers ------------------------------------------------------------------------------
     def classify(self, texts, top_k=None):
