@@ -133,14 +133,14 @@ class Run:
 
             from danlu.data.corpus import held_out_stream
 
+            every_window = dataclasses.replace(self.cfg.train, eval_batches=0)  # not the training loop's sample
+            trainer = Trainer(self.model, self.task, every_window, device=str(next(self.model.parameters()).device))
             with tempfile.TemporaryDirectory(prefix="danlu-eval-") as tokens:
                 stream = held_out_stream(path, self.tokenizer, data_cfg.block_size, self.cfg.task, tokens,
                                          data_cfg.text_column, data_cfg.encoding)
-                train_cfg = dataclasses.replace(self.cfg.train, eval_batches=0)  # every window, not a sample
-                metrics = Trainer(self.model, self.task, train_cfg, device=str(next(self.model.parameters()).device)) \
-                    .evaluate(stream)
+                metrics = trainer.evaluate(stream)
                 del stream  # the memory map, before its folder goes
-                return metrics
+            return metrics
         examples = read_split(path, data_cfg, numeric=self.cfg.task == "regression")
         return self.trainer().evaluate(encode_examples(examples, self.tokenizer, self.labels, self.cfg.task == "regression"))
 
