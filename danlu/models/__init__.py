@@ -27,5 +27,15 @@ def build_model(config, spec):
     return cls(config, spec)
 
 
+def compile_model(model):
+    """torch.compile(model), the way `train.compile` does it: danlu's fused LM loss runs as written."""
+    import torch
+
+    from danlu.models.blocks import keep_loss_uncompiled
+
+    keep_loss_uncompiled()
+    return torch.compile(model)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())

@@ -228,7 +228,6 @@ def unfused_causal_attention(q, k, v):
 LM_LOSS_CHUNK = 256  # rows of logits at a time: 256 x vocab 8192 in fp32 is 8 MB, which stays in cache
 
 
-@torch.compiler.disable  # runs as written under torch.compile: it returns Python counts, and is fused already
 def lm_head_loss(hidden, weight, labels, ignore_index=-100):
     """Mean next-token cross-entropy of `hidden @ weight.T` without holding the (N, V) logits: the rows go
     through in chunks, and each chunk's gradient is computed on the spot (the loss is the end of the graph,
@@ -239,8 +238,25 @@ def lm_head_loss(hidden, weight, labels, ignore_index=-100):
     the softmax in fp32, as `cross_entropy(linear(hidden, weight).float(), labels)` would; the result is the
     same, computed with a fraction of the memory traffic (on CPU the (N, V) fp32 logits of a GPT-2-sized
     vocabulary are much larger than the cache)."""
+    return (_uncompiled_loss or _lm_head_loss)(hidden, weight, labels, ignore_index)
+
+
+def _lm_head_loss(hidden, weight, labels, ignore_index):
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     return _LMHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), ignore_index, dtype)
+
+
+_uncompiled_loss = None
+
+
+def keep_loss_uncompiled():
+    """Have torch.compile run the LM loss as written (it returns Python counts, and is fused by hand),
+    instead of breaking its graph inside it with a long warning. Called before compiling
+    (danlu.models.compile_model), not at import: torch.compiler.disable loads torch._dynamo, about a
+    second, which every process would pay."""
+    global _uncompiled_loss
+    if _uncompiled_loss is None:
+        _uncompiled_loss = torch.compiler.disable(_lm_head_loss)
 
 
 class _LMHeadLoss(torch.autograd.Function):

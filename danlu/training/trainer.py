@@ -104,7 +104,11 @@ class Trainer:
             logger.on_train_begin(self)
         dtype = autocast_dtype(device, cfg.precision)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        forward = torch.compile(wrapped) if cfg.compile else wrapped  # same parameters; self.model stays plain
+        forward = wrapped
+        if cfg.compile:  # same parameters; self.model stays plain
+            from danlu.models import compile_model
+
+            forward = compile_model(wrapped)
         self.peak_flops = None
         if task.unit == "tokens":  # MFU's denominator, once per run
             self.peak_flops = cfg.peak_flops or measure_peak_flops(device, dtype or torch.float32)
