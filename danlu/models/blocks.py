@@ -338,10 +338,14 @@ def _gelu_tables(dtype):
 TABLE_GELU_CHUNK = 1 << 17  # elements looked up at a time: their int64 indices (1 MB) stay in cache
 
 
+def _bits(x):
+    return x.reshape(-1).view(torch.uint16)  # each value's 16 bits: its row in the tables
+
+
 def _chunks(x, *others):
     """(index, pieces): x's elements and the same elements of `others` (all flat), a chunk at a time, with
     each chunk's 16-bit patterns as int64 indices (index_select takes int32 or int64, and is faster with int64)."""
-    bits = x.reshape(-1).view(torch.uint16)
+    bits = _bits(x)
     index = torch.empty(min(bits.numel(), TABLE_GELU_CHUNK), dtype=torch.long, device=x.device)
     for start in range(0, bits.numel(), TABLE_GELU_CHUNK):
         end = min(start + TABLE_GELU_CHUNK, bits.numel())
@@ -354,7 +358,7 @@ class _TableGELU(torch.autograd.Function):
         ctx.save_for_backward(x)
         values, _ = _gelu_tables(x.dtype)
         if torch.compiler.is_compiling():  # one gather, which the compiler fuses with computing its indices
-            return values.index_select(0, x.reshape(-1).view(torch.uint16).long()).view(x.shape)
+            return values.index_select(0, _bits(x).long()).view(x.shape)
         out = torch.empty(x.shape, dtype=x.dtype)
         for index, (piece,) in _chunks(x, out.view(-1)):
             torch.index_select(values, 0, index, out=piece)
@@ -365,7 +369,7 @@ class _TableGELU(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         _, slopes = _gelu_tables(x.dtype)
         if torch.compiler.is_compiling():
-            return (slopes.index_select(0, x.reshape(-1).view(torch.uint16).long()).view(x.shape) * grad).to(grad.dtype)
+            return (slopes.index_select(0, _bits(x).long()).view(x.shape) * grad).to(grad.dtype)
         out = torch.empty(x.shape, dtype=grad.dtype)
         slope = torch.empty(min(x.numel(), TABLE_GELU_CHUNK))  # fp32
         for index, (g, piece) in _chunks(x, grad.reshape(-1), out.view(-1)):
