@@ -140,17 +140,25 @@ def decode(raw, encoding="auto"):
             return raw.decode(encoding, errors="surrogateescape"), encoding
         except LookupError:
             raise _unknown_encoding(encoding) from None
+    codec, text = _first_fit(raw)
+    if text is None:
+        text = raw.decode(codec, errors="surrogateescape")
+    return text, "utf-8" if codec == "utf-8-sig" else codec
+
+
+def _first_fit(raw, final=True):
+    """(codec, text): the codec "auto" reads `raw` with — UTF-16 / UTF-32 after their byte-order mark, else
+    UTF-8 (a BOM dropped) when the bytes decode as it, else GB18030 likewise, else UTF-8 — and the text
+    when decoding it already produced it (None otherwise). `final=False`: `raw` may end inside a character."""
     for bom, codec in _BOMS:
         if raw.startswith(bom):
-            return raw.decode(codec, errors="surrogateescape"), codec
-    try:
-        return raw.decode("utf-8-sig"), "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:
-        return raw.decode("gb18030"), "gb18030"
-    except UnicodeDecodeError:
-        return raw.decode("utf-8-sig", errors="surrogateescape"), "utf-8"
+            return codec, None
+    for codec in ("utf-8-sig", "gb18030"):
+        try:
+            return codec, codecs.getincrementaldecoder(codec)().decode(raw, final=final)
+        except UnicodeDecodeError:
+            pass
+    return "utf-8-sig", None
 
 
 def _unknown_encoding(encoding):
@@ -219,16 +227,7 @@ def sniff_encoding(path, sample=SNIFF_BYTES):
     UTF-16 / UTF-32 after their byte-order mark, else UTF-8 (a BOM dropped), else GB18030."""
     with open(path, "rb") as f:
         raw = f.read(sample)
-    for bom, codec in _BOMS:
-        if raw.startswith(bom):
-            return codec
-    for codec in ("utf-8-sig", "gb18030"):
-        try:  # not final unless the whole file was read: the sample may end inside a character
-            codecs.getincrementaldecoder(codec)().decode(raw, final=len(raw) < sample)
-            return codec
-        except UnicodeDecodeError:
-            pass
-    return "utf-8-sig"
+    return _first_fit(raw, final=len(raw) < sample)[0]  # the sample may end inside a character
 
 
 def text_lines(path, encoding="auto", errors="replace"):
