@@ -22,7 +22,7 @@ REGRESSION_COLUMNS = (("test mse", ("test", "mse")), ("test mae", ("test", "mae"
                       ("val r2", ("val", "r2")))
 LM_COLUMNS = (("val loss", ("val", "loss")), ("val perplexity", ("val", "perplexity")),
               ("val token acc", ("val", "accuracy")), ("test perplexity", ("test", "perplexity")))
-LM_TASKS = ("causal_lm", "masked_lm")
+LM_TASKS = ("causal_lm", "masked_lm")  # danlu.training.tasks.LM_TASKS, named here so compare never imports torch
 
 
 def read_run_summary(path):
