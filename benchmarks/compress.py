@@ -85,7 +85,7 @@ def _train_teacher(out_root, quick, config=CONFIG, name="teacher", epochs=3):
 
 
 def _compress(teacher, recipe, out, quick):
-    from danlu.compress import compress_run
+    from danlu.jobs.compress import compress_run
 
     return compress_run(teacher, recipe, out=out, quick=quick, overwrite=True)
 

@@ -91,7 +91,7 @@ def write_data(folder, scale=1.0):
 
 
 def run_danlu(paths, epochs, device, seed=HYPER["seed"], bucket=True):
-    from danlu.finetune import finetune
+    from danlu.jobs.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

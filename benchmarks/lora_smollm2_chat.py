@@ -37,7 +37,7 @@ def score(answers, expected):
 
 def run(args):
     from danlu.data.chat import read_chat
-    from danlu.finetune import finetune
+    from danlu.jobs.finetune import finetune
     from danlu.runs import load_run
 
     tests = read_chat(os.path.join(HERE, os.pardir, "configs", "data", "answer_format_test.jsonl"))
@@ -52,10 +52,10 @@ def run(args):
 
         template = load_template(run.path)
         after = replies(run.model, run.tokenizer, template, questions)
-        from danlu.finetune import load_base
+        from danlu.runs.load import load_base
 
         base = load_base(run.cfg.finetune.base)
-        from danlu.models.convert import Imported
+        from danlu.runs.import_checkpoint import Imported
 
         plain = Imported(base.model_config, base.weights, base.tokenizer, base.chat_template, "gguf").build().eval()
         before = replies(plain, base.tokenizer, template, questions)

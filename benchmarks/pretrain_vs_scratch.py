@@ -38,9 +38,9 @@ def add_arguments(parser):
 
 def run(args):
     from danlu import config as config_mod
-    from danlu.finetune import finetune
-    from danlu.pipeline import train
-    from danlu.pretrain import pretrain
+    from danlu.jobs.finetune import finetune
+    from danlu.jobs.train import train
+    from danlu.jobs.pretrain import pretrain
 
     steps = 20 if args.quick else args.finetune_steps
     limit = 2000 if args.quick else 0
@@ -92,12 +92,12 @@ def reinitialised(run_dir, out):
 
     from danlu.files import save_weights
     from danlu.models import build_model
-    from danlu.runs import _spec, load_run
+    from danlu.runs import load_run, run_spec
 
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("checkpoints"))
     run = load_run(out)
     torch.manual_seed(0)
-    save_weights(os.path.join(out, "model.safetensors"), build_model(run.cfg.model, _spec(run.cfg, run.tokenizer, run.labels)))
+    save_weights(os.path.join(out, "model.safetensors"), build_model(run.cfg.model, run_spec(run.cfg, run.tokenizer, run.labels)))
     return out
 
 

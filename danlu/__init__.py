@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def train(config=None, *overrides, **kwargs):
-    """Train, evaluate and save a run from a YAML config; see danlu.pipeline.train."""
-    from danlu.pipeline import train as _train
+    """Train, evaluate and save a run from a YAML config; see danlu.jobs.train.train."""
+    from danlu.jobs.train import train as _train
 
     return _train(config, *overrides, **kwargs)
 
@@ -20,6 +20,14 @@ def load(path, device="cpu"):
     from danlu.runs import load_run
 
     return load_run(path, device)
+
+
+def evaluate(run, data, **data_overrides):
+    """Metrics of a run (a Run or its directory) on a labelled file, or a language model's on a corpus."""
+    from danlu.jobs.evaluate import evaluate_run
+    from danlu.runs import load_run
+
+    return evaluate_run(run if hasattr(run, "model") else load_run(run), data, **data_overrides)
 
 
 def __getattr__(name):  # lazy: `import danlu` stays cheap and free of side effects

@@ -19,7 +19,7 @@ from danlu.registry import ConfigError
 
 
 def cmd_train(args):
-    from danlu.pipeline import train
+    from danlu.jobs.train import train
 
     from danlu.training.distributed import is_main
 
@@ -30,22 +30,13 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from danlu.files import atomic_write_json
+    from danlu.jobs.evaluate import evaluate_run
     from danlu.runs import load_run
-    from danlu.training.tasks import LM_TASKS
 
     run = load_run(args.run, device=args.device)
     overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
-    metrics = run.evaluate(args.data, **overrides)
     out_dir = os.path.join(run.path, "eval", _stem(args.data))
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_json(os.path.join(out_dir, "metrics.json"), {"data": os.path.abspath(args.data), **metrics})
-    try:
-        from danlu.evaluate.report import write_eval_report
-    except ImportError:
-        write_eval_report = None
-    if write_eval_report is not None and run.cfg.task not in LM_TASKS:  # a language model: metrics.json only
-        write_eval_report(run, args.data, metrics, out_dir, **overrides)
+    metrics = evaluate_run(run, args.data, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
     print(f"written to {out_dir}")
 
@@ -90,17 +81,15 @@ def cmd_compare(args):
 
 def cmd_info(args):
     from danlu.models import count_parameters
-    from danlu.runs import load_run
+    from danlu.runs import load_run, weights_file
 
     run = load_run(args.run)
     cfg = run.cfg
-    weights = next(p for p in (os.path.join(run.path, n) for n in ("model.safetensors", "adapter.safetensors"))
-                   if os.path.exists(p))  # a LoRA run keeps only its adapter (and the base's path)
-    size = os.path.getsize(weights)
+    size = os.path.getsize(weights_file(run.path))  # a LoRA run keeps only its adapter (and the base's path)
     print(f"run:        {run.path}")
     print(f"task:       {cfg.task}")
     print(f"model:      {cfg.model.kind}, {count_parameters(run.model):,} parameters, {size / 1e6:.2f} MB on disk")
-    language_model = cfg.task in ("causal_lm", "masked_lm")
+    language_model = run.language_model
     if language_model:  # a corpus of token blocks, trained for a number of steps
         print(f"data:       {cfg.data.train} (blocks of {cfg.data.block_size} tokens)")
         print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}")
@@ -125,7 +114,7 @@ def cmd_info(args):
 def cmd_pretrain(args):
     import shlex
 
-    from danlu.pretrain import pretrain
+    from danlu.jobs.pretrain import pretrain
 
     command = "danlu pretrain " + shlex.join([args.config, *args.overrides] + (["--resume"] if args.resume else []))
     run = pretrain(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite, command=command)
@@ -161,7 +150,8 @@ def cmd_generate(args):
 
 
 def cmd_finetune(args):
-    from danlu.finetune import export_merged, finetune
+    from danlu.jobs.finetune import finetune
+    from danlu.runs.load import export_merged
 
     if args.merge:
         print(f"merged run written to {export_merged(args.config, args.merge)}")
@@ -238,7 +228,7 @@ def cmd_export(args):
 
 
 def cmd_compress(args):
-    from danlu.compress import compress_run
+    from danlu.jobs.compress import compress_run
 
     run = compress_run(args.run, args.recipe, out=args.out, quick=args.quick, measure=not args.no_scorecard,
                        overwrite=args.overwrite)

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from danlu.registry import ConfigError, resolve
-
-TASKS = ("classification", "regression", "causal_lm", "masked_lm")
+from danlu.registry import TASKS, ConfigError, resolve
 
 
 @dataclass(frozen=True)

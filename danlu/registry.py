@@ -1,4 +1,7 @@
-"""Plain-dict registries: `resolve(kind, table, what)` looks a name up and says what exists when it fails."""
+"""Plain-dict registries: `resolve(kind, table, what)` looks a name up and says what exists when it fails;
+`TASKS`, the one table of task names.
+"""
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -16,3 +19,34 @@ def resolve(kind, table, what="kind"):
     except KeyError:
         valid = ", ".join(sorted(table))
         raise ConfigError(f"{what}: unknown value {kind!r}; expected one of: {valid}") from None
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What every layer may know of a task by its name; its loss and metrics live in danlu.training.tasks."""
+
+    name: str
+    verb: str
+    """The command that trains it from scratch: train or pretrain."""
+    language_model: bool = False
+    """Scored per token (loss, perplexity); predict refuses it, generate / evaluate on a corpus take it."""
+    finetune: bool = False
+    """`danlu finetune` can start it from a pretrained base."""
+    description: str = ""
+
+
+TASKS = {t.name: t for t in (
+    TaskKind("classification", "train", finetune=True, description="texts -> one of several classes (cross-entropy)"),
+    TaskKind("regression", "train", description="texts -> a number (mean squared error)"),
+    TaskKind("causal_lm", "pretrain", language_model=True, finetune=True,
+             description="next-token prediction (GPT); chat fine-tuning"),
+    TaskKind("masked_lm", "pretrain", language_model=True, description="masked-token prediction (BERT)"),
+)}
+"""Every task by name: the config, the jobs, the CLI, compare and serve read this one table."""
+
+
+def tasks_for(verb):
+    """Names of the tasks that `verb` (train, pretrain, finetune) takes."""
+    if verb == "finetune":
+        return tuple(name for name, t in TASKS.items() if t.finetune)
+    return tuple(name for name, t in TASKS.items() if t.verb == verb)

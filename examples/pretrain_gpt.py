@@ -9,7 +9,7 @@ from pathlib import Path
 
 import danlu
 from danlu.generation import generate
-from danlu.pretrain import pretrain
+from danlu.jobs.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--corpus", default="zh_peoples_daily", help="a .txt / .jsonl file, a folder, or a built-in corpus")
@@ -33,6 +33,6 @@ print(args.prompt + generate(run.model, run.tokenizer, [args.prompt], max_new_to
 
 # 3. score other text with the run's own tokenizer (danlu evaluate RUN --data FILE)
 if args.score:
-    scored = danlu.load(run.path).evaluate(args.score)
+    scored = danlu.evaluate(run.path, args.score)
     print(f"{args.score}: perplexity {scored['perplexity']:.1f} over {scored['count']:,} tokens")
 print("report:", Path(run.path) / "report.md")

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from danlu.models.convert import import_checkpoint, unpermute_rope
+from danlu.runs.import_checkpoint import import_checkpoint, unpermute_rope
 
 MIXED = ["A man is eating food. 一个人在吃饭。", "The weather in 北京 is nice today, isn't it?",
          "深度学习 (deep learning) makes 模型 better."]

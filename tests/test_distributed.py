@@ -275,7 +275,7 @@ def test_gpt_pretraining_on_two_processes_matches_one(tmp_path):
     equals one process's with DDP and with FSDP."""
     from test_pretrain import lm_config, write_corpus
 
-    from danlu.pretrain import pretrain
+    from danlu.jobs.pretrain import pretrain
 
     corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
     cfg = lm_config(corpus, tmp_path / "unused", max_steps=6, eval_every=1, eval_batches=1, batch_size=8)

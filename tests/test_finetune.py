@@ -12,7 +12,8 @@ from danlu import config as config_mod
 from danlu.chat_template import DEFAULT_TEMPLATE
 from danlu.data import TextTokenizer
 from danlu.data.chat import encode_chat, read_chat, to_messages
-from danlu.finetune import export_merged, finetune
+from danlu.jobs.finetune import finetune
+from danlu.runs.load import export_merged
 from danlu.runs import load_run
 from danlu.serve.tiny_runs import language_model_run, reviews
 from danlu.training.tasks import IGNORE

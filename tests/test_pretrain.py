@@ -17,7 +17,7 @@ from danlu.cli import main
 from danlu.files import load_tensors
 from danlu.models.bert import BERT
 from danlu.models.gpt import GPT
-from danlu.pretrain import pretrain
+from danlu.jobs.pretrain import pretrain
 from danlu.registry import ConfigError
 from danlu.training.tasks import IGNORE, CausalLMTask, LanguageModelMetrics, MaskedLMTask, mask_tokens
 
@@ -181,7 +181,7 @@ def test_pretrain_bert_masked_lm(tmp_path):
     loaded = danlu.load(run.path)
     assert isinstance(loaded.model, BERT) and loaded.task.name == "masked_lm"
     assert "Masked-token predictions" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
-    held_out = loaded.evaluate(write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
+    held_out = danlu.evaluate(loaded, write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
     assert held_out["count"] > 0 and held_out["loss"] < rows[0]["val_loss"]
     with pytest.raises(ConfigError, match="a masked language model is a backbone: fine-tune it"):
         loaded.predict(["the king"])
@@ -201,7 +201,7 @@ def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):
     scrambled = tmp_path / "scrambled.txt"
     scrambled.write_text("".join(np.random.default_rng(0).permutation(list(text))), encoding="utf-8")
     loaded = danlu.load(run.path)
-    good, bad = loaded.evaluate(similar), loaded.evaluate(scrambled)
+    good, bad = danlu.evaluate(loaded, similar), danlu.evaluate(loaded, scrambled)
     assert good["perplexity"] == pytest.approx(math.exp(good["loss"])) and good["perplexity"] < bad["perplexity"] / 3
     stream = len(loaded.tokenizer.tokenizer_.encode(text).ids) + 1  # one document, then </s>
     assert good["count"] == (stream - 1) // 32 * 32  # every whole window of 32 predicted tokens, not a sample
@@ -235,7 +235,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no final checkpoint
         return original(self, model, batch)
     tasks.CausalLMTask.loss = loss
-    from danlu.pretrain import pretrain
+    from danlu.jobs.pretrain import pretrain
     pretrain(sys.argv[1], resume="--resume" in sys.argv)
 """)
 

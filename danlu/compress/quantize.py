@@ -32,7 +32,7 @@ from danlu.registry import ConfigError
 # ----------------------------------------------------------------------------------------- dynamic int8
 
 
-def _ao():
+def ao_modules():
     with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao
         warnings.simplefilter("ignore", DeprecationWarning)
         import torch.ao.nn.quantized.dynamic as qdynamic
@@ -44,7 +44,7 @@ def quantize_dynamic_int8(model, layers=("linear", "lstm"), skip=(), inplace=Fal
     """A copy of `model` (or `model` itself, `inplace`) with its nn.Linear (and nn.LSTM) layers dynamically
     quantized to int8. `skip`: names of modules to keep in fp32 (e.g. ("head",)). `scheme`: one scale per
     weight matrix (`per_tensor`, about 10% faster in fbgemm) or per output row (`per_channel`, closer)."""
-    quantization, _ = _ao()
+    quantization, _ = ao_modules()
     unknown = set(layers) - {"linear", "lstm"}
     if unknown:
         raise ConfigError(f"quantize layers: unknown {sorted(unknown)}; expected linear, lstm")
@@ -64,8 +64,8 @@ def quantize_dynamic_int8(model, layers=("linear", "lstm"), skip=(), inplace=Fal
         return quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
-def _dynamic_modules(model):
-    _, qdynamic = _ao()
+def dynamic_modules(model):
+    _, qdynamic = ao_modules()
     for name, module in model.named_modules():
         if isinstance(module, (qdynamic.Linear, qdynamic.LSTM)):
             yield name, module
@@ -87,24 +87,25 @@ def _repack(tensors, key):
     return torch._make_per_tensor_quantized_tensor(tensors[key], float(scale), int(zero))
 
 
-def _weights_and_biases(module):
-    """{name: quantized weight or float bias} of a dynamic Linear or LSTM."""
-    _, qdynamic = _ao()
-    if isinstance(module, qdynamic.Linear):
-        w, b = module._weight_bias()
-        return {"weight": w, **({"bias": b} if b is not None else {})}
-    values = module._weight_bias()
-    return {**values["weight"], **values["bias"]}
+def weights_and_biases(module):
+    """{name: quantized weight or float bias} of a dynamic Linear or LSTM or a static int8 layer. torch keeps
+    them behind its private `_weight_bias`; this is the one place in danlu that calls it."""
+    _, qdynamic = ao_modules()
+    if isinstance(module, qdynamic.LSTM):
+        values = module._weight_bias()
+        return {**values["weight"], **values["bias"]}
+    w, b = module._weight_bias()
+    return {"weight": w, **({"bias": b} if b is not None else {})}
 
 
 def quantized_state_dict(model):
     """A state dict of plain tensors (safetensors can store it) for any model, quantized or not: each
     dynamic int8 weight becomes `<name>` (int8), `<name>_scale` and `<name>_zero_point`."""
     out, prefixes = {}, []
-    for name, module in _dynamic_modules(model):
+    for name, module in dynamic_modules(model):
         p = name + "."
         prefixes.append(p)
-        for key, t in _weights_and_biases(module).items():
+        for key, t in weights_and_biases(module).items():
             out.update(_unpack(t, p + key) if t.is_quantized else {p + key: t.detach().float()})
     for key, value in model.state_dict().items():
         if isinstance(value, torch.Tensor) and not any(key.startswith(p) for p in prefixes):
@@ -115,7 +116,7 @@ def quantized_state_dict(model):
 def load_quantized_state(model, tensors, where="weights"):
     """Load a `quantized_state_dict` into a model of the same structure; strict: names missing and
     unexpected keys and wrong shapes. Returns the model."""
-    _, qdynamic = _ao()
+    _, qdynamic = ao_modules()
     expected = quantized_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -126,17 +127,17 @@ def load_quantized_state(model, tensors, where="weights"):
         if tuple(expected[key].shape) != tuple(t.shape):
             raise ConfigError(f"{where}: {key} has shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)}")
     done = set()
-    for name, module in list(_dynamic_modules(model)):
+    for name, module in list(dynamic_modules(model)):
         p = name + "."
         values = {}
-        for key, t in _weights_and_biases(module).items():
+        for key, t in weights_and_biases(module).items():
             values[key] = _repack(tensors, p + key) if t.is_quantized else tensors[p + key]
             done.update(k for k in (p + key, p + key + "_scale", p + key + "_zero_point") if k in tensors)
         if isinstance(module, qdynamic.Linear):
             module.set_weight_bias(values["weight"], values.get("bias"))
         else:
             module.set_weight_bias(values)
-    for name, module in _static_modules(model):  # static int8 layers load their own (repacked) state
+    for name, module in static_modules(model):  # static int8 layers load their own (repacked) state
         p = name + "."
         own = module.state_dict()  # keys relative to the module
         state = {k: (_repack(tensors, p + k) if v is not None and v.is_quantized else tensors.get(p + k)) for k, v in own.items()}
@@ -150,11 +151,11 @@ def load_quantized_state(model, tensors, where="weights"):
     return model
 
 
-def _static_modules(model):
+def static_modules(model):
     """Statically quantized layers (torch.ao.nn.quantized Conv / Linear), whose weights are packed."""
     import torch.ao.nn.quantized as nnq
 
-    _, qdynamic = _ao()
+    _, qdynamic = ao_modules()
     for name, module in model.named_modules():
         if isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Linear)) and not isinstance(module, qdynamic.Linear):
             yield name, module
@@ -168,7 +169,7 @@ def quantize_static_int8(model, calibration, skip=()):
     quantization, Jacob et al. 2018): each nn.Conv1d is wrapped as quantize -> int8 conv -> dequantize,
     and the activation scales come from running `calibration` (an iterable of model argument tuples,
     e.g. a few hundred training examples) through observers. For CNNs (TextCNN); CPU only."""
-    quantization, _ = _ao()
+    quantization, _ = ao_modules()
     model = copy.deepcopy(model).cpu().eval()
     qconfig = quantization.get_default_qconfig(torch.backends.quantized.engine)
     for name, module in list(model.named_modules()):

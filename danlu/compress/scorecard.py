@@ -46,7 +46,7 @@ ROWS = [  # key, label, which way is better
 
 def model_stats(model):
     """parameters (stored weight elements) and linear_weights_mb, for float and quantized models alike."""
-    from danlu.compress.quantize import QuantLinear, _ao, _dynamic_modules
+    from danlu.compress.quantize import QuantLinear, ao_modules, dynamic_modules, static_modules, weights_and_biases
 
     count = sum(p.numel() for p in model.parameters())
     linear_bytes = 0
@@ -57,22 +57,19 @@ def model_stats(model):
         elif isinstance(m, QuantLinear):
             count += m.in_features * m.out_features
             linear_bytes += m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * m.scales.element_size()
-    from danlu.compress.quantize import _static_modules
-
-    for name, m in _static_modules(model):  # static int8 (convolutions): 1 byte a weight
-        w, b = m._weight_bias()
-        count += w.numel() + (b.numel() if b is not None else 0)
-    _, qdynamic = _ao()
-    for name, m in _dynamic_modules(model):
+    for name, m in static_modules(model):  # static int8 (convolutions): 1 byte a weight
+        count += sum(t.numel() for t in weights_and_biases(m).values())
+    _, qdynamic = ao_modules()
+    for name, m in dynamic_modules(model):
         if isinstance(m, qdynamic.Linear):
-            w, b = m._weight_bias()
-            count += w.numel() + (b.numel() if b is not None else 0)
+            parts = weights_and_biases(m)
+            w = parts["weight"]
+            count += sum(t.numel() for t in parts.values())
             per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
             scales = w.q_per_channel_scales().numel() if per_channel else 1
             linear_bytes += w.numel() + 8 * scales  # int8 values + a scale and zero point per channel
         else:  # LSTM
-            values = m._weight_bias()
-            count += sum(t.numel() for part in values.values() for t in part.values())
+            count += sum(t.numel() for t in weights_and_biases(m).values())
     return {"parameters": count, "linear_weights_mb": linear_bytes / 1e6}
 
 

@@ -17,7 +17,7 @@ from danlu.data.spec import DataSpec
 from danlu.data.tokenizer import TextTokenizer
 
 __all__ = ["DataBundle", "DataError", "DataSpec", "TextDataset", "TextTokenizer", "build_data", "encode_examples",
-           "read_split", "iterate", "num_batches"]
+           "encode_splits", "label_set", "read_split", "read_splits", "iterate", "num_batches"]
 
 
 @dataclass
@@ -35,16 +35,19 @@ class DataBundle:
 def build_data(cfg, task="classification", seed=0) -> DataBundle:
     """Read, split, fit the tokenizer on the training split, encode every split."""
     numeric = task == "regression"
-    splits = _read_splits(cfg, seed, numeric)
-    if cfg.limit:
-        splits = {k: Examples(v.texts[: cfg.limit], v.labels[: cfg.limit], v.origins[: cfg.limit], v.skipped) for k, v in splits.items()}
-    labels = () if numeric else _label_set(splits["train"].labels)
+    splits = read_splits(cfg, seed, numeric)
     tc = cfg.tokenizer
     tokenizer = TextTokenizer(tc.kind, tc.vocab_size, tc.min_frequency, tc.max_length, tc.lowercase).fit(splits["train"].texts)
+    return encode_splits(splits, tokenizer, numeric)
+
+
+def encode_splits(splits, tokenizer, numeric=False) -> DataBundle:
+    """Splits (name -> Examples) encoded with `tokenizer`, the label map taken from the training split."""
+    labels = () if numeric else label_set(splits["train"].labels)
     encoded = {name: encode_examples(ex, tokenizer, labels, numeric) for name, ex in splits.items()}
     spec = make_spec(tokenizer, labels, numeric)
     skipped = sum(ex.skipped for ex in splits.values())
-    return DataBundle(encoded["train"], encoded["val"], encoded["test"], splits, tokenizer, labels, spec, skipped)
+    return DataBundle(encoded["train"], encoded.get("val"), encoded.get("test"), splits, tokenizer, labels, spec, skipped)
 
 
 def make_spec(tokenizer, labels, numeric=False):
@@ -87,7 +90,9 @@ def encode_examples(examples, tokenizer, labels, numeric=False) -> TextDataset:
     return TextDataset(ids, targets, tokenizer.pad_id)
 
 
-def _read_splits(cfg, seed, numeric):
+def read_splits(cfg, seed, numeric=False):
+    """train / val / test Examples as `data.*` names them: a built-in set's own split, files, or a seeded
+    split of `data.train`; the first `data.limit` examples of each when a limit is set."""
     builtin = cfg.train in CLASSIFICATION_DATASETS and not os.path.exists(cfg.train)
     if builtin:
         splits = CLASSIFICATION_DATASETS[cfg.train]()
@@ -101,6 +106,9 @@ def _read_splits(cfg, seed, numeric):
     for name in ("val", "test"):
         if getattr(cfg, name):
             splits[name] = read_split(getattr(cfg, name), cfg, numeric)
+    if cfg.limit:
+        n = cfg.limit
+        splits = {k: Examples(v.texts[:n], v.labels[:n], v.origins[:n], v.skipped) for k, v in splits.items()}
     return splits
 
 
@@ -121,7 +129,8 @@ def _split(ex, seed, val_fraction, test_fraction):
     return out
 
 
-def _label_set(labels):
+def label_set(labels):
+    """The class names of a training split, in class-id order (numeric names sorted as numbers)."""
     unique = set(labels)
     try:
         return tuple(sorted(unique, key=float))

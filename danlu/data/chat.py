@@ -23,7 +23,7 @@ import torch
 
 from danlu.chat_template import render_chat
 from danlu.data.sources import DataError, jsonl_records
-from danlu.training.tasks import IGNORE
+from danlu.data.spec import IGNORE
 
 
 def read_chat(path, system="", encoding="auto"):

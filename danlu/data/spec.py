@@ -1,6 +1,9 @@
 """DataSpec: what the data tells the model about its shape, once."""
 from dataclasses import dataclass, field
 
+IGNORE = -100
+"""The label of a position without a target (cross_entropy's ignore_index)."""
+
 
 @dataclass(frozen=True)
 class DataSpec:

@@ -14,7 +14,7 @@ import os
 
 import yaml
 
-from danlu.registry import ConfigError
+from danlu.registry import TASKS, ConfigError
 
 CLASSIFICATION_COLUMNS = (("test acc", ("test", "accuracy")), ("test macro F1", ("test", "macro", "f1")),
                           ("test loss", ("test", "loss")), ("val acc", ("val", "accuracy")))
@@ -22,7 +22,6 @@ REGRESSION_COLUMNS = (("test mse", ("test", "mse")), ("test mae", ("test", "mae"
                       ("val r2", ("val", "r2")))
 LM_COLUMNS = (("val loss", ("val", "loss")), ("val perplexity", ("val", "perplexity")),
               ("val token acc", ("val", "accuracy")), ("test perplexity", ("test", "perplexity")))
-LM_TASKS = ("causal_lm", "masked_lm")  # danlu.training.tasks.LM_TASKS, named here so compare never imports torch
 
 
 def read_run_summary(path):
@@ -54,7 +53,7 @@ def compare_runs(paths, out="compare.png"):
     runs = [read_run_summary(p) for p in paths]
     names = _unique_names(runs)
     regression = all(r["task"] == "regression" for r in runs)
-    language_models = all(r["task"] in LM_TASKS for r in runs)  # trained in steps over token windows
+    language_models = all(r["task"] in TASKS and TASKS[r["task"]].language_model for r in runs)  # trained in steps over windows
     columns = LM_COLUMNS if language_models else REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
     extra = ["steps", "train s", "tokens/s", "MFU"] if language_models else ["best epoch", "epochs", "train s", "samples/s"]
     header = ["run", "model", "params"] + [c for c, _ in columns] + extra

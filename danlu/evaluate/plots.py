@@ -163,3 +163,23 @@ def _save(fig, path):
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)  # a reader never sees half a PNG
     return path
+
+
+def plot_step_curves(rows, plots_dir):
+    """A language model's loss and perplexity per optimizer step, train and validation:
+    [("loss", plots/loss.png), ("perplexity", plots/perplexity.png)]."""
+    steps = [r["step"] for r in rows]
+    out = []
+    for key, log in (("loss", False), ("perplexity", True)):
+        with plot_style():
+            fig = new_figure(7, 4)
+            ax = fig.subplots()
+            for split, color in (("train", "#1f77b4"), ("val", "#d62728")):
+                _series(ax, steps, rows, f"{split}_{key}", "train" if split == "train" else "validation", color)
+            if log and any(r.get("val_perplexity") for r in rows):
+                ax.set_yscale("log")
+            ax.set(xlabel="optimizer step", ylabel=key, title=f"{key} (per {'token' if not log else 'token, exp of loss'})")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+            out.append((key, _save(fig, os.path.join(plots_dir, f"{key}.png"))))
+    return out

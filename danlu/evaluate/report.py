@@ -3,7 +3,9 @@
 Sections: config summary, data summary (counts per split, class balance, text lengths), training
 curves, metrics table, confusion matrix, per-class F1, the most confident mistakes, timing and
 model size. `danlu train` writes one into the run directory; `danlu evaluate RUN --data FILE` writes
-one into `RUN/eval/<file stem>/`.
+one into `RUN/eval/<file stem>/`. A language model's report (pretraining, chat fine-tuning) has its own
+sections: a summary, loss and perplexity curves per optimizer step, and generated samples (causal LM)
+or masked-token predictions (masked LM).
 
 Mistakes are gathered while the evaluation streams, in a heap bounded to the k most confident
 (as `heapq.nlargest` does), so the report costs O(k) memory however large the data is.
@@ -24,6 +26,7 @@ import time
 import torch
 
 from danlu.files import atomic_write_text
+from danlu.registry import TASKS
 
 TOP_MISTAKES = 10
 
@@ -74,14 +77,25 @@ def _scalar(t):
 
 
 # ------------------------------------------------------------------------------------------------
-# the two entry points
+# the entry points
 
 
-def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=None, eval_seconds=None):
-    """Plots and report of a freshly trained run, into the run directory. `mistakes` (a ConfidentMistakes
-    filled while the test metrics were computed) and `eval_seconds` spare a second pass over the test set."""
-    plots = os.path.join(run.path, "plots")
+def mistakes_collector(task, k=TOP_MISTAKES):
+    """What the report gathers during a run's final test pass: the most confident mistakes of a classifier or
+    the largest errors of a regressor (None for tasks whose report has no such section)."""
+    if task in ("classification", "regression"):
+        return ConfidentMistakes(k, task == "regression")
+    return None
+
+
+def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=None, eval_seconds=None, command=None):
+    """report.md, report.html and plots/ of a freshly trained run, with the sections of its task: language
+    models get loss / perplexity curves and samples, classifiers and regressors the metrics, confusion matrix
+    and mistakes. `mistakes` (filled while the test metrics were computed) spares a second pass."""
     rows = list(history)
+    if TASKS[run.cfg.task].language_model:
+        return _write(_language_model_blocks(run, data, rows, command), run.path)
+    plots = os.path.join(run.path, "plots")
     regression = run.cfg.task == "regression"
     test = run.metrics.get("test")
     if mistakes is None or test is None:
@@ -96,6 +110,7 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
     figures.update(_metric_figures(test, plots, "test"))
     blocks = [("h1", f"Run report: {os.path.basename(os.path.normpath(run.path))}"),
               ("p", f"Run directory `{run.path}`; written {time.strftime('%Y-%m-%d %H:%M')}.")]
+    blocks += [("code", command)] if command else []
     blocks += _config_section(run)
     blocks += _data_section(run, data.examples, {"train": data.train, "val": data.val, "test": data.test},
                             figures["lengths"], data.skipped)
@@ -106,18 +121,10 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
     return _write(blocks, run.path)
 
 
-def write_eval_report(run, data_path, metrics, out_dir, **data_overrides):
-    """Plots and report of a run evaluated on a labelled file, into `out_dir` (RUN/eval/<file stem>/)."""
-    from danlu.data import encode_examples, read_split
-
+def write_eval_report(run, data_path, metrics, out_dir, examples, dataset, mistakes, eval_seconds):
+    """Plots and report of a run evaluated on a labelled file (`examples`, encoded as `dataset`), into `out_dir`
+    (RUN/eval/<file stem>/); `mistakes` were gathered while `metrics` were computed."""
     regression = run.cfg.task == "regression"
-    data_cfg = dataclasses.replace(run.cfg.data, **data_overrides)
-    examples = read_split(data_path, data_cfg, numeric=regression)
-    dataset = encode_examples(examples, run.tokenizer, run.labels, regression)
-    mistakes = ConfidentMistakes(TOP_MISTAKES, regression)
-    started = time.perf_counter()
-    run.trainer().evaluate(dataset, on_batch=mistakes.update)
-    eval_seconds = time.perf_counter() - started
     plots = os.path.join(out_dir, "plots")
     rows = _read_history(run.path)
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
@@ -271,6 +278,101 @@ def _timing_section(run, rows, eval_seconds, eval_count):
 
 
 # ------------------------------------------------------------------------------------------------
+# language models
+
+SAMPLE_PROMPTS = 4
+
+
+def _language_model_blocks(run, corpus, rows, command, max_new_tokens=120):
+    cfg, metrics = run.cfg, run.metrics
+    figures = _plot("plot_step_curves", rows, os.path.join(run.path, "plots"))
+    blocks = [("h1", f"{'Pretraining' if 'corpus' in metrics else 'Fine-tuning'} report: "
+                     f"{os.path.basename(os.path.normpath(run.path))}")]
+    blocks += [("code", command)] if command else []
+    val = metrics.get("val") or {}
+    t = cfg.train
+    rows_table = [["task", cfg.task], ["model", f"{cfg.model.kind}, {metrics['parameters']:,} parameters"]]
+    if "corpus" in metrics:
+        c = metrics["corpus"]
+        rows_table += [
+            ["corpus", f"{c['source']}: {c['train_tokens']:,} train / {c['val_tokens']:,} validation tokens"],
+            ["tokenizer", f"{cfg.data.tokenizer.kind}, vocabulary {c['vocab_size']:,}"],
+            ["training", f"{metrics['steps']:,} steps x {t.batch_size * t.grad_accum} windows of {cfg.data.block_size} "
+                         f"tokens = {metrics['tokens_seen']:,} tokens, {metrics['train_seconds'] / 60:.1f} min"],
+            ["hardware", f"{metrics['device']}, {metrics['threads']} threads, precision {t.precision}"],
+            ["throughput", f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} of "
+                           f"{(metrics['peak_flops'] or 0) / 1e9:,.0f} GFLOP/s measured peak"]]
+    else:
+        rows_table += [["base", str(cfg.finetune.base)], ["method", cfg.finetune.method],
+                       ["training", f"{metrics.get('epochs_run', 0)} epochs, {metrics['train_seconds'] / 60:.1f} min, "
+                                    f"{metrics.get('tokens_per_s', 0):,.0f} tokens/s"]]
+    for split in ("val", "test"):
+        m = metrics.get(split) or {}
+        if m:
+            rows_table.append([{"val": "validation", "test": "test"}[split],
+                               f"loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, token accuracy "
+                               f"{m['accuracy']:.1%} ({m['count']:,} tokens)"])
+    blocks += [("table", ["", ""], rows_table), ("h2", "Curves")]
+    blocks += [("image", path, name) for name, path in figures]
+    if corpus is None or not hasattr(corpus, "val"):  # chat data: no held-out text to open samples with
+        return blocks
+    if cfg.task == "causal_lm":
+        from danlu.generation import generate
+
+        prompts = sample_prompts(corpus)
+        settings = dict(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, repetition_penalty=1.1, seed=0)
+        samples = list(zip(prompts, generate(run.model, run.tokenizer, prompts, **settings)))
+        blocks += [("h2", "Samples"),
+                   ("p", f"Prompts are openings of held-out text; {max_new_tokens} new tokens, temperature 0.8, "
+                         "top-k 50, repetition penalty 1.1, seed 0. The prompt is in bold.")]
+        blocks += [("quote", prompt, text) for prompt, text in samples]
+    else:
+        samples = _fill_mask_samples(run, corpus)
+        blocks += [("h2", "Masked-token predictions"),
+                   ("p", "Held-out windows with 15% of the tokens masked; the model's top guess for each masked "
+                         "position."),
+                   ("table", ["original", "masked", "predicted"], [[f"`{c}`" for c in row] for row in samples])]
+    return blocks
+
+
+def sample_prompts(corpus, count=SAMPLE_PROMPTS, tokens=6):
+    """Openings for samples, taken from the held-out text: the first tokens of a few validation windows."""
+    stream = corpus.val or corpus.train
+    n = stream.num_windows(shuffle=False)
+    prompts = []
+    for i in range(count):
+        start = (i * n // count) * stream.block_size
+        ids = [int(t) for t in stream.tokens[start : start + tokens]]
+        text = corpus.tokenizer.decode(ids).strip()
+        if text and text not in prompts:
+            prompts.append(text)
+    return prompts
+
+
+@torch.no_grad()
+def _fill_mask_samples(run, corpus, count=3, length=48):
+    from danlu.training.tasks import mask_tokens
+
+    stream = corpus.val or corpus.train
+    batch = next(stream.batches(count, shuffle=False))
+    ids = batch["input_ids"][:, :length]
+    spec = corpus.spec
+    generator = torch.Generator().manual_seed(0)
+    masked, labels = mask_tokens(ids, spec.mask_id, spec.vocab_size, generator=generator)
+    run.model.eval()
+    device = next(run.model.parameters()).device
+    predicted = run.model(masked.to(device)).argmax(-1).cpu()  # (B, T)
+    filled = torch.where(labels != -100, predicted, ids)
+    tok = run.tokenizer
+    show = lambda row: tok.decode(row, skip_special_tokens=False).replace("\n", " ").replace("`", "'")  # noqa: E731
+    return [(show(ids[i]), show(masked[i]), show(filled[i])) for i in range(len(ids))]
+
+
+def _md_escape(text):
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text)
+
+
+# ------------------------------------------------------------------------------------------------
 # rendering
 
 
@@ -297,6 +399,11 @@ def to_markdown(blocks, base_dir):
             out.append("")
         elif kind == "image" and rest[0]:
             out.append(f"![{rest[1]}]({os.path.relpath(rest[0], base_dir)})\n")
+        elif kind == "code":
+            out.append(f"```\n{rest[0]}\n```\n")
+        elif kind == "quote":  # (bold opening, continuation): a sample of generated text
+            bold = "\n".join(f"**{_md_escape(line)}**" if line.strip() else "" for line in rest[0].split("\n"))
+            out.append(f"> {bold}{_md_escape(rest[1])}".replace("\n", "  \n> ") + "\n")
     return "\n".join(out)
 
 
@@ -317,6 +424,10 @@ def to_html(blocks):
                 data = base64.b64encode(f.read()).decode("ascii")
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(rest[1])}">'
                         f"<figcaption>{html.escape(rest[1])}</figcaption></figure>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
+        elif kind == "quote":
+            body.append(f"<blockquote><b>{html.escape(rest[0])}</b>{html.escape(rest[1])}</blockquote>")
     title = next((rest[0] for kind, *rest in blocks if kind == "h1"), "danlu report")
     return (f'<!DOCTYPE html>\n<html lang="zh"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -324,6 +435,7 @@ def to_html(blocks):
 
 _CSS = ("body{font-family:system-ui,-apple-system,'Noto Sans CJK SC','PingFang SC','Microsoft YaHei',sans-serif;"
         "max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.5}"
+        "blockquote{white-space:pre-wrap;border-left:3px solid #ccc;margin:0.5em 0;padding-left:1em}"
         "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}"
         "figure{margin:1em 0}figcaption{color:#666;font-size:0.9em}code{background:#f3f3f3;padding:0 3px}")

@@ -16,8 +16,7 @@ import torch
 
 from danlu.chat_template import load_template, render_chat, stop_sequences
 from danlu.registry import ConfigError
-
-LM_TASKS = ("causal_lm",)
+from danlu.runs import layout
 
 
 class Predictor:
@@ -29,10 +28,9 @@ class Predictor:
         self.run = run
         self.name = name or os.path.basename(os.path.normpath(run.path)) or "model"
         self.task = run.cfg.task
-        self.kind = "language_model" if self.task in LM_TASKS else "classifier"
+        self.kind = "language_model" if self.task == "causal_lm" else "classifier"  # a masked LM was refused above
         self.labels = tuple(run.labels)
-        weights = [os.path.join(run.path, n) for n in ("model.safetensors", "adapter.safetensors", "config.yaml")]
-        self.created = int(os.path.getmtime(next(w for w in weights if os.path.exists(w))))  # a LoRA run: its adapter
+        self.created = int(os.path.getmtime(layout.weights_file(run.path)))  # a LoRA run: its adapter
         self.chat_template = load_template(run.path) if self.kind == "language_model" else None
         self._counter = None
 

@@ -40,7 +40,7 @@ def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_
 
 def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, **model):
     """Train and save a tiny classifier run; returns the danlu.runs.Run."""
-    from danlu.pipeline import train
+    from danlu.jobs.train import train
 
     os.makedirs(run_dir, exist_ok=True)
     data = os.path.join(run_dir, os.pardir, f"{os.path.basename(os.path.normpath(run_dir))}.csv")

@@ -11,9 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from danlu.evaluate.metrics import ClassificationMetrics, RegressionMetrics
-
-IGNORE = -100  # label of positions without a target (cross_entropy's ignore_index)
+from danlu.data.spec import IGNORE
+from danlu.evaluate.metrics import ClassificationMetrics, LanguageModelMetrics, RegressionMetrics, top1
 
 
 class Task:
@@ -83,34 +82,6 @@ class RegressionTask(Task):
 
 # ---------------------------------------------------------------------------------------------
 # language modelling
-
-
-def top1(logits, labels):
-    """Whether each label has the highest logit (ties count as right): gather + amax, which is several
-    times faster on CPU than comparing with argmax over a large vocabulary."""
-    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (...)
-    return target >= logits.amax(-1)
-
-
-class LanguageModelMetrics:
-    """Streaming token-level cross-entropy, perplexity (exp of the mean loss) and accuracy."""
-
-    def __init__(self):
-        self.loss_sum, self.count, self.correct = 0.0, 0, 0
-
-    @torch.no_grad()
-    def update(self, logits, labels):
-        """logits (..., V); labels (...) int64 with IGNORE where there is no target."""
-        logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
-        valid = labels != IGNORE
-        self.loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
-        self.correct += (top1(logits, labels) & valid).sum().item()
-        self.count += valid.sum().item()
-
-    def compute(self):
-        loss = self.loss_sum / max(self.count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": self.correct / max(self.count, 1),
-                "count": self.count}
 
 
 class _LanguageModelTask(Task):
@@ -228,8 +199,6 @@ class MaskedLMTask(_LanguageModelTask):
         return loss, logits
 
 
-TASKS = {"classification": ClassificationTask, "regression": RegressionTask}
-"""Supervised tasks, run by `danlu train`."""
-LM_TASKS = {"causal_lm": CausalLMTask, "masked_lm": MaskedLMTask}
-"""Language-modelling objectives, run by `danlu pretrain`."""
-ALL_TASKS = {**TASKS, **LM_TASKS}
+TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask,
+         "masked_lm": MaskedLMTask}
+"""The implementation of each task named in danlu.registry.TASKS (tests/test_layering.py checks they match)."""

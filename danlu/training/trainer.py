@@ -35,7 +35,7 @@ from danlu.training.checkpoint import (LAST_FILE, LAST_FOLDER, last_checkpoint, 
                                        remove_other, save_checkpoint, save_sharded)
 from danlu.training.optim import build_optimizer, build_schedule
 from danlu.training.flops import bf16_supported, measure_peak_flops, training_flops_per_token
-from danlu.training.tasks import ALL_TASKS
+from danlu.training.tasks import TASKS
 
 
 class History(list):
@@ -64,7 +64,7 @@ def pick_device(name="auto"):
 class Trainer:
     def __init__(self, model, task, cfg: TrainConfig | None = None, run_dir=None, seed=0, loggers=(), **overrides):
         if isinstance(task, str):
-            task = ALL_TASKS[task](getattr(model, "labels", ()))
+            task = TASKS[task](getattr(model, "labels", ()))
         self.cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
         self.task, self.run_dir, self.seed = task, run_dir, seed
         self.device = dist.local_device(pick_device(self.cfg.device))
@@ -200,7 +200,7 @@ class Trainer:
         loss_sum, count, correct = state["sums"]
         row = {"epoch": epoch, "step": state["step"], **task.train_metrics(loss_sum, count, correct)}
         if val is not None:
-            metrics = self.evaluate(val)
+            metrics = self.evaluate(val, max_batches=cfg.eval_batches)
             row["val_loss"] = metrics["loss"]
             row[f"val_{task.monitor}"] = metrics[task.monitor]
         row.update({"lr": self.scheduler.get_last_lr()[0], f"{task.unit}_per_s": processed / max(seconds, 1e-9)})
@@ -242,8 +242,9 @@ class Trainer:
 
     # -- evaluation and prediction --------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, dataset, batch_size=None, on_batch=None):
-        """Streaming metrics over a dataset (memory does not grow with its size)."""
+    def evaluate(self, dataset, batch_size=None, on_batch=None, max_batches=None):
+        """Streaming metrics over a dataset (memory does not grow with its size); `max_batches`: at most that
+        many batches (None or 0: every one)."""
         self.model.eval()
         metrics = self.task.new_metrics()
         regression = self.task.name == "regression"
@@ -252,8 +253,8 @@ class Trainer:
         else:
             batches = iterate(dataset, batch_size or max(self.cfg.batch_size, 64), dataset.pad_id, shuffle=False,
                               regression=regression)
-        if self.cfg.eval_batches:
-            batches = itertools.islice(batches, self.cfg.eval_batches)
+        if max_batches:
+            batches = itertools.islice(batches, max_batches)
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             _, outputs = self.task.loss(self.model, batch)

@@ -1,0 +1,67 @@
+"""`danlu evaluate RUN --data FILE`: a run scored on data it has not seen, with its own tokenizer and labels.
+
+A classifier or regressor is scored on a labelled file (streaming metrics, the most confident mistakes
+gathered in the same pass, a report in RUN/eval/<file stem>/); a language model on a corpus (file,
+folder or built-in name): loss, perplexity and token accuracy over every window.
+
+>>> metrics = evaluate_run(load_run("runs/mine"), "reviews_2024.csv")   # doctest: +SKIP
+>>> metrics["accuracy"]                                                # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+from danlu.data import encode_examples, read_split
+from danlu.files import atomic_write_json
+from danlu.jobs.pretrain import make_task
+from danlu.registry import TASKS
+from danlu.training.tasks import TASKS as TASK_CLASSES
+from danlu.training.trainer import Trainer
+
+
+def evaluate_run(run, path, out_dir=None, **data_overrides):
+    """Metrics of `run` on `path`; with `out_dir`, also metrics.json and (classifiers) a report there."""
+    data_cfg = dataclasses.replace(run.cfg.data, **data_overrides)
+    device = str(next(run.model.parameters()).device)
+    if TASKS[run.cfg.task].language_model:
+        from danlu.data.corpus import held_out_stream
+
+        trainer = Trainer(run.model, make_task(run.cfg.task, run.spec), run.cfg.train, device=device)
+        with tempfile.TemporaryDirectory(prefix="danlu-eval-") as tokens:
+            stream = held_out_stream(path, run.tokenizer, data_cfg.block_size, run.cfg.task, tokens,
+                                     data_cfg.text_column, data_cfg.encoding)
+            metrics = trainer.evaluate(stream)
+            del stream  # the memory map, before its folder goes
+        _save(out_dir, path, metrics)
+        return metrics
+    regression = run.cfg.task == "regression"
+    examples = read_split(path, data_cfg, numeric=regression)
+    dataset = encode_examples(examples, run.tokenizer, run.labels, regression)
+    trainer = Trainer(run.model, TASK_CLASSES[run.cfg.task](run.labels), run.cfg.train, device=device)
+    mistakes = _collector(run.cfg.task) if out_dir else None
+    started = time.perf_counter()
+    metrics = trainer.evaluate(dataset, on_batch=mistakes.update if mistakes else None)
+    seconds = time.perf_counter() - started
+    _save(out_dir, path, metrics)
+    if mistakes is not None:
+        from danlu.evaluate.report import write_eval_report
+
+        write_eval_report(run, path, metrics, out_dir, examples, dataset, mistakes, seconds)
+    return metrics
+
+
+def _save(out_dir, path, metrics):
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_json(os.path.join(out_dir, "metrics.json"), {"data": os.path.abspath(path), **metrics})
+
+
+def _collector(task):
+    try:
+        from danlu.evaluate.report import mistakes_collector
+    except ImportError:  # matplotlib missing: metrics.json only
+        return None
+    return mistakes_collector(task)

@@ -1,0 +1,186 @@
+"""The one skeleton behind `danlu train`, `pretrain` and `finetune` (and the compress recovery step):
+
+    resolve config → read data, build model (job.plan) → run directory → config / tokenizer / labels
+    → fit → final evaluation → save → report
+
+A job says only what differs: how it reads its data and builds its model (`plan`), what it adds to
+metrics.json (`summarize`) and how it saves its weights (`save`). The rest is written once, here: the
+run directory is replaced only once the new run can start (danlu.runs.RunDirectory), under torchrun
+only rank 0 writes, and the final numbers use every held-out example.
+
+>>> run = run_job(TrainJob(), "configs/seed_lstm.yaml", ["train.epochs=1"])   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from danlu import config as config_mod
+from danlu.models import count_parameters
+from danlu.runs import Run, RunDirectory, save_run, write_run_files
+from danlu.training import distributed as dist
+from danlu.training.trainer import Trainer
+
+
+@dataclass
+class Plan:
+    """What a job has read and built before its run directory is committed to."""
+
+    cfg: object
+    """The config as the job resolved it (fine-tuning takes the base's model config)."""
+    model: torch.nn.Module
+    task: object
+    train: object
+    val: object = None
+    test: object = None
+    tokenizer: object = None
+    labels: tuple = ()
+    files: dict = field(default_factory=dict)
+    """Extra text files of the run, written with the config (name -> text), e.g. a chat template."""
+    checkpoints: bool = True
+    """False: no checkpoints (a LoRA run over a frozen base would write the whole base every epoch)."""
+    data: object = None
+    """What the report shows of the data (a DataBundle, a corpus)."""
+
+
+class Job:
+    """A job's own steps; see the module docstring."""
+
+    name = ""
+
+    def plan(self, cfg, run_dir, resume, say) -> Plan:
+        raise NotImplementedError
+
+    def summarize(self, plan, history, trainer) -> dict:
+        """Job-specific entries of metrics.json."""
+        return {}
+
+    def save(self, run, plan, history):
+        save_run(run.path, run.cfg, run.model, run.tokenizer, run.labels, run.metrics)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_config(config=None, overrides=(), resume=False, **sections):
+    """A RunConfig from a path / run directory / dict / RunConfig, with dotted or keyword overrides."""
+    if isinstance(config, config_mod.RunConfig):
+        if not overrides and not sections:
+            return config
+        config = config_mod.to_dict(config)
+    items = list(overrides) + list(_flatten(sections).items())
+    if config is not None and not isinstance(config, dict) and os.path.isdir(os.fspath(config)):
+        return config_mod.load(os.path.join(config, "config.yaml"), items)
+    # resuming a run started from a config file: its directory is runs/<name>, not a fresh numbered one
+    return config_mod.load(config, items, fresh_dir=not resume)
+
+
+def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, loggers=(), command=None,
+            **sections) -> Run:
+    """Run `job` on a config; save, report and return the Run."""
+    resume = resume or dist.restart_count() > 0  # torchrun --max-restarts: continue from the last checkpoint
+    # under torchrun every rank must name the same run directory: runs/<name>, not a fresh numbered one
+    cfg = resolve_config(config, overrides, resume or dist.launched(), **sections)
+    main = dist.is_main()  # only rank 0 logs and writes the run directory
+    say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    directory = RunDirectory(cfg.run.dir, overwrite=overwrite, resume=resume) if main else None
+    try:
+        seed_everything(cfg.run.seed)
+        plan = job.plan(cfg, cfg.run.dir, resume, say)
+        cfg = plan.cfg
+        if main:
+            write_run_files(cfg.run.dir, cfg, plan.tokenizer, plan.labels, plan.files)
+    except BaseException:
+        if directory is not None:
+            directory.abandon()  # nothing was trained: the old run (if any) comes back
+        raise
+    if directory is not None:
+        directory.started()
+    collector = _collector(cfg.task) if main else None
+    trainer, history, metrics, eval_seconds = fit_and_evaluate(
+        plan, cfg.train, run_dir=cfg.run.dir if plan.checkpoints else None, seed=cfg.run.seed,
+        loggers=_loggers(cfg, loggers), resume=resume, on_test_batch=collector.update if collector else None)
+    rows = list(history)
+    unit = f"{plan.task.unit}_per_s"
+    metrics.update({
+        "parameters": count_parameters(trainer.model),
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "total_seconds": time.perf_counter() - started,
+        unit: _mean([r.get(unit) for r in rows]),
+        **job.summarize(plan, history, trainer),
+    })
+    run = Run(cfg.run.dir, cfg, trainer.model, plan.tokenizer, plan.labels, metrics)
+    if main:
+        job.save(run, plan, rows)
+        _write_report(run, plan, rows, trainer, collector, eval_seconds, command)
+    return run
+
+
+def fit_and_evaluate(plan, train_cfg, *, run_dir=None, seed=0, loggers=(), resume=False, on_test_batch=None,
+                     after_fit=None):
+    """Fit the plan's model, then evaluate it on every test and validation example (`after_fit(model)` runs in
+    between). Returns (trainer, history, {"test": ..., "val": ...}, seconds the test evaluation took)."""
+    trainer = Trainer(plan.model, plan.task, train_cfg, run_dir=run_dir, seed=seed, loggers=loggers)
+    history = trainer.fit(plan.train, plan.val, resume=resume)
+    if after_fit is not None:
+        after_fit(trainer.model)
+    metrics, eval_seconds = {}, 0.0
+    if plan.test is not None:
+        started = time.perf_counter()
+        metrics["test"] = trainer.evaluate(plan.test, on_batch=on_test_batch)
+        eval_seconds = time.perf_counter() - started
+    if plan.val is not None:
+        metrics["val"] = trainer.evaluate(plan.val)
+    return trainer, history, metrics, eval_seconds
+
+
+def _collector(task):
+    """The report's most confident mistakes, gathered during the final test pass (no second pass)."""
+    try:
+        from danlu.evaluate.report import mistakes_collector
+    except ImportError:  # matplotlib missing: no report
+        return None
+    return mistakes_collector(task)
+
+
+def _write_report(run, plan, rows, trainer, collector, eval_seconds, command):
+    try:
+        from danlu.evaluate.report import write_run_report
+    except ImportError:
+        return
+    write_run_report(run, plan.data, rows, trainer, mistakes=collector, eval_seconds=eval_seconds, command=command)
+
+
+def _loggers(cfg, extra):
+    loggers = list(extra)
+    if cfg.train.log:
+        from danlu.evaluate.tracking import LOGGERS
+        from danlu.registry import resolve
+
+        loggers += [resolve(name, LOGGERS, "train.log")(cfg.run.dir) for name in sorted(set(cfg.train.log))]
+    return loggers
+
+
+def _flatten(d, prefix=""):
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else 0.0

@@ -1,0 +1,55 @@
+"""`danlu train`: labelled data -> tokenizer -> model -> training -> evaluation -> run directory (+ report).
+
+>>> run = train("configs/seed_lstm.yaml", train={"epochs": 3}, run={"dir": "runs/mine"})  # doctest: +SKIP
+>>> run.metrics["test"]["accuracy"]                                                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+
+from danlu.data import TextTokenizer, build_data, encode_examples, make_spec
+from danlu.jobs.skeleton import Job, Plan, run_job
+from danlu.models import build_model, count_parameters
+from danlu.registry import ConfigError, tasks_for
+from danlu.runs import layout
+from danlu.training.tasks import TASKS
+
+
+class TrainJob(Job):
+    name = "train"
+
+    def plan(self, cfg, run_dir, resume, say):
+        if cfg.task not in tasks_for("train"):
+            raise ConfigError(f"task: {cfg.task!r} runs with `danlu pretrain`; `danlu train` takes: "
+                              f"{', '.join(tasks_for('train'))}")
+        data = build_data(cfg.data, cfg.task, cfg.run.seed)
+        tokenizer_file = os.path.join(run_dir, layout.TOKENIZER)
+        if resume and os.path.exists(tokenizer_file):  # the tokenizer the checkpoints were trained with
+            data = _reencode(data, TextTokenizer.load(tokenizer_file), cfg)
+        what = "a numeric target" if cfg.task == "regression" else f"{data.spec.num_classes} classes"
+        say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, {what}, "
+            f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
+        model = build_model(cfg.model, data.spec)
+        say(f"model: {cfg.model.kind}, {count_parameters(model):,} parameters; run directory: {run_dir}")
+        return Plan(cfg, model, TASKS[cfg.task](data.labels), data.train, data.val, data.test, data.tokenizer,
+                    data.labels, data=data)
+
+    def summarize(self, plan, history, trainer):
+        data = plan.data
+        return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
+                "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                         "skipped_rows": data.skipped}}
+
+
+def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections):
+    """Train, evaluate and save a run; return it. Keyword sections override the file:
+    `train("configs/seed_lstm.yaml", train={"epochs": 3})` or dotted strings `"train.epochs=3"`."""
+    return run_job(TrainJob(), config, overrides, resume=resume, overwrite=overwrite, loggers=loggers, **sections)
+
+
+def _reencode(data, tokenizer, cfg):
+    numeric = cfg.task == "regression"
+    enc = {k: encode_examples(ex, tokenizer, data.labels, numeric) for k, ex in data.examples.items()}
+    data.train, data.val, data.test = enc["train"], enc["val"], enc["test"]
+    data.tokenizer, data.spec = tokenizer, make_spec(tokenizer, data.labels, numeric)
+    return data
