@@ -47,10 +47,9 @@ def run(args):
         overrides = [f"run.dir={tmp}/run", "train.epochs=1"] if args.quick else [f"run.dir={tmp}/run"]
         trained = finetune(CONFIG, *overrides)
         run = load_run(trained.path)  # base re-read + adapter, as `danlu chat` loads it
-        from danlu.chat_template import load_template
         from danlu.models.lora import merge_lora  # noqa: F401  (the adapter stays separate here)
 
-        template = load_template(run.path)
+        template = run.chat_template
         after = replies(run.model, run.tokenizer, template, questions)
         from danlu.runs.load import load_base
 

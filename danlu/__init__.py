@@ -22,8 +22,9 @@ def load(path, device="cpu"):
     return load_run(path, device)
 
 
-def evaluate(run, data, **data_overrides):
-    """Metrics of a run (a Run or its directory) on a labelled file, or a language model's on a corpus."""
+def evaluate_run(run, data, **data_overrides):
+    """Metrics of a run (a Run or its directory) on a labelled file, or a language model's on a corpus.
+    (Not `danlu.evaluate`: that name is the sub-package of metrics and reports.)"""
     from danlu.jobs.evaluate import evaluate_run
     from danlu.runs import load_run
 

@@ -1,7 +1,7 @@
 """Chat templates: a list of messages -> the one prompt string a language model was trained on.
 
-A run carries its own template in `chat_template.jinja` (Jinja, as Hugging Face tokenizers carry
-theirs); without one, DEFAULT_TEMPLATE is ChatML (OpenAI's chat markup, also Qwen's and SmolLM2's):
+A run carries its own template (`Run.chat_template`, the run's chat_template.jinja: Jinja, as Hugging Face
+tokenizers carry theirs); without one, DEFAULT_TEMPLATE is ChatML (OpenAI's chat markup, also Qwen's and SmolLM2's):
 
     <|im_start|>system
     You are helpful.<|im_end|>
@@ -18,11 +18,9 @@ run, so it must not reach Python internals (attribute access to `__class__`, `mr
 from __future__ import annotations
 
 import functools
-import os
 
 from danlu.registry import ConfigError
 
-TEMPLATE_FILE = "chat_template.jinja"
 END_OF_TURN = "<|im_end|>"
 
 DEFAULT_TEMPLATE = (
@@ -54,15 +52,6 @@ def render_chat(template: str, messages, add_generation_prompt: bool = True, **v
         raise TemplateError(f"chat template: unsafe operation refused by the sandbox: {e}") from None
     except jinja2.TemplateError as e:
         raise TemplateError(f"chat template: {e}") from None
-
-
-def load_template(run_dir) -> str:
-    """The run's `chat_template.jinja` when present, else DEFAULT_TEMPLATE."""
-    path = os.path.join(os.fspath(run_dir), TEMPLATE_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    return DEFAULT_TEMPLATE
 
 
 def stop_sequences(template: str) -> tuple:

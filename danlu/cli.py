@@ -165,7 +165,7 @@ def cmd_finetune(args):
 
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
-    from danlu.chat_template import load_template, render_chat, stop_sequences
+    from danlu.chat_template import render_chat, stop_sequences
     from danlu.generation import set_decode_precision, stream_generate
     from danlu.runs import load_run
 
@@ -173,7 +173,7 @@ def cmd_chat(args):
     if run.cfg.task != "causal_lm":
         raise ConfigError(f"{args.run}: chat needs a causal language model run (task causal_lm), not {run.cfg.task}")
     set_decode_precision(run.model, args.precision)
-    template = load_template(run.path)
+    template = run.chat_template
     names = {"bos_token": "<s>", "eos_token": "</s>"}
     variables = {k: run.tokenizer.tokenizer_.id_to_token(run.tokenizer.token_id(v)) or "" for k, v in names.items()}
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -33,6 +33,6 @@ print(args.prompt + generate(run.model, run.tokenizer, [args.prompt], max_new_to
 
 # 3. score other text with the run's own tokenizer (danlu evaluate RUN --data FILE)
 if args.score:
-    scored = danlu.evaluate(run.path, args.score)
+    scored = danlu.evaluate_run(run.path, args.score)
     print(f"{args.score}: perplexity {scored['perplexity']:.1f} over {scored['count']:,} tokens")
 print("report:", Path(run.path) / "report.md")

@@ -281,7 +281,7 @@ def test_int8_run_round_trips_with_scorecard(transformer_run, tmp_path):
     again = load_run(out)  # what evaluate / predict / serve do
     texts = ["很好喜欢", "很差失望退货"]
     assert again.predict(texts) == run.predict(texts)
-    assert danlu.evaluate(again, os.path.join(os.path.dirname(transformer_run), "reviews.csv"))["accuracy"] > 0.6
+    assert danlu.evaluate_run(again, os.path.join(os.path.dirname(transformer_run), "reviews.csv"))["accuracy"] > 0.6
 
 
 def test_pruned_run_reloads_with_new_sizes(transformer_run, tmp_path):

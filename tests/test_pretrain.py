@@ -126,7 +126,7 @@ def test_pretrain_gpt_end_to_end(tmp_path):
 
     loaded = danlu.load(run.path)
     assert isinstance(loaded.model, GPT) and loaded.cfg.task == "causal_lm" and loaded.labels == ()
-    assert loaded.task.name == "causal_lm" and loaded.spec.num_classes == 0 and loaded.spec.max_length == 32
+    assert loaded.language_model and loaded.spec.num_classes == 0 and loaded.spec.max_length == 32
     assert loaded.generate(["the king"], max_new_tokens=8, temperature=0) == \
         danlu.generation.generate(run.model, run.tokenizer, ["the king"], max_new_tokens=8, temperature=0)
     assert val["perplexity"] < 15  # uniform guessing over the vocabulary of 300 would give 300
@@ -179,9 +179,9 @@ def test_pretrain_bert_masked_lm(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
     loaded = danlu.load(run.path)
-    assert isinstance(loaded.model, BERT) and loaded.task.name == "masked_lm"
+    assert isinstance(loaded.model, BERT) and loaded.cfg.task == "masked_lm" and loaded.language_model
     assert "Masked-token predictions" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
-    held_out = danlu.evaluate(loaded, write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
+    held_out = danlu.evaluate_run(loaded, write_corpus(tmp_path / "more.txt", lines=300, seed=1))  # masked positions of a new file
     assert held_out["count"] > 0 and held_out["loss"] < rows[0]["val_loss"]
     with pytest.raises(ConfigError, match="a masked language model is a backbone: fine-tune it"):
         loaded.predict(["the king"])
@@ -201,7 +201,7 @@ def test_evaluate_a_language_model_on_a_corpus(tmp_path, capsys):
     scrambled = tmp_path / "scrambled.txt"
     scrambled.write_text("".join(np.random.default_rng(0).permutation(list(text))), encoding="utf-8")
     loaded = danlu.load(run.path)
-    good, bad = danlu.evaluate(loaded, similar), danlu.evaluate(loaded, scrambled)
+    good, bad = danlu.evaluate_run(loaded, similar), danlu.evaluate_run(loaded, scrambled)
     assert good["perplexity"] == pytest.approx(math.exp(good["loss"])) and good["perplexity"] < bad["perplexity"] / 3
     stream = len(loaded.tokenizer.tokenizer_.encode(text).ids) + 1  # one document, then </s>
     assert good["count"] == (stream - 1) // 32 * 32  # every whole window of 32 predicted tokens, not a sample

@@ -289,7 +289,6 @@ def _language_model_blocks(run, corpus, rows, command, max_new_tokens=120):
     blocks = [("h1", f"{'Pretraining' if 'corpus' in metrics else 'Fine-tuning'} report: "
                      f"{os.path.basename(os.path.normpath(run.path))}")]
     blocks += [("code", command)] if command else []
-    val = metrics.get("val") or {}
     t = cfg.train
     rows_table = [["task", cfg.task], ["model", f"{cfg.model.kind}, {metrics['parameters']:,} parameters"]]
     if "corpus" in metrics:

@@ -29,7 +29,7 @@ from danlu.data import encode_splits, read_splits
 from danlu.files import atomic_write_json, atomic_write_text
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models.lora import count_trainable, merge_lora
-from danlu.registry import ConfigError, tasks_for
+from danlu.registry import ConfigError
 from danlu.runs import layout, run_spec, save_run
 from danlu.runs.adapter import build_finetune_model, save_adapter
 from danlu.runs.load import load_base
@@ -89,8 +89,6 @@ def prepare_config(cfg, base):
     """The run's resolved config: the base's model config (with finetune.pooling), the base's absolute
     path, and data lengths the model can hold (so that load_run rebuilds the same shapes)."""
     ft, model_cfg = cfg.finetune, base.model_config
-    if cfg.task not in tasks_for("finetune"):
-        raise ConfigError(f"task: `danlu finetune` takes {' or '.join(tasks_for('finetune'))}, got {cfg.task!r}")
     if cfg.task == "causal_lm" and model_cfg.kind != "gpt":
         raise ConfigError(f"task causal_lm needs a decoder base (gpt / Llama family), got {model_cfg.kind}")
     if ft.pooling and hasattr(model_cfg, "pooling"):

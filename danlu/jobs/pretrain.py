@@ -19,7 +19,7 @@ from danlu.data.corpus import build_corpus
 from danlu.data.tokenizer import TextTokenizer
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models import build_model, count_parameters
-from danlu.registry import ConfigError, tasks_for
+from danlu.registry import ConfigError
 from danlu.runs import layout
 from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS, MaskedLMTask
@@ -30,9 +30,6 @@ class PretrainJob(Job):
     name = "pretrain"
 
     def plan(self, cfg, run_dir, resume, say):
-        if cfg.task not in tasks_for("pretrain"):
-            raise ConfigError(f"task: `danlu pretrain` takes {' or '.join(tasks_for('pretrain'))}, got {cfg.task!r} "
-                              "(use `danlu train`)")
         if not cfg.train.max_steps and not cfg.train.epochs:
             raise ConfigError("train.max_steps: give the number of optimizer steps (or train.epochs) to pretrain for")
         main = dist.is_main()

@@ -23,6 +23,7 @@ import torch
 
 from danlu import config as config_mod
 from danlu.models import count_parameters
+from danlu.registry import TASKS, ConfigError, tasks_for
 from danlu.runs import Run, RunDirectory, save_run, write_run_files
 from danlu.training import distributed as dist
 from danlu.training.trainer import Trainer
@@ -90,6 +91,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
     resume = resume or dist.restart_count() > 0  # torchrun --max-restarts: continue from the last checkpoint
     # under torchrun every rank must name the same run directory: runs/<name>, not a fresh numbered one
     cfg = resolve_config(config, overrides, resume or dist.launched(), **sections)
+    check_task(job.name, cfg.task)
     main = dist.is_main()  # only rank 0 logs and writes the run directory
     say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
@@ -124,6 +126,15 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         job.save(run, plan, rows)
         _write_report(run, plan, rows, trainer, collector, eval_seconds, command)
     return run
+
+
+def check_task(verb, task):
+    """Refuse, before anything is read, a task that `danlu VERB` does not train, naming the verb that does."""
+    allowed = tasks_for(verb)
+    if task not in allowed:
+        other = TASKS[task].verb if task in TASKS else None
+        raise ConfigError(f"task: `danlu {verb}` takes {' or '.join(allowed)}, got {task!r}"
+                          + (f" (use `danlu {other}`)" if other and other != verb else ""))
 
 
 def fit_and_evaluate(plan, train_cfg, *, run_dir=None, seed=0, loggers=(), resume=False, on_test_batch=None,

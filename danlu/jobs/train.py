@@ -10,7 +10,6 @@ import os
 from danlu.data import TextTokenizer, build_data, encode_examples, make_spec
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models import build_model, count_parameters
-from danlu.registry import ConfigError, tasks_for
 from danlu.runs import layout
 from danlu.training.tasks import TASKS
 
@@ -19,9 +18,6 @@ class TrainJob(Job):
     name = "train"
 
     def plan(self, cfg, run_dir, resume, say):
-        if cfg.task not in tasks_for("train"):
-            raise ConfigError(f"task: {cfg.task!r} runs with `danlu pretrain`; `danlu train` takes: "
-                              f"{', '.join(tasks_for('train'))}")
         data = build_data(cfg.data, cfg.task, cfg.run.seed)
         tokenizer_file = os.path.join(run_dir, layout.TOKENIZER)
         if resume and os.path.exists(tokenizer_file):  # the tokenizer the checkpoints were trained with

@@ -33,6 +33,13 @@ class Run:
         return run_spec(self.cfg, self.tokenizer, self.labels)
 
     @property
+    def chat_template(self) -> str:
+        """The prompt format the run was trained with (chat_template.jinja), else ChatML."""
+        from danlu.chat_template import DEFAULT_TEMPLATE
+
+        return read_chat_template(self.path) or DEFAULT_TEMPLATE
+
+    @property
     def language_model(self) -> bool:
         return TASKS[self.cfg.task].language_model
 
@@ -86,6 +93,15 @@ def language_model_verbs(path, task):
         return (f"a masked language model is a backbone: fine-tune it for a task (finetune.base: {path}), "
                 f"or score a corpus with: danlu evaluate {path} --data FILE")
     return f"continue text with: danlu generate {path} \"prompt\", or score a corpus with: danlu evaluate {path} --data FILE"
+
+
+def read_chat_template(path):
+    """The text of a run's chat_template.jinja, or None when it has none."""
+    file = os.path.join(os.fspath(path), layout.TEMPLATE)
+    if not os.path.exists(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return f.read()
 
 
 def run_spec(cfg, tokenizer, labels):

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from danlu.chat_template import load_template, render_chat, stop_sequences
+from danlu.chat_template import render_chat, stop_sequences
 from danlu.registry import ConfigError
 from danlu.runs import layout
 
@@ -31,7 +31,7 @@ class Predictor:
         self.kind = "language_model" if self.task == "causal_lm" else "classifier"  # a masked LM was refused above
         self.labels = tuple(run.labels)
         self.created = int(os.path.getmtime(layout.weights_file(run.path)))  # a LoRA run: its adapter
-        self.chat_template = load_template(run.path) if self.kind == "language_model" else None
+        self.chat_template = run.chat_template if self.kind == "language_model" else None
         self._counter = None
 
     @classmethod

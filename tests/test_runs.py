@@ -1,0 +1,75 @@
+"""danlu.runs: the run directory is made without losing the run that was there; every kind of run is read
+from its files alone."""
+import os
+
+import pytest
+
+import danlu
+from danlu.data import DataError
+from danlu.registry import ConfigError
+from danlu.runs import RunDirectory, layout, run_kind
+
+from conftest import tiny_config
+
+
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, reviews_csv):
+    """--overwrite used to delete the old run before the new data was read: a wrong data.train left it empty."""
+    cfg = tiny_config(reviews_csv, tmp_path / "run", train={"epochs": 1})
+    danlu.train(cfg)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("model.safetensors", "metrics.json")}
+    bad = tiny_config(str(tmp_path / "missing.csv"), tmp_path / "run", train={"epochs": 1})
+    with pytest.raises((DataError, ConfigError), match="missing.csv"):
+        danlu.train(bad, overwrite=True)
+    after = {name: (tmp_path / "run" / name).read_bytes() for name in before}
+    assert after == before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".run.replaced")] == []  # nothing left aside
+
+
+def test_a_run_that_cannot_start_leaves_no_directory(tmp_path):
+    """A half-made run directory would block the corrected command ("already exists")."""
+    bad = tiny_config(str(tmp_path / "missing.csv"), tmp_path / "run", train={"epochs": 1})
+    with pytest.raises((DataError, ConfigError)):
+        danlu.train(bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_replaces_the_run_once_it_starts(tmp_path, reviews_csv):
+    cfg = tiny_config(reviews_csv, tmp_path / "run", train={"epochs": 1})
+    danlu.train(cfg)
+    (tmp_path / "run" / "stale.txt").write_text("from the old run")
+    danlu.train(cfg, overwrite=True)
+    assert not (tmp_path / "run" / "stale.txt").exists()
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".run.replaced")] == []
+
+
+def test_run_directory_abandon_and_started(tmp_path):
+    old = tmp_path / "r"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(ConfigError, match="already exists"):
+        RunDirectory(old)
+    directory = RunDirectory(old, overwrite=True)
+    assert os.listdir(old) == []  # the new run starts empty
+    (old / "config.yaml").write_text("new")
+    directory.abandon()
+    assert os.listdir(old) == ["model.safetensors"] and (old / "model.safetensors").read_bytes() == b"old"
+    directory = RunDirectory(old, overwrite=True)
+    directory.started()
+    assert sorted(os.listdir(tmp_path)) == ["r"]
+    resumed = RunDirectory(old, resume=True)
+    (old / "keep").write_text("x")
+    resumed.abandon()  # a resumed run is never removed
+    assert (old / "keep").exists()
+    with pytest.raises(ConfigError, match="names a file"):
+        RunDirectory(tmp_path / "r" / "keep")
+
+
+def test_run_kind_from_files(tmp_path):
+    assert run_kind(tmp_path) == "plain"
+    (tmp_path / layout.COMPRESSION).write_text("{}")
+    assert run_kind(tmp_path) == "compressed"
+    (tmp_path / layout.ADAPTER).write_bytes(b"")
+    assert run_kind(tmp_path) == "adapter"
+    (tmp_path / layout.WEIGHTS).write_bytes(b"")
+    assert run_kind(tmp_path) == "compressed"  # a merged LoRA run that was then compressed
