@@ -57,8 +57,8 @@ def test_run_directory_abandon_and_started(tmp_path):
     directory = RunDirectory(old, overwrite=True)
     directory.started()
     assert sorted(os.listdir(tmp_path)) == ["r"]
-    resumed = RunDirectory(old, resume=True)
     (old / "keep").write_text("x")
+    resumed = RunDirectory(old, resume=True)
     resumed.abandon()  # a resumed run is never removed
     assert (old / "keep").exists()
     with pytest.raises(ConfigError, match="names a file"):
