@@ -8,7 +8,7 @@ same optimizer — torch's fused AdamW (transformers' Trainer default with torch
 step, and the loop's token counts); transformers' is `model(input_ids, labels=...).loss` with the same
 optimizer. In bf16 on CPU a third row, "danlu gpt, fused SDPA only", trains the same model with
 torch's fused attention kernel everywhere, which shows what danlu's unfused short-window attention
-(danlu.models.blocks) is worth. The contenders alternate round by round in one process, so load from elsewhere on the machine
+(danlu.kernels.attention) is worth. The contenders alternate round by round in one process, so load from elsewhere on the machine
 falls on all of them; each figure is the median over rounds. With --gpt-train-compile two more rows time
 both models under torch.compile (danlu's `train.compile`); their ratio is against compiled transformers.
 
@@ -105,14 +105,14 @@ def run(args):
         "danlu gpt": (ours, danlu_step),
     }
     if dtype == torch.bfloat16 and device.type == "cpu":  # ablation: without the unfused short-window attention
-        import danlu.models.blocks as blocks
+        from danlu.kernels import attention
 
         def fused_sdpa_step(model, optimizer, i):
-            saved, blocks.UNFUSED_MAX_LENGTH = blocks.UNFUSED_MAX_LENGTH, 0
+            saved, attention.UNFUSED_MAX_LENGTH = attention.UNFUSED_MAX_LENGTH, 0
             try:
                 return danlu_step(model, optimizer, i)
             finally:
-                blocks.UNFUSED_MAX_LENGTH = saved
+                attention.UNFUSED_MAX_LENGTH = saved
 
         contenders["danlu gpt, fused SDPA only"] = (ours, fused_sdpa_step)
     if getattr(args, "gpt_train_compile", False):  # each compiled model shares its eager twin's weights

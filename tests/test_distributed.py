@@ -271,7 +271,7 @@ def test_max_restarts_resumes_from_the_last_checkpoint(setup):
 
 
 def test_gpt_pretraining_on_two_processes_matches_one(tmp_path):
-    """`danlu pretrain` under torchrun: a GPT's loss curve (its forward computes the loss, blocks.lm_head_loss)
+    """`danlu pretrain` under torchrun: a GPT's loss curve (the task's fused loss, kernels.lm_head_loss)
     equals one process's with DDP and with FSDP."""
     from test_pretrain import lm_config, write_corpus
 
@@ -295,3 +295,46 @@ def test_gpt_pretraining_on_two_processes_matches_one(tmp_path):
     assert (tmp_path / "half" / "checkpoints" / "last" / "shards").is_dir()
     pretrain(str(tmp_path / "half"), "train.max_steps=6", resume=True)
     assert_close(losses(tmp_path / "half"), reference, FSDP_TOLERANCE)
+
+
+FUSED_LOSS = """
+import copy, torch
+from danlu.data.spec import DataSpec
+from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
+from danlu.training import distributed as dist
+from danlu.training.tasks import CausalLMTask, Counted
+
+torch.set_num_threads(1)
+dist.setup("ddp", torch.device("cpu"))
+rank = dist.rank()
+ids = torch.randint(0, 50, (4, 13), generator=torch.Generator().manual_seed(1))
+batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+for mode in ("ddp", "fsdp"):
+    for tie in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**SIZE_PRESETS["tiny"], tie_embeddings=tie), DataSpec(vocab_size=50, max_length=16))
+        reference = copy.deepcopy(model)
+        CausalLMTask().loss(reference, dict(batch))[0].backward()  # one process, the whole batch
+        model, wrapped = dist.wrap(model.train(), mode, torch.device("cpu"))
+        loss, out = CausalLMTask().loss(wrapped, {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()})
+        assert isinstance(out, Counted), (mode, tie, type(out))  # the fused loss, through the wrapper's forward
+        loss.backward()  # as many labels on each rank: the mean over ranks is the whole batch's gradient
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{mode} tie={tie} {name}")
+        print("same gradients", mode, "tied" if tie else "untied", flush=True)
+dist.cleanup()
+"""
+
+
+def test_causal_lm_fused_loss_gives_one_process_gradients_under_ddp_and_fsdp(tmp_path):
+    """CausalLMTask takes the loss from the hidden states the wrapper's forward returns and the head's weight
+    read after it (DDP: hooks on the parameters; FSDP2: the root's gathered weights), tied or not: the
+    gradients are one process's on the whole batch."""
+    script = tmp_path / "fused_loss.py"
+    script.write_text(FUSED_LOSS, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "DANLU_DIST_TIMEOUT": "20"}
+    done = subprocess.run([*TORCHRUN, str(script)], cwd=tmp_path, env=env, timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("same gradients") == 2 * 4, done.stdout
+

@@ -133,8 +133,8 @@ def test_pretrain_gpt_end_to_end(tmp_path):
 
 
 def test_pretrain_with_compile_matches_eager(tmp_path):
-    """`train.compile` trains the same model to the same losses, and its only graph break is the one meant:
-    the fused loss, which returns Python counts, runs as written (no Tensor.item() break in the loss)."""
+    """`train.compile` trains the same model to the same losses, and the model compiles without a graph break:
+    the fused loss, which returns Python counts, runs outside it on the hidden states it returns."""
     corpus = write_corpus(tmp_path / "corpus.txt")
     histories = {}
     torch._dynamo.reset()
@@ -144,7 +144,8 @@ def test_pretrain_with_compile_matches_eager(tmp_path):
         pretrain(lm_config(corpus, run_dir, max_steps=4, eval_every=2, compile=compile_))
         histories[compile_] = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     breaks = list(torch._dynamo.utils.counters["graph_break"])
-    assert breaks and all("lm_head_loss" in reason for reason in breaks), breaks
+    assert not breaks, breaks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
     for eager, compiled in zip(histories[False], histories[True], strict=True):
         for key in ("train_loss", "val_loss"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key

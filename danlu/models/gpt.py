@@ -8,6 +8,13 @@ follows Hugging Face Llama so that checkpoints such as SmolLM2-135M load into it
 With `spec.num_classes == 0` it returns next-token logits (B, T, vocab); otherwise it is a sequence
 classifier reading the hidden state of each row's last real token, (B, num_classes).
 
+`forward(..., return_hidden=True)` returns the final hidden states (B, T, C) instead, before the head. A
+language model's loss can then multiply them by the head's weight itself (`lm_head`), a chunk at a time,
+and never hold the (B, T, vocab) logits: CausalLMTask does so with `danlu.kernels.lm_head_loss` while
+training. The loss stays outside the model, and the states go through the forward of whatever wraps the
+model: DDP (gradient sync), FSDP2 (the root module keeps its gathered weights, the head's among them,
+from the forward to the backward) and torch.compile (the loss, fused by hand, is not traced).
+
 Incremental decoding: `cache = model.new_cache(B, max_length)`, then call the model on the prompt
 and on each new token with `cache=cache`; the cache remembers which slots are padding, so a
 left-padded batch decodes with the right positions and never attends to its padding.
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, lm_head_loss, make_norm, rope_tables
+from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, make_norm, rope_tables
 from danlu.registry import ConfigError
 
 
@@ -128,15 +135,22 @@ class GPT(nn.Module):
         return KVCache(c.num_layers, batch_size, c.kv_heads, max_length, c.head_dim, dtype or weight.dtype,
                        weight.device)
 
-    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, labels=None):
+    @property
+    def lm_head(self):
+        """The output layer of a language model when it is one plain linear map (no bias, no adapter), so
+        that `hidden @ lm_head.weight.T` are the logits of `forward(..., return_hidden=True)`'s states;
+        None for a classifier or a head that is anything else (e.g. LoRA-wrapped)."""
+        head = self.head
+        return head if self.num_classes == 0 and type(head) is nn.Linear and head.bias is None else None
+
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, return_hidden=False):
         """input_ids (B, T); attention_mask (B, T) bool, True = real token, padding on either side.
 
         With `cache`, input_ids are the next T tokens after those already cached (the whole prompt
         first, then one token per step); attention_mask covers these T tokens (or all tokens so far)
         and defaults to all real. `positions` (B, T) overrides the position ids, which otherwise
         count real tokens from each row's first one. Returns logits (B, T, vocab) or (B, num_classes);
-        with `labels` (B, T) (language models, training), (mean loss, correct, count) from
-        `lm_head_loss` instead, which never holds the logits.
+        with `return_hidden`, the final (normed) hidden states (B, T, C) that the head maps to logits.
         """
         B, T = input_ids.shape
         mask, start, end = None, 0, T  # mask None: plain causal attention, SDPA's fastest path
@@ -177,8 +191,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm(x)  # (B, T, C)
-        if labels is not None:
-            return lm_head_loss(x, self.head.weight, labels)
+        if return_hidden:
+            return x  # (B, T, C)
         if self.num_classes > 0:
             if self.config.pooling == "mean":
                 if attention_mask is None:

@@ -141,12 +141,25 @@ def check_batch_size(batch_size):
     return batch_size // world
 
 
+class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """torch's DDP, which also answers for its model's public attributes, as FSDP2 (in place) and
+    torch.compile's wrapper do: a task reads a model's documented capabilities (CausalLMTask: `lm_head`)
+    on the module it calls, whatever wraps the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("_"):
+                raise
+            return getattr(module, name)
+
+
 def wrap(model, mode, device):
     """(model the loop keeps, module to call forward on). DDP wraps; FSDP2 shards the model in place:
     each block of an nn.ModuleList is one unit (all-gathered in turn), the root the rest."""
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

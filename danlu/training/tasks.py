@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from danlu.data.spec import IGNORE
 from danlu.evaluate.metrics import ClassificationMetrics, LanguageModelMetrics, RegressionMetrics, top1
+from danlu.kernels.lm_loss import lm_head_loss
 
 
 class Task:
@@ -115,6 +116,11 @@ class CausalLMTask(_LanguageModelTask):
 
     A batch from a TokenStream carries `labels` (B, T), the token after each position. A padded batch
     without labels (e.g. a TextDataset) predicts input_ids shifted by one, padding ignored.
+
+    While training a model that has an `lm_head` (a plain bias-free linear output layer, see
+    danlu.models.gpt) and whose forward takes `return_hidden=True`, the loss comes from its hidden states
+    through `danlu.kernels.lm_head_loss`, which never holds the (B, T, vocab) logits; any other model, and
+    evaluation, go through the logits.
     """
 
     name = "causal_lm"
@@ -124,8 +130,11 @@ class CausalLMTask(_LanguageModelTask):
             ids, mask = batch["input_ids"], batch.get("attention_mask")
             labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE) if mask is not None else ids[:, 1:]
             batch["labels"] = F.pad(labels, (0, 1), value=IGNORE)  # (B, T): the last position has no next token
-        if torch.is_grad_enabled() and _fused_head(model) and model.training:
-            loss, correct, count = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        head = getattr(model, "lm_head", None)
+        if head is not None and torch.is_grad_enabled() and model.training:  # the logits are never held
+            hidden = model(batch["input_ids"], batch.get("attention_mask"), return_hidden=True)  # (B, T, C)
+            # the weight is read after the forward: under FSDP2 that is the gathered one the forward used
+            loss, correct, count = lm_head_loss(hidden, head.weight, batch["labels"], IGNORE)
             return loss, Counted(count, correct)
         logits = model(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
@@ -133,22 +142,10 @@ class CausalLMTask(_LanguageModelTask):
 
 
 class Counted(NamedTuple):
-    """Labels and right answers of a training batch whose loss came from the model's fused head (no logits)."""
+    """Labels and right answers of a training batch whose loss came from lm_head_loss (no logits)."""
 
     count: int
     correct: int
-
-
-def _fused_head(model):
-    """Whether `model` (under DDP / FSDP / torch.compile wrappers) is a language-model GPT whose head is a
-    plain linear layer, so that its forward computes the loss itself (`labels=`, blocks.lm_head_loss)."""
-    from torch import nn
-
-    from danlu.models.gpt import GPT
-
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return isinstance(model, GPT) and model.num_classes == 0 and type(model.head) is nn.Linear and model.head.bias is None
 
 
 def mask_tokens(input_ids, mask_id, vocab_size, num_special=7, rate=0.15, attention_mask=None, generator=None):

@@ -1,0 +1,23 @@
+"""Hand-fused CPU kernels behind danlu's layers and losses. Each computes what a plain torch expression
+computes (tests/test_kernels.py checks each against it) and exists only because it is measurably faster
+on CPU; benchmarks/gpt_train.py times whole training steps with them against transformers.
+
+- `lm_loss.lm_head_loss(hidden, weight, labels)`: the next-token cross-entropy of `hidden @ weight.T`
+  over chunks of 256 rows, each chunk's gradient computed on the spot, so the (tokens x vocabulary) fp32
+  logits are never held. Used by CausalLMTask while training. 1.12x transformers before it, 1.27x after.
+- `attention.causal_attention(q, k, v)`: causal self-attention of one window. In bf16 on CPU, for
+  windows up to 512 tokens, three plain ops with the mask added inside the first matmul
+  (`unfused_causal_attention`) instead of torch's fused kernel, which computes in fp32 there. Used by
+  models.blocks.Attention. The benchmark's ablation row: 1.24x transformers without it, 1.51x with it.
+- `table_gelu.gelu(x, approximate)`: F.gelu, with the tanh approximation of 16-bit CPU tensors looked
+  up in a table of all 65,536 inputs, bit for bit torch's values and gradients. Used by
+  models.blocks.FeedForward. +1.7-2.0%, then +3.0% for chunked lookups.
+
+Measured in docs/pretraining.md. This package sits below danlu.models and danlu.training and imports
+torch only.
+"""
+from danlu.kernels.attention import causal_attention, unfused_causal_attention
+from danlu.kernels.lm_loss import lm_head_loss
+from danlu.kernels.table_gelu import gelu
+
+__all__ = ["causal_attention", "gelu", "lm_head_loss", "unfused_causal_attention"]

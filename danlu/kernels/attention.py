@@ -1,0 +1,55 @@
+"""Causal self-attention over one whole window, by the fastest path on the device.
+
+bf16 on CPU, short windows, no dropout: torch's fused CPU kernel (flash attention, computing in fp32) is
+slower there than three plain ops on the bf16 matmul kernels. `benchmarks/gpt_train.py` measures a whole
+training step both ways at context 256 (its "fused SDPA only" row: 1.51x against 1.24x transformers, see
+docs/pretraining.md). Longer windows favour the fused kernel, which never holds the (T, T) scores; fp32
+stays on it too.
+"""
+import torch
+from torch.nn import functional as F
+
+UNFUSED_MAX_LENGTH = 512
+"""Longest window that runs unfused (0: never)."""
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """`F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)` for queries and keys of
+    the same window: q (B, H, T, D), k and v (B, K, T, D) with K dividing H (grouped-query heads are
+    broadcast by SDPA). Returns (B, H, T, D)."""
+    if unfused_is_faster(q, k, dropout_p):
+        return unfused_causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                          enable_gqa=k.size(1) != q.size(1))  # no repeat_interleave copy
+
+
+def unfused_is_faster(q, k, dropout_p=0.0):
+    """Whether `unfused_causal_attention` beats SDPA here: bf16 on CPU, as many key heads as query heads,
+    no dropout and a window of at most UNFUSED_MAX_LENGTH tokens."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.size(1) == q.size(1) and not dropout_p
+            and q.size(-2) <= UNFUSED_MAX_LENGTH)
+
+
+_CAUSAL_BIAS = {}  # (device, dtype) -> (L, L): 0 on and below the diagonal, -inf above; L the longest window yet
+
+
+def _causal_bias(T, device, dtype):
+    """The (T, T) causal bias: the top-left corner of one cached bias, so that windows of many lengths
+    (bucketed batches) share one tensor instead of keeping one each."""
+    bias = _CAUSAL_BIAS.get((device, dtype))
+    if bias is None or bias.size(0) < T:
+        future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+        bias = _CAUSAL_BIAS[(device, dtype)] = torch.zeros(T, T, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+    return bias[:T, :T]
+
+
+def unfused_causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(D) + causal mask) v for (B, H, T, D) inputs. The mask is added as a bias
+    inside the first matmul (baddbmm), so no pass of its own forward or backward. The softmax runs on
+    the scores in their own dtype: torch's CPU kernel computes a bf16 row in fp32 and rounds once on
+    writing, as an fp32 softmax cast back to bf16 would, without that cast-and-copy round trip."""
+    B, H, T, D = q.shape
+    bias = _causal_bias(T, q.device, q.dtype)
+    scores = torch.baddbmm(bias.expand(B * H, T, T), q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
+                           alpha=D**-0.5)  # (B*H, T, T)
+    return (scores.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
