@@ -195,7 +195,6 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
                       loggers=_loggers(cfg, loggers))
     history = trainer.fit(data["train"], data.get("val"))
     model = trainer.model  # under FSDP, the gathered full model
-    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # the final numbers use every held-out example
     metrics = {name: trainer.evaluate(data[name]) for name in ("test", "val") if data.get(name) is not None}
     metrics.update({
         "epochs_run": len(history), "parameters": total, "trainable_parameters": trainable,

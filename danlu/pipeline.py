@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import sys
@@ -80,7 +79,6 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     trainer = Trainer(model, task, cfg.train, run_dir=run_dir, seed=cfg.run.seed, loggers=_loggers(cfg, loggers))
     history = trainer.fit(data.train, data.val, resume=resume)
     model = trainer.model  # under FSDP, the gathered full model
-    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # the final numbers use every held-out example
     mistakes = _mistakes(cfg) if main else None  # the report's most confident mistakes, from the same pass
     started_eval = time.perf_counter()
     test = trainer.evaluate(data.test, on_batch=mistakes.update if mistakes else None)

@@ -11,7 +11,6 @@ row (train / validation loss and perplexity, tokens/s, MFU) every `train.eval_ev
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -69,7 +68,6 @@ def pretrain(config=None, *overrides, resume=False, overwrite=False, loggers=(),
     history = trainer.fit(corpus.train, corpus.val, resume=resume)
     model = trainer.model  # under FSDP, the gathered full model
     rows = list(history)
-    trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # the final numbers use all held-out text
     metrics = {
         "val": trainer.evaluate(corpus.val) if corpus.val is not None else {},
         "steps": rows[-1]["step"] if rows else 0,

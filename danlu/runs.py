@@ -133,8 +133,7 @@ class Run:
 
             from danlu.data.corpus import held_out_stream
 
-            every_window = dataclasses.replace(self.cfg.train, eval_batches=0)  # not the training loop's sample
-            trainer = Trainer(self.model, self.task, every_window, device=str(next(self.model.parameters()).device))
+            trainer = Trainer(self.model, self.task, self.cfg.train, device=str(next(self.model.parameters()).device))
             with tempfile.TemporaryDirectory(prefix="danlu-eval-") as tokens:
                 stream = held_out_stream(path, self.tokenizer, data_cfg.block_size, self.cfg.task, tokens,
                                          data_cfg.text_column, data_cfg.encoding)

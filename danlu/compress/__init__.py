@@ -383,8 +383,8 @@ def _evaluate(run, dataset, quick):
         from danlu.training.tasks import ClassificationTask
 
         task = ClassificationTask(run.labels)
-    trainer = Trainer(run.model, task, run.cfg.train, device="cpu", eval_batches=(4 if quick else run.cfg.train.eval_batches))
-    return trainer.evaluate(dataset)
+    trainer = Trainer(run.model, task, run.cfg.train, device="cpu")
+    return trainer.evaluate(dataset, max_batches=4 if quick else run.cfg.train.eval_batches or None)
 
 
 def _latency_inputs(dataset, cfg, quick):
