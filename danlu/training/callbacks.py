@@ -93,7 +93,8 @@ class BestWeights(Callback):
         if state.best_epoch == len(history) or not (self.kept or (path and os.path.exists(path))):
             return
         load_weights(trainer.model, self.kept or load_tensors(path)[0], where=path or "the best epoch's weights")
-        where = f"step {history[state.best_epoch - 1]['step']}" if trainer.cfg.eval_every else f"epoch {state.best_epoch}"
+        row = history[state.best_epoch - 1]
+        where = f"step {row['step']}" if trainer.cfg.eval_every else f"epoch {row['epoch']}"
         say(f"restored the weights of {where} (best {self.metric} {state.best:.4f})")
 
 

@@ -56,8 +56,6 @@ def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from danlu.registry import ConfigError
-
         raise ConfigError("train.device: cuda was asked for, but torch sees no CUDA device; use train.device=cpu or auto")
     return torch.device(name)
 
@@ -73,7 +71,7 @@ class LoopState:
     best: float | None = None  # best value so far of train.early_stopping.metric
     best_epoch: int = -1  # its history row (1-based; -1: none yet)
     bad_epochs: int = 0  # rows since it last improved
-    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0, 0])  # loss sum, targets, right ones since the last row
+    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0, 0])  # since the last row: loss sum, targets, right
     history: History = dataclasses.field(default_factory=History)
     units: int = 0  # examples or tokens since the last row
     started: float = dataclasses.field(default_factory=time.perf_counter)  # when the current row's time began
@@ -87,6 +85,11 @@ class LoopState:
     @classmethod
     def from_json(cls, saved):
         return cls(**{name: saved[name] for name in cls.SAVED if name != "history"}, history=History(saved["history"]))
+
+    def add(self, loss_sum, count, correct, units, seq_len):
+        """Count one more batch of the epoch."""
+        self.sums = [self.sums[0] + loss_sum, self.sums[1] + count, self.sums[2] + correct]
+        self.units, self.seq_len, self.batch = self.units + units, seq_len, self.batch + 1
 
     def track(self, value, higher_is_better):
         """Count a row's value of the monitored metric (None: the row lacks it) towards best / bad_epochs."""
@@ -130,7 +133,8 @@ class Trainer:
     def fit(self, train, val=None, epochs=None, batch_size=None, resume=False) -> History:
         """Train on `train`, evaluating on `val` at every history row; resume=True continues from the run
         directory's last checkpoint. epochs / batch_size, when given, replace the config's."""
-        self.cfg = cfg = dataclasses.replace(self.cfg, **{k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v})
+        given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v}
+        self.cfg = cfg = dataclasses.replace(self.cfg, **given)
         higher_is_better = self._monitor_direction()  # a misspelt metric fails here, before any work
         with kept_freed_memory(cfg.keep_freed_memory and self.device.type == "cpu"):
             callbacks = self._begin(train, resume)
@@ -140,9 +144,7 @@ class Trainer:
                 self._call(callbacks, "on_epoch_begin")
                 for batch in _batches(train, cfg, self.seed, state.epoch, state.batch, regression):
                     stepping = (state.batch + 1) % cfg.grad_accum == 0 or state.batch + 1 == self.epoch_batches
-                    loss_sum, count, correct, units = self.train_step(batch, stepping)
-                    state.sums = [state.sums[0] + loss_sum, state.sums[1] + count, state.sums[2] + correct]
-                    state.units, state.seq_len, state.batch = state.units + units, batch["input_ids"].shape[-1], state.batch + 1
+                    state.add(*self.train_step(batch, stepping), seq_len=batch["input_ids"].shape[-1])
                     self._call(callbacks, "on_batch_end", state)
                     if not stepping:
                         continue
@@ -230,7 +232,8 @@ class Trainer:
 
             self._forward = compile_model(self._wrapped)
         if task.unit == "tokens":  # MFU's denominator, once per run, for all processes
-            self.peak_flops = (cfg.peak_flops or measure_peak_flops(self.device, dtype or torch.float32)) * dist.world_size()
+            peak = cfg.peak_flops or measure_peak_flops(self.device, dtype or torch.float32)
+            self.peak_flops = peak * dist.world_size()
         callbacks = [cb.Progress()] + ([cb.BestWeights(cfg.early_stopping.metric)] if cfg.restore_best else [])
         callbacks += ([cb.Checkpointer()] if self.run_dir else []) + self.loggers
         callbacks += [cb.EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience)] + self.callbacks
@@ -248,9 +251,10 @@ class Trainer:
         if val is not None:
             metrics = self.evaluate(val, max_batches=self.cfg.eval_batches or None)
             row.update((f"val_{name}", metrics[name]) for name in task.metrics if name in metrics)
-        row.update({"lr": self.scheduler.get_last_lr()[0], f"{task.unit}_per_s": state.units / max(seconds, 1e-9)})
+        speed = state.units / max(seconds, 1e-9)
+        row.update({"lr": self.scheduler.get_last_lr()[0], f"{task.unit}_per_s": speed})
         if self.peak_flops:
-            row["mfu"] = row[f"{task.unit}_per_s"] * training_flops_per_token(self.model, state.seq_len) / self.peak_flops
+            row["mfu"] = speed * training_flops_per_token(self.model, state.seq_len) / self.peak_flops
         row["seconds"] = seconds
         self.history.append(row)
         state.sums = [0.0, 0, 0]
@@ -318,8 +322,6 @@ def autocast_dtype(device, precision):
     if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
         return torch.bfloat16
     if precision not in ("fp32", "auto", "bf16"):
-        from danlu.registry import ConfigError
-
         raise ConfigError(f"train.precision: unknown value {precision!r}; expected one of: auto, bf16, fp32")
     return None
 
