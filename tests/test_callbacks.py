@@ -84,7 +84,7 @@ def test_each_task_declares_which_way_its_metrics_are_better():
 
 def test_early_stopping_on_perplexity_keeps_the_lowest(tmp_path):
     """Perplexity ends in neither 'loss' nor 'accuracy': its direction comes from the task (lower is better)."""
-    cfg = TrainConfig(epochs=8, batch_size=8, lr=3e-3, device="cpu", restore_best=True,
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=3e-3, device="cpu", restore_best=True, peak_flops=1e11,
                       early_stopping=EarlyStopping(patience=2, metric="val_perplexity"))
     trainer = Trainer(tiny_gpt(), CausalLMTask(), cfg)
     history = trainer.fit(Windows(), Windows(16))

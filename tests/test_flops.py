@@ -7,7 +7,7 @@ from danlu.config import TrainConfig
 from danlu.data.spec import DataSpec
 from danlu.models.gpt import GPT, GPTConfig
 from danlu.models.lora import apply_lora
-from danlu.training.flops import training_flops_per_token
+from danlu.training.flops import measure_peak_flops, training_flops_per_token
 from danlu.training.tasks import CausalLMTask
 from danlu.training.trainer import Trainer
 
@@ -68,10 +68,20 @@ class Windows:
             yield {"input_ids": window[:, :-1], "labels": window[:, 1:]}
 
 
-def test_mfu_of_a_lora_fine_tune_is_at_most_one():
+def test_mfu_of_a_lora_fine_tune_is_at_most_one(monkeypatch):
+    import danlu.training.trainer as trainer_module
+
+    measured = []  # the dtypes the peak was measured in: the one the matmuls run in
+
+    def peak(device, dtype):
+        measured.append(dtype)
+        return measure_peak_flops(device, dtype)
+
+    monkeypatch.setattr(trainer_module, "measure_peak_flops", peak)
     model = apply_lora(tiny_gpt(), r=4)
-    trainer = Trainer(model, CausalLMTask(), TrainConfig(epochs=2, batch_size=8, lr=1e-2, device="cpu", precision="bf16"))
+    trainer = Trainer(model, CausalLMTask(), TrainConfig(epochs=2, batch_size=8, lr=1e-2, device="cpu", precision="auto"))
     history = trainer.fit(Windows(), Windows(16))
+    assert measured == [trainer_module.autocast_dtype(trainer.device, "auto") or torch.float32]
     assert trainer.peak_flops > 0
     assert all(0 < row["mfu"] <= 1 for row in history), history.series("mfu")
     flops = training_flops_per_token(model, T)
