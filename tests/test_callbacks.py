@@ -152,3 +152,17 @@ def test_the_loop_state_goes_through_json_unchanged():
     again = LoopState.from_json(json.loads(json.dumps(state.to_json())))
     assert again.to_json() == state.to_json() and set(state.to_json()) == set(LoopState.SAVED)
     assert not {"units", "started", "seq_len"} & set(state.to_json())
+
+
+def test_resume_is_exact_when_the_flops_peak_is_measured(tmp_path):
+    """The peak's random matrices are drawn before the RNG is seeded or restored, so that dropout after a
+    resume draws what it would have drawn in an uninterrupted run."""
+    def fit(run_dir, epochs, resume=False):
+        cfg = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, device="cpu", precision="auto")
+        trainer = Trainer(tiny_gpt(dropout=0.2), CausalLMTask(), cfg, run_dir=str(run_dir))
+        trainer.fit(Windows(), resume=resume)
+        return trainer.model.state_dict()
+
+    fit(tmp_path / "resumed", 1)
+    resumed, straight = fit(tmp_path / "resumed", 2, resume=True), fit(tmp_path / "straight", 2)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)

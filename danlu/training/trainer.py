@@ -217,6 +217,10 @@ class Trainer:
         self.model, self._wrapped = dist.wrap(self.model, self.distributed, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_schedule(self.optimizer, cfg, self.total_steps)
+        dtype = autocast_dtype(self.device, cfg.precision)
+        if task.unit == "tokens":  # MFU's denominator, for all processes; measured (with random matrices)
+            peak = cfg.peak_flops or measure_peak_flops(self.device, dtype or torch.float32)  # before the RNG is set
+            self.peak_flops = peak * dist.world_size()
         ckpt = last_checkpoint(os.path.join(self.run_dir, "checkpoints")) if self.run_dir else None
         self.state, self.stop_training = LoopState(), False
         if resume and ckpt:
@@ -224,16 +228,12 @@ class Trainer:
             cb.say(f"resumed from {ckpt} at epoch {self.state.epoch + 1}, batch {self.state.batch}")
         else:
             torch.manual_seed(self.seed)
-        dtype = autocast_dtype(self.device, cfg.precision)
         self._autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self._forward = self._wrapped
         if cfg.compile:  # same parameters; self.model stays plain
             from danlu.models import compile_model
 
             self._forward = compile_model(self._wrapped)
-        if task.unit == "tokens":  # MFU's denominator, once per run, for all processes
-            peak = cfg.peak_flops or measure_peak_flops(self.device, dtype or torch.float32)
-            self.peak_flops = peak * dist.world_size()
         callbacks = [cb.Progress()] + ([cb.BestWeights(cfg.early_stopping.metric)] if cfg.restore_best else [])
         callbacks += ([cb.Checkpointer()] if self.run_dir else []) + self.loggers
         callbacks += [cb.EarlyStopping(cfg.early_stopping.metric, cfg.early_stopping.patience)] + self.callbacks
@@ -260,7 +260,6 @@ class Trainer:
         state.sums = [0.0, 0, 0]
         state.track(row.get(self.cfg.early_stopping.metric), higher_is_better)
         self._call(callbacks, "on_epoch_end", row)
-        self._wrapped.train()  # evaluate left the model in train mode; a callback may not have
         state.units, state.started = 0, time.perf_counter()
 
     def _monitor_direction(self):
