@@ -37,6 +37,9 @@ def add_arguments(parser):
     group.add_argument("--gpt-train-rounds", type=int, help="alternating rounds (default 5; 2 with --quick)")
     group.add_argument("--gpt-train-precision", default="auto", choices=("auto", "fp32", "bf16"),
                        help="autocast precision for both (auto: bf16 where the hardware has it)")
+    group.add_argument("--gpt-train-malloc", default="keep", choices=("keep", "glibc"),
+                       help="on CPU: keep (freed blocks stay in glibc's heap, what danlu's Trainer does with "
+                            "train.keep_freed_memory, the default) or glibc (glibc's own settings), for all contenders")
     group.add_argument("--gpt-train-compile", action="store_true",
                        help="also time both compiled: danlu with train.compile, transformers with torch.compile "
                             "(half a minute or more to compile each on CPU)")
@@ -59,8 +62,9 @@ def run(args):
 
     quick = getattr(args, "quick", False)
     device = pick_device(getattr(args, "device", "auto") or "auto")
-    if device.type == "cpu":  # what danlu's Trainer sets on CPU; process-wide, so transformers runs with it too
-        keep_freed_memory()
+    malloc = getattr(args, "gpt_train_malloc", "keep") or "keep"
+    if device.type == "cpu" and malloc == "keep":  # what danlu's Trainer holds while it trains on CPU; here for the
+        keep_freed_memory()  # whole process, so transformers runs with it too
     steps = getattr(args, "gpt_train_steps", None) or (1 if quick else 3)
     rounds = getattr(args, "gpt_train_rounds", None) or (2 if quick else 5)
     precision = getattr(args, "gpt_train_precision", "auto") or "auto"
@@ -152,7 +156,7 @@ def run(args):
         twin = "transformers GPT2LMHeadModel" + (" + torch.compile" if "compile" in name else "")
         base = statistics.median(timings[twin])  # compiled rows against compiled transformers
         rows.append({
-            "contender": name, "precision": "bf16" if dtype else "fp32", "device": device.type,
+            "contender": name, "precision": "bf16" if dtype else "fp32", "device": device.type, "malloc": malloc,
             "tokens_per_s": round(tps, 1), "vs_transformers": round(tps / base, 3),
             "mfu": round(tps * flops / peak, 4), "peak_gflops": round(peak / 1e9, 1),
             "rounds": rounds, "steps_per_round": steps, "spread": f"{min(values):.0f}-{max(values):.0f}",

@@ -71,7 +71,9 @@ class EarlyStopping:
     patience: int = 0
     """Stop after this many epochs without improvement of `metric` (0: never stop early)."""
     metric: str = "val_loss"
-    """val_loss (lower is better) or val_accuracy (higher is better)."""
+    """A history column of the task: val_<metric> or train_<metric>, e.g. val_loss, val_accuracy (classification),
+    val_r2 or val_mae (regression), val_perplexity (language models); the task says whether higher is better.
+    restore_best keeps the weights of its best row."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,10 @@ class TrainConfig:
     """Train through torch.compile(model) (the saved weights are the same module's)."""
     peak_flops: float = 0.0
     """Peak FLOP/s for model FLOPs utilisation (0: measured once at start with a matmul)."""
+    keep_freed_memory: bool = True
+    """On CPU under glibc, keep freed blocks up to 32 MB in the heap while `fit` runs, instead of mapping them
+    afresh (a page fault per 4 KB) every step; the allocator's settings are put back when `fit` returns
+    (danlu.training.allocator)."""
     fused_optimizer: bool = True
     """adam / adamw as torch's fused kernel (one pass over all parameters instead of a loop per tensor on CPU):
     the same update, about twice as fast a step for small models. false: torch's own choice."""

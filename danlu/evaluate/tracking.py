@@ -1,8 +1,8 @@
 """Experiment trackers, chosen by `train.log: [tensorboard]`: LOGGERS maps a name to a class built from the
 run directory.
 
-A logger has three methods, called by the Trainer: `on_train_begin(trainer)`, `on_epoch_end(trainer, row)`
-(row: one History row) and `on_train_end(trainer)`.
+A logger is a training callback (danlu.training.callbacks.Callback) run on rank 0; it uses three events:
+`on_train_begin(trainer)`, `on_epoch_end(trainer, row)` (row: one History row) and `on_train_end(trainer)`.
 
     danlu train configs/textcnn_zh_sentiment.yaml "train.log=[tensorboard]"
     tensorboard --logdir runs/textcnn_zh_sentiment/tensorboard
@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 
 from danlu.registry import ConfigError
+from danlu.training.callbacks import Callback
 
 SKIP = ("epoch", "step")
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(Callback):
     """One scalar per History column (loss/train, accuracy/val, lr, samples_per_s, ...) against the epoch,
     written with torch.utils.tensorboard to `<run dir>/tensorboard/`."""
 

@@ -54,11 +54,10 @@ def restart_count():
 
 
 def local_device(device):
-    """cuda:LOCAL_RANK for a CUDA run under torchrun (one GPU per process), else `device` as is."""
+    """cuda:LOCAL_RANK for a CUDA run under torchrun (one GPU per process), else `device` as is. (`setup`
+    makes it the process's current CUDA device.)"""
     if device.type == "cuda" and launched():
-        index = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
 
 
@@ -78,6 +77,8 @@ def setup(mode="auto", device=None):
             raise ConfigError("train.distributed: none, but torchrun started several processes; "
                               "use auto, ddp or fsdp, or launch one process")
         return "none"
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
     if not initialized():
         # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported, and
         # FSDP and torch.distributed.checkpoint import it: imported after the process group exists, it would

@@ -1,9 +1,19 @@
-"""Model FLOPs utilisation: the FLOPs a training step needs over the FLOPs the hardware could do.
+"""Model FLOPs utilisation: the FLOPs a training step does over the FLOPs the hardware could do.
 
-FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6 N for the matmul weights N (forward 2 N,
-backward 4 N; embedding lookups are not matmuls, a tied output head is) plus 12 L C T for attention
-scores and values (L layers, width C, context T). The peak is measured once with a large matmul in the
-training dtype, unless `train.peak_flops` gives it (e.g. a GPU's datasheet number).
+FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B), counted for what backpropagation actually
+computes. A matmul weight W with n entries costs 2 n in the forward pass; in the backward pass 2 n more for
+the gradient of its input, done only when something before it trains (else nothing upstream needs it),
+and 2 n for its own gradient, done only when W trains. Fully trained that is PaLM's 6 N; with LoRA the
+frozen base weights cost 4 n (2 n for the first adapted layer's input side, which nothing before it needs)
+and only the adapters add their weight gradients; training the head alone costs about 2 N. Matmul weights
+are those of every nn.Linear (a tied head counted once; embedding lookups are not matmuls) and LoRA's A
+and B. Attention scores and values add 4 C T per layer forward (C the width, T the context) and 8 C T
+backward when the layer's queries, keys or values need gradients (PaLM's 12 L C T when all do).
+"Before" is registration order, which in danlu's models is the order of the forward pass.
+
+The peak is measured once with a large matmul in the dtype the matmuls run in (bf16 under bf16 autocast,
+else fp32), unless `train.peak_flops` gives it (e.g. a GPU's datasheet number for that dtype); with
+several processes it is multiplied by their number, as the tokens are counted over all of them.
 
 >>> mfu = tokens_per_s * training_flops_per_token(model, 256) / measure_peak_flops(torch.device("cpu"))  # doctest: +SKIP
 """
@@ -16,15 +26,35 @@ from torch import nn
 
 
 def training_flops_per_token(model, seq_len):
-    """6 N + 12 L C T, with N the weights of every nn.Linear (a tied head counted once)."""
-    seen, weights = set(), 0
+    """FLOPs of one token's forward and backward pass through `model` (see the module docstring): the weight
+    gradients only of weights that train, the input gradients only where something before trains."""
+    from danlu.models.blocks import Attention
+    from danlu.models.lora import LoRALinear
+
+    seen, flops, upstream = set(), 0, False  # upstream: a parameter before this point trains
     for module in model.modules():
+        if isinstance(module, LoRALinear):  # the frozen base (its child) and the adapters both read x
+            base, a, b = module.base.weight, module.lora_a, module.lora_b
+            seen.add(id(base))
+            flops += _matmul(base.numel(), upstream, base.requires_grad) + _matmul(a.numel(), upstream, a.requires_grad)
+            flops += _matmul(b.numel(), upstream or a.requires_grad, b.requires_grad)
+            upstream |= a.requires_grad or b.requires_grad or base.requires_grad
+            continue
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            weights += module.weight.numel()
-    config = getattr(model, "config", None)
-    layers, width = getattr(config, "num_layers", 0), getattr(config, "embed_dim", 0)
-    return 6 * weights + 12 * layers * width * seq_len
+            flops += _matmul(module.weight.numel(), upstream, module.weight.requires_grad)
+        elif isinstance(module, Attention):
+            width = module.num_heads * module.head_dim
+            flops += 4 * width * seq_len  # q k^T and the weighted sum of v, 2 C T each
+            if upstream or any(p.requires_grad for p in module.qkv.parameters()):
+                flops += 8 * width * seq_len
+        upstream |= any(p.requires_grad for p in module.parameters(recurse=False))
+    return flops
+
+
+def _matmul(n, input_grad, weight_grad):
+    """Per token: 2 n forward, 2 n for the input's gradient, 2 n for the weight's."""
+    return 2 * n + 2 * n * bool(input_grad) + 2 * n * bool(weight_grad)
 
 
 def measure_peak_flops(device, dtype=torch.float32, size=2048, repeats=10):

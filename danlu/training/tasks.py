@@ -2,6 +2,8 @@
 
 A task has `loss(model, batch) -> (loss, outputs)`, `new_metrics()`, `update(metrics, outputs, batch)`, and
 for the training loop's running numbers `counts(outputs, batch)` and `train_metrics(loss_sum, count, correct)`.
+It declares the metrics of its history rows and which way each is better (`metrics`), from which early
+stopping and restore_best take their direction (`monitors()`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,23 @@ class Task:
 
     name = ""
     monitor = "accuracy"
+    """The metric shown next to the loss (reports, plots)."""
+    metrics = {"loss": "min", "accuracy": "max"}
+    """The evaluation metrics a history row holds (as val_<name>), each with its better direction: max or min."""
     unit = "samples"
     """What throughput counts: samples (examples) or tokens."""
+
+    def monitors(self):
+        """{row column: whether higher is better} for every column early stopping can watch: val_<metric> for
+        each of `metrics`, and train_<metric> for those the loop's running sums give (`train_metrics`).
+
+        >>> ClassificationTask(["a", "b"]).monitors()
+        {'val_loss': False, 'val_accuracy': True, 'train_loss': False, 'train_accuracy': True}
+        """
+        out = {f"val_{name}": better == "max" for name, better in self.metrics.items()}
+        for column in self.train_metrics(0.0, 0, 0):
+            out[column] = self.metrics[column.removeprefix("train_")] == "max"
+        return out
 
     def counts(self, outputs, batch):
         """(count, correct, processed): the batch loss is a mean over `count` targets, `correct` of them
@@ -39,6 +56,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     monitor = "accuracy"
+    metrics = {"loss": "min", "accuracy": "max"}
 
     def __init__(self, labels):
         self.labels = tuple(labels)
@@ -59,6 +77,7 @@ class RegressionTask(Task):
 
     name = "regression"
     monitor = "r2"
+    metrics = {"loss": "min", "r2": "max", "mae": "min"}  # loss: the mean squared error
 
     def __init__(self, labels=()):
         self.labels = ()
@@ -87,6 +106,7 @@ class RegressionTask(Task):
 
 class _LanguageModelTask(Task):
     monitor = "perplexity"
+    metrics = {"loss": "min", "perplexity": "min", "accuracy": "max"}  # accuracy: of the next (or masked) token
     unit = "tokens"
 
     def __init__(self, labels=()):
