@@ -43,8 +43,6 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
 
     >>> ex = read_examples("reviews.csv", text_column="review", label_column="stars")  # doctest: +SKIP
     """
-    if on_bad_rows not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_rows: unknown value {on_bad_rows!r}; expected one of: error, skip")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
