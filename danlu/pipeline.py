@@ -64,7 +64,7 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     if resume and os.path.exists(tokenizer_file):
         data = _reencode(data, TextTokenizer.load(tokenizer_file), cfg)
     say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, "
-        f"{data.spec.num_classes} classes, vocabulary {data.spec.vocab_size}"
+        f"{'regression' if cfg.task == 'regression' else f'{data.spec.num_classes} classes'}, vocabulary {data.spec.vocab_size}"
         + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
     # the config, tokenizer and labels go in first, so that an interrupted run can be resumed and inspected
     from danlu.files import atomic_write_text

@@ -43,6 +43,7 @@ class ServeOptions:
     max_queue: int = 256
     """Requests waiting for the model (and streams running) beyond which the server answers 503."""
     max_body_bytes: int = 1 << 20
+    """Largest request body, in bytes (1 MiB); a larger one answers 413."""
     max_texts: int = 256
     """Texts per /v1/predict request."""
     max_tokens: int = 512
