@@ -140,12 +140,13 @@ def _set_by(options, key):
 
 
 def _refuse_binary(path, text, encoding_option, sample=4096):
-    """A table is text: a NUL character, or a start that is more than a tenth undecodable bytes and control
-    characters, means another kind of file under a table's name (a spreadsheet, an archive, an image), whose
-    bytes would otherwise be read as a header of garbage."""
+    """A table is text: a NUL character, or control characters in more than 2% of its start, mean another
+    kind of file under a table's name (a spreadsheet, an archive, an image; in random bytes one in ten is a
+    control character), whose bytes would otherwise be read as a header of garbage. Text in another encoding
+    is not refused here: its rows are reported as not decoding, with the hint to set the encoding."""
     head = text[:sample]
-    odd = sum(1 for ch in head if ("\udc80" <= ch <= "\udcff") or (ch < " " and ch not in "\t\n\r\f\v"))
-    if "\x00" in head or odd > len(head) / 10:
+    controls = sum(1 for ch in head if ch < " " and ch not in "\t\n\r\f\v")
+    if "\x00" in head or controls > len(head) / 50:
         utf16 = f" (UTF-16 text without a byte-order mark? set {encoding_option}=utf-16)" if encoding_option else ""
         raise DataError(f"{path}: not a text table: the file holds binary data{utf16}; expected CSV, TSV or JSONL "
                         f"text (an Excel workbook must be saved as CSV first)")
