@@ -10,6 +10,7 @@ unknown kinds fail at load with the key, what was expected and what is valid.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import os
@@ -36,8 +37,9 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["char", "bpe", "wordpiece"] = "char"
-    """char (one token per character, the default for Chinese), bpe (byte-level) or wordpiece."""
+    kind: Literal["char", "bpe", "wordpiece", "imported"] = "char"
+    """char (one token per character, the default for Chinese), bpe (byte-level) or wordpiece; imported is
+    what a fine-tuned run records when it keeps its base's own tokenizer (with finetune.base only)."""
     vocab_size: Positive = 8000
     min_frequency: Positive = 1
     max_length: Positive = 128
@@ -70,6 +72,12 @@ class DataConfig:
     """Language models: tokens per training window (the corpus is packed into windows of this length)."""
 
     def __post_init__(self):
+        if self.encoding != "auto":  # an unknown codec fails here, not once the files are read
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ConfigError(f"data.encoding: unknown encoding {self.encoding!r}; expected auto or a codec "
+                                  f"name such as utf-8, gb18030, big5") from None
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"data.val_fraction + data.test_fraction: expected less than 1 (something left to train on), "
                               f"got {self.val_fraction} + {self.test_fraction}")
@@ -248,6 +256,9 @@ def _build(raw) -> RunConfig:
         presets = getattr(sys.modules[cls.__module__], "SIZE_PRESETS", {})
         model_raw = {**resolve(model_raw["size"], presets, "model.size"), **model_raw}
     model = _make(cls, model_raw, "model")
+    if sections["data"].tokenizer.kind == "imported" and not sections["finetune"].base:
+        raise ConfigError("data.tokenizer.kind: imported means the tokenizer of finetune.base, which is not set; "
+                          "to train a tokenizer use char, bpe or wordpiece")
     return RunConfig(model=model, task=task, **sections)
 
 

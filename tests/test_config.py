@@ -77,7 +77,7 @@ def test_default_run_dir_never_reuses_a_full_directory(tmp_path, monkeypatch):
         ("train.distributed=dpp", ["train.distributed", "did you mean 'ddp'"]),
         ("train.log=[tensorbord]", ["train.log[0]", "did you mean 'tensorboard'"]),
         ("data.on_bad_rows=skipp", ["data.on_bad_rows", "error, skip"]),
-        ("data.tokenizer.kind=sentencepiece", ["data.tokenizer.kind", "char, bpe, wordpiece"]),
+        ("data.tokenizer.kind=sentencepiece", ["data.tokenizer.kind", "char, bpe, wordpiece, imported"]),
         ("finetune.method=adapters", ["finetune.method", "full, lora, freeze"]),
         ("finetune.save=merge", ["finetune.save", "did you mean 'merged'"]),
         ("finetune.pooling=maen", ["finetune.pooling", "did you mean 'mean'", "'', cls, mean, last"]),
@@ -95,6 +95,7 @@ def test_default_run_dir_never_reuses_a_full_directory(tmp_path, monkeypatch):
         ("data.val_fraction=1", ["data.val_fraction", "in [0, 1)", "got 1.0"]),
         ("data.test_fraction=-0.1", ["data.test_fraction", "in [0, 1)"]),
         ("data.tokenizer.max_length=0", ["data.tokenizer.max_length", ">= 1"]),
+        ("data.encoding=klingon", ["data.encoding", "unknown encoding 'klingon'"]),
         ("model.dropout=1", ["model.dropout", "in [0, 1)"]),
         ("model.hidden_dim=0", ["model.hidden_dim", ">= 1"]),
         ("finetune.lora_r=0", ["finetune.lora_r", ">= 1"]),
@@ -154,7 +155,11 @@ def test_registries_match_the_choices_the_schema_allows():
     assert set(choices(hints["schedule"])) == set(SCHEDULES)
     assert set(choices(hints["distributed"])) == set(MODES)
     assert set(choices(typing.get_args(hints["log"])[0])) == set(LOGGERS)
-    assert set(choices(typing.get_type_hints(config.TokenizerConfig)["kind"])) == set(KINDS)
+    assert set(choices(typing.get_type_hints(config.TokenizerConfig)["kind"])) == set(KINDS) | {"imported"}
+    with pytest.raises(ConfigError, match="data.tokenizer.kind: imported means the tokenizer of finetune.base"):
+        config.load({"data": {"tokenizer": {"kind": "imported"}}})
+    fine_tuned = config.load({"data": {"tokenizer": {"kind": "imported"}}, "finetune": {"base": "runs/x"}})
+    assert fine_tuned.data.tokenizer.kind == "imported"  # what a fine-tuned run records, loaded back
 
 
 def _config_classes():
