@@ -13,6 +13,7 @@ ConfigError: train.optimizer: unknown value 'adamm' (did you mean 'adam'?); expe
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import typing
@@ -21,8 +22,8 @@ from typing import Annotated, Literal
 
 from danlu.registry import ConfigError
 
-__all__ = ["Annotated", "Fraction", "Literal", "NonNegative", "Positive", "Range", "check_value", "choices",
-           "field_docs", "flag_type"]
+__all__ = ["Annotated", "Fraction", "Literal", "NonNegative", "Positive", "Range", "base_type", "check_value",
+           "choices", "field_docs", "flag_type"]
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,10 @@ def flag_type(tp, name):
         try:
             value = base(text)
         except ValueError:
-            import argparse
-
             raise argparse.ArgumentTypeError(f"expected {'an integer' if base is int else 'a number'}, got {text!r}") from None
         try:
             return check_value(value, tp, name)
-        except ConfigError as e:
-            import argparse
-
+        except ConfigError as e:  # argparse names the flag itself
             raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
     convert.__name__ = base.__name__  # argparse names the type in its messages
