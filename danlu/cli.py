@@ -5,16 +5,21 @@
     danlu predict runs/mine "质量很好，物流也快" "太差了，再也不买"
     danlu info runs/mine
 
-Bad input ends with one clear paragraph and exit status 2; `--debug` shows the traceback.
+Bad input ends with one clear paragraph and exit status 2; `--debug` shows the traceback. The flags of
+`generate`, `chat` and `serve` are made from the fields of SamplingConfig and ServeOptions: their names,
+defaults, checks and help are those of the dataclasses.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 import warnings
 
+from danlu import __version__
 from danlu.registry import ConfigError
 
 
@@ -56,19 +61,35 @@ def cmd_predict(args):
             print(f"{result['label']}\t{result['score']:.4f}\t{text}")
 
 
+PREDICT_OPTIONS = {"text_column": "--text-column"}  # what error messages suggest: predict's own flags
+
+
 def _predict_file(run, args):
     from danlu.data.sources import read_examples
     from danlu.files import atomic_write_text
 
     column = args.text_column or run.cfg.data.text_column
-    examples = read_examples(args.file, column, need_labels=False, on_bad_rows="error")
+    examples = read_examples(args.file, column, need_labels=False, on_bad_rows="error", keep_fields=True,
+                             options=PREDICT_OPTIONS)
     results = run.predict(examples.texts, top_k=args.top_k)
-    lines = [json.dumps({"text": t, **r}, ensure_ascii=False) for t, r in zip(examples.texts, results)]
+    lines = [json.dumps(_scored_row(text, record, column, result), ensure_ascii=False)
+             for text, record, result in zip(examples.texts, examples.fields, results)]
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"{len(lines)} predictions written to {args.out}")
     else:
         print("\n".join(lines))
+
+
+def _scored_row(text, record, column, result):
+    """{"text", the input's other fields (an id, ...), the prediction}; an input field that has the name of
+    a prediction key (label, score, ...) is kept as input_<name>."""
+    row = {"text": text}
+    for key, value in record.items():
+        if key != column:
+            row["input_" + key if key in result or key == "text" else key] = value
+    row.update(result)
+    return row
 
 
 def cmd_compare(args):
@@ -126,7 +147,7 @@ def cmd_pretrain(args):
 
 
 def cmd_generate(args):
-    from danlu.generation import generate, set_decode_precision, stream_generate
+    from danlu.generation import SamplingConfig, generate, set_decode_precision, stream_generate
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
@@ -135,8 +156,7 @@ def cmd_generate(args):
     set_decode_precision(run.model, args.precision)
     if not args.prompts:
         raise ConfigError("generate: give one or more prompts, e.g. danlu generate RUN \"To be\"")
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    options = _fields_of(args, SamplingConfig)
     if args.no_stream:
         for prompt, text in zip(args.prompts, generate(run.model, run.tokenizer, args.prompts, **options)):
             print(prompt + text)
@@ -166,7 +186,7 @@ def cmd_finetune(args):
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
     from danlu.chat_template import render_chat, stop_sequences
-    from danlu.generation import set_decode_precision, stream_generate
+    from danlu.generation import SamplingConfig, set_decode_precision, stream_generate
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
@@ -190,10 +210,8 @@ def cmd_chat(args):
         messages.append({"role": "user", "content": line.rstrip("\n")})
         prompt = render_chat(template, messages, add_generation_prompt=True, **variables)
         reply = ""
-        for delta in stream_generate(run.model, run.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     repetition_penalty=args.repetition_penalty, stop=list(stop_sequences(template)),
-                                     seed=args.seed):
+        sampling = {**_fields_of(args, SamplingConfig), "stop": list(stop_sequences(template))}
+        for delta in stream_generate(run.model, run.tokenizer, prompt, **sampling):
             reply += delta
             sys.stdout.write(delta)
             sys.stdout.flush()
@@ -212,12 +230,13 @@ def _metrics_line(name, m):
 
 
 def cmd_serve(args):
+    from danlu.serve.app import ServeOptions
     from danlu.serve.server import serve
 
-    serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DANLU_API_KEY"),
-          device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-          max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_tokens=args.max_tokens,
-          timeout_s=args.timeout, threads=args.threads, access_log=not args.no_access_log, precision=args.precision)
+    options = _fields_of(args, ServeOptions)
+    options["api_key"] = options.get("api_key") or os.environ.get("DANLU_API_KEY")
+    serve(args.run, host=args.host, port=args.port, device=args.device, threads=args.threads,
+          access_log=not args.no_access_log, precision=args.precision, **options)
 
 
 def cmd_export(args):
@@ -258,15 +277,62 @@ def _add_run_arg(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
 
 
-def build_parser():
+def build_parser(verbs=None):
+    """The `danlu` parser. `verbs`: build only these verbs' arguments (main builds the one it runs, so that
+    a verb's flags, made from its own module's dataclasses, import nothing for the other verbs)."""
     parser = argparse.ArgumentParser(prog="danlu", description="danlu 丹炉: train, evaluate and serve deep-learning models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"danlu {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (fn, help_text, add_args) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        add_args(p)
+        if verbs is None or verb in verbs:
+            add_args(p)
         p.set_defaults(func=fn)
     return parser
+
+
+def add_field_flags(p, cls, defaults=None, skip=(), names=None, shown=None):
+    """One flag per field of the dataclass `cls`: --field-name (or `names[field]`), its value converted and
+    checked by the field's type (Literal choices, Range bounds: danlu.schema), its help the field's
+    docstring, its default the field's value in `defaults` (an instance of cls; cls() when None), which
+    the help shows unless `shown[field]` says otherwise."""
+    from danlu.schema import choices, field_docs, flag_type
+
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls, include_extras=True)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _not_none(hints[f.name])
+        default = getattr(defaults, f.name)
+        flags = (names or {}).get(f.name) or ("--" + f.name.replace("_", "-"),)
+        text = docs.get(f.name, "").replace("%", "%%")
+        said = (shown or {}).get(f.name, "none" if default is None else default)
+        kw = dict(dest=f.name, default=default, help=f"{text} (default: {said})".strip())
+        if tp is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(*flags, action="append", type=flag_type(typing.get_args(tp)[0], flags[0]),
+                           **{**kw, "default": list(default)})
+        else:
+            allowed = choices(tp)  # shown in the usage; flag_type checks them (with a did-you-mean)
+            p.add_argument(*flags, type=flag_type(tp, flags[0]), metavar="{" + ",".join(allowed) + "}" if allowed else None,
+                           **kw)
+
+
+def _not_none(tp):
+    """X for `X | None`."""
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _fields_of(args, cls):
+    """The parsed values of the flags that add_field_flags made for `cls`, by field name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 def _train_args(p):
@@ -299,21 +365,19 @@ def _info_args(p):
 
 
 def _generate_args(p):
+    from danlu.generation import SamplingConfig
+
     _add_run_arg(p)
     p.add_argument("prompts", nargs="*", help="texts to continue (each is streamed in turn)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p (1: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens (CTRL)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable samples")
+    add_field_flags(p, SamplingConfig)
     p.add_argument("--no-stream", action="store_true", help="generate all prompts as one batch, print at the end")
     _add_precision_arg(p)
 
 
 def _add_precision_arg(p, what="weights while decoding"):
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    from danlu.generation import DecodePrecision
+
+    p.add_argument("--precision", default="fp32", choices=typing.get_args(DecodePrecision),
                    help=f"{what} (default fp32); bf16 reads half the bytes: faster on GPUs, and on CPUs with "
                         "AVX512-BF16 or AMX once the weights outgrow the cache (slightly different numbers)")
 
@@ -327,28 +391,22 @@ def _finetune_args(p):
 
 def _chat_args(p):
     _add_run_arg(p)
+    from danlu.generation import CHAT_SAMPLING, SamplingConfig
+
     p.add_argument("--system", default="", help="system prompt at the start of the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable replies")
+    add_field_flags(p, SamplingConfig, defaults=CHAT_SAMPLING, skip=("stop",))  # replies stop where the template says
     _add_precision_arg(p)
 
 
 def _serve_args(p):
+    from danlu.serve.app import ServeOptions
+
     _add_run_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (default: $DANLU_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=32, help="texts or prompts per model call; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request that finds the model idle may wait for a second one to batch with (default: 2)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond which the server answers 503")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    p.add_argument("--max-texts", type=int, default=256, help="texts per /v1/predict request (default: 256)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens of a completion (default: 512)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request answers 504 (default: 60)")
+    # allowed_hosts follows from --host: the loopback names when serving this machine only
+    add_field_flags(p, ServeOptions, skip=("allowed_hosts",), names={"timeout_s": ("--timeout", "--timeout-s")},
+                    shown={"api_key": "$DANLU_API_KEY"})
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: torch's choice)")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     _add_precision_arg(p, "weights of a language model while serving")
@@ -401,7 +459,9 @@ def _warning_line(message, category, filename, lineno, line=None, _default=warni
 
 def main(argv=None):
     warnings.formatwarning = _warning_line
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([verb])
     args, rest = parser.parse_known_args(argv)
     # overrides after a flag (`train cfg.yaml --overwrite train.epochs=3`) arrive in `rest`
     extra = [r for r in rest if "=" in r and not r.startswith("-")]
@@ -414,6 +474,13 @@ def main(argv=None):
         return 2
     try:
         args.func(args)
+        sys.stdout.flush()  # here, so that a reader that went away is noticed below and not at exit
+    except BrokenPipeError:
+        # the reader of our output stopped early (`danlu predict ... | head -1`): stop quietly, as other
+        # programs do, with the status of a process ended by SIGPIPE (128 + 13); the output left in the
+        # buffer goes to /dev/null, not into a second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         verb = "pretrain" if args.verb == "pretrain" else "train"
         print(f"interrupted; resume with: danlu {verb} CONFIG --resume", file=sys.stderr)

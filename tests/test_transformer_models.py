@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from danlu import config as config_mod
 from danlu.data.spec import DataSpec
 from danlu.models import MODELS, build_model
 from danlu.models.bert import BERT, BERTConfig
@@ -152,8 +153,8 @@ def test_gpt_mean_pooling_ignores_padding():
         alone = model(ids[1:2, :4], mask[1:2, :4])
     torch.testing.assert_close(logits[1], alone[0], atol=1e-5, rtol=1e-5)  # padding changes nothing
     torch.testing.assert_close(alone[0], model.head(seen[1].mean(1))[0], atol=1e-5, rtol=1e-5)  # the states' mean
-    with pytest.raises(ConfigError, match="pooling"):
-        dataclasses.replace(TINY_GPT, pooling="cls")
+    with pytest.raises(ConfigError, match="model.pooling: unknown value 'cls'; expected one of: last, mean"):
+        config_mod.load({"model": {**dataclasses.asdict(TINY_GPT), "pooling": "cls"}})  # checked at load
 
 
 def test_bert_mlm_and_classifier_shapes():
@@ -212,11 +213,11 @@ def test_registry_builds_and_trains_one_step(kind):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="model.positions"):
-        GPTConfig(positions="alibi")
+        config_mod.load({"model": {"kind": "gpt", "positions": "alibi"}})
     with pytest.raises(ConfigError, match="model.num_kv_heads"):
-        GPTConfig(num_heads=6, num_kv_heads=4)
+        GPTConfig(num_heads=6, num_kv_heads=4)  # a rule across fields: the dataclass checks it itself
     with pytest.raises(ConfigError, match="model.pooling"):
-        TransformerConfig(pooling="max")
+        config_mod.load({"model": {"kind": "transformer", "pooling": "max"}})
     assert isinstance(build(TINY_GPT, LM_SPEC), GPT)
     assert isinstance(build(BERTConfig(embed_dim=32, num_heads=2, num_layers=1), LM_SPEC), BERT)
     assert isinstance(build(TextCNNConfig(), CLS_SPEC), TextCNN)

@@ -26,6 +26,13 @@ class Examples:
     labels: list  # strings (classification), floats (regression) or None (unlabelled)
     origins: list  # "file:line" per example
     skipped: int = 0
+    fields: list | None = None  # with keep_fields: each example's record as read (all its columns)
+
+
+DATA_OPTIONS = {"text_column": "data.text_column", "label_column": "data.label_column",
+                "on_bad_rows": "data.on_bad_rows=skip", "encoding": "data.encoding"}
+"""How a user sets each reading option, for the hints of error messages: in a config. A verb with flags
+of its own passes its names instead (None: the verb has no such option, and no hint names one)."""
 
 
 FORMATS = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".ndjson")  # .txt: a table with a header (Excel's "Unicode Text")
@@ -34,8 +41,10 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def read_examples(path, text_column="text", label_column="label", on_bad_rows="error", need_labels=True, numeric=False,
-                  encoding="auto"):
-    """Read (text, label) examples from a file or a folder; fail or skip on bad rows.
+                  encoding="auto", keep_fields=False, options=DATA_OPTIONS):
+    """Read (text, label) examples from a file or a folder; fail or skip on bad rows. `keep_fields`: also
+    keep each example's whole record (`Examples.fields`); `options`: how the caller's user sets each
+    option (DATA_OPTIONS), which error messages suggest.
 
     A CSV file may also be separated by semicolons, tabs or bars: when the header read with commas lacks
     the columns, the first of those separators whose header has them is used. A .txt file is read as such
@@ -43,15 +52,14 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
 
     >>> ex = read_examples("reviews.csv", text_column="review", label_column="stars")  # doctest: +SKIP
     """
-    if on_bad_rows not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_rows: unknown value {on_bad_rows!r}; expected one of: error, skip")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    out = Examples([], [], [])
-    bad = _BadRows(path, on_bad_rows)
+    out = Examples([], [], [], fields=[] if keep_fields else None)
+    bad = _BadRows(path, on_bad_rows, options.get("on_bad_rows"))
+    undecoded = _undecoded(encoding, options.get("encoding"))
     if os.path.isdir(path):
-        rows = _folder_rows(path, bad, text_column, label_column, encoding)
+        rows = _folder_rows(path, bad, text_column, label_column, encoding, undecoded)
     else:
         ext = os.path.splitext(path)[1].lower()
         if ext not in FORMATS:
@@ -59,23 +67,26 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
         with open(path, "rb") as f:
             raw = f.read()
         text, used = decode(raw, encoding)
+        _refuse_binary(path, text, options.get("encoding"))
         if encoding == "auto" and used == "gb18030":
             _read_as_gb18030(path)
         if ext in (".jsonl", ".json", ".ndjson"):
             rows = _jsonl_rows(path, text, bad)
         else:
-            rows = _csv_rows(path, text, "\t" if ext == ".tsv" else ",", text_column, label_column, need_labels)
+            rows = _csv_rows(path, text, "\t" if ext == ".tsv" else ",", text_column, label_column, need_labels,
+                             options)
     for line, record in rows:
         where = f"{path}:{line}" if line else record.pop("_file", path)
         text_value = record.get(text_column)
         if text_column not in record:
-            bad(line, f"no {text_column!r} field (data.text_column); fields found: {', '.join(map(str, record)) or 'none'}")
+            bad(line, f"no {text_column!r} field{_set_by(options, 'text_column')}; fields found: "
+                      f"{', '.join(map(str, record)) or 'none'}")
             continue
         if not isinstance(text_value, str):
             bad(line, f"{text_column!r} must be a string, got {json.dumps(text_value, ensure_ascii=False)}")
             continue
         if _has_bad_bytes(text_value):
-            bad(line, _undecoded(encoding))
+            bad(line, undecoded)
             continue
         if not text_value.strip():
             bad(line, f"empty text in {text_column!r}")
@@ -84,7 +95,7 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
         if need_labels:
             label = record.get(label_column)
             if label is None or (isinstance(label, str) and not label.strip()):
-                bad(line, f"missing label in {label_column!r} (data.label_column)")
+                bad(line, f"missing label in {label_column!r}{_set_by(options, 'label_column')}")
                 continue
             if isinstance(label, (dict, list)):
                 bad(line, f"label must be a string or number, got {json.dumps(label, ensure_ascii=False)}")
@@ -98,11 +109,13 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
             else:
                 label = _label_str(label)
                 if _has_bad_bytes(label):
-                    bad(line, _undecoded(encoding))
+                    bad(line, undecoded)
                     continue
         out.texts.append(text_value)
         out.labels.append(label)
         out.origins.append(where)
+        if keep_fields:
+            out.fields.append(record)
     out.skipped = bad.count
     if not out.texts:
         raise DataError(f"{path}: no usable examples" + (f" ({bad.count} bad rows skipped)" if bad.count else ""))
@@ -110,14 +123,33 @@ def read_examples(path, text_column="text", label_column="label", on_bad_rows="e
 
 
 class _BadRows:
-    def __init__(self, path, mode):
-        self.path, self.mode, self.count = path, mode, 0
+    def __init__(self, path, mode, skip_option="data.on_bad_rows=skip"):
+        self.path, self.mode, self.count, self.skip_option = path, mode, 0, skip_option
 
     def __call__(self, line, message):
         if self.mode == "error":
             where = f"{self.path}, line {line}" if line else self.path
-            raise DataError(f"{where}: {message}. Fix the row, or set data.on_bad_rows=skip to skip bad rows.")
+            fix = f"Fix the row, or set {self.skip_option} to skip bad rows." if self.skip_option else "Fix the row."
+            raise DataError(f"{where}: {message}. {fix}")
         self.count += 1
+
+
+def _set_by(options, key):
+    """' (data.text_column)': how the user names this option, as a hint after a message about it."""
+    return f" ({options[key]})" if options.get(key) else ""
+
+
+def _refuse_binary(path, text, encoding_option, sample=4096):
+    """A table is text: a NUL character, or control characters in more than 2% of its start, mean another
+    kind of file under a table's name (a spreadsheet, an archive, an image; in random bytes one in ten is a
+    control character), whose bytes would otherwise be read as a header of garbage. Text in another encoding
+    is not refused here: its rows are reported as not decoding, with the hint to set the encoding."""
+    head = text[:sample]
+    controls = sum(1 for ch in head if ch < " " and ch not in "\t\n\r\f\v")
+    if "\x00" in head or controls > len(head) / 50:
+        utf16 = f" (UTF-16 text without a byte-order mark? set {encoding_option}=utf-16)" if encoding_option else ""
+        raise DataError(f"{path}: not a text table: the file holds binary data{utf16}; expected CSV, TSV or JSONL "
+                        f"text (an Excel workbook must be saved as CSV first)")
 
 
 def _label_str(label):
@@ -166,16 +198,16 @@ def _unknown_encoding(encoding):
                        f"such as utf-8, gb18030, big5")
 
 
-def _undecoded(encoding):
-    return (f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8, "
-            f"or set data.encoding to its encoding)")
+def _undecoded(encoding, option="data.encoding"):
+    also = f", or set {option} to its encoding" if option else ""
+    return f"not valid {'UTF-8' if encoding == 'auto' else encoding} text (save the file as UTF-8{also})"
 
 
 def _has_bad_bytes(s):
     return any("\udc80" <= ch <= "\udcff" for ch in s)
 
 
-def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
+def _csv_rows(path, text, delimiter, text_column, label_column, need_labels, options=DATA_OPTIONS):
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
     try:
         header = next(reader)
@@ -188,12 +220,11 @@ def _csv_rows(path, text, delimiter, text_column, label_column, need_labels):
         first = text.split("\n", 1)[0]
         for other in (";", "\t", "|"):
             if other in first and all(c in [h.strip() for h in next(csv.reader([first], delimiter=other))] for c in wanted):
-                return _csv_rows(path, text, other, text_column, label_column, need_labels)
+                return _csv_rows(path, text, other, text_column, label_column, need_labels, options)
     if missing:
-        raise DataError(
-            f"{path}, line 1: no column {missing[0]!r}; the header has: {', '.join(header)}. "
-            f"Set data.text_column / data.label_column to the right names."
-        )
+        setters = [options.get(k) for k in ("text_column", "label_column")[: len(wanted)] if options.get(k)]
+        fix = f" Set {' / '.join(setters)} to the right name{'s' if len(setters) > 1 else ''}." if setters else ""
+        raise DataError(f"{path}, line 1: no column {missing[0]!r}; the header has: {', '.join(header)}.{fix}")
     rows = []
     for row in reader:
         if not row or all(not c.strip() for c in row):
@@ -279,7 +310,7 @@ def _read_as_gb18030(path):
                   f"read as GB18030 (set data.encoding to choose)", stacklevel=3)
 
 
-def _folder_rows(path, bad, text_column, label_column, encoding="auto"):
+def _folder_rows(path, bad, text_column, label_column, encoding="auto", undecoded=None):
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise DataError(f"{path}: a folder of examples needs one sub-folder per class, holding .txt files; found none")
@@ -292,7 +323,7 @@ def _folder_rows(path, bad, text_column, label_column, encoding="auto"):
             with open(file, "rb") as f:
                 text, used = decode(f.read(), encoding)
             if _has_bad_bytes(text):
-                bad(0, f"{file}: {_undecoded(encoding)}")
+                bad(0, f"{file}: {undecoded or _undecoded(encoding)}")
                 continue
             gb18030 = gb18030 or used == "gb18030"
             rows.append((0, {text_column: text.strip(), label_column: label, "_file": file}))

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from danlu.models.blocks import Attention, FeedForward, init_weights, padding_mask
 from danlu.registry import ConfigError
+from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
 
 
 @dataclass(frozen=True)
@@ -22,24 +23,22 @@ class BERTConfig:
     kind: str = "bert"
     size: str = ""
     """A preset of SIZE_PRESETS below (tiny, small, minilm, base) whose values fill the keys this section leaves out."""
-    embed_dim: int = 256
-    num_heads: int = 4
-    num_layers: int = 4
-    intermediate_dim: int = 0
+    embed_dim: Positive = 256
+    num_heads: Positive = 4
+    num_layers: Positive = 4
+    intermediate_dim: NonNegative = 0
     """Feed-forward width (0: 4 x embed_dim)."""
-    dropout: float = 0.1
+    dropout: Fraction = 0.1
     """Dropout on embeddings, attention weights, layer outputs and the pooled vector."""
-    max_positions: int = 512
+    max_positions: Positive = 512
     """Rows of the position table; the data's max_length is used when it is larger."""
-    type_vocab_size: int = 2
+    type_vocab_size: Positive = 2
     """Token types (segments A and B of a sentence pair)."""
-    norm_eps: float = 1e-12
-    pooling: str = "mean"
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-12
+    pooling: Literal["mean", "cls"] = "mean"
     """Classifier input: mean (over real tokens) or cls (pooler over position 0, as BERT fine-tuning)."""
 
     def __post_init__(self):
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"model.pooling: unknown value {self.pooling!r}; expected one of: cls, mean")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")

@@ -26,6 +26,7 @@ from torch import nn
 
 from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, make_norm, rope_tables
 from danlu.registry import ConfigError
+from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
 
 
 @dataclass(frozen=True)
@@ -33,38 +34,33 @@ class GPTConfig:
     kind: str = "gpt"
     size: str = ""
     """A preset of SIZE_PRESETS below (tiny, small, base, llama) whose values fill the keys this section leaves out."""
-    embed_dim: int = 384
-    num_heads: int = 6
-    num_kv_heads: int = 0
+    embed_dim: Positive = 384
+    num_heads: Positive = 6
+    num_kv_heads: NonNegative = 0
     """Key/value heads for grouped-query attention (0: num_heads, plain multi-head attention)."""
-    num_layers: int = 6
-    intermediate_dim: int = 0
+    num_layers: Positive = 6
+    intermediate_dim: NonNegative = 0
     """Feed-forward width (0: 4 x embed_dim for gelu; 8/3 x embed_dim rounded up to 64 for swiglu)."""
-    dropout: float = 0.0
-    positions: str = "learned"
+    dropout: Fraction = 0.0
+    positions: Literal["learned", "rope"] = "learned"
     """learned (GPT-2's table of max_positions rows) or rope (rotary, Su et al. 2021)."""
-    max_positions: int = 1024
+    max_positions: Positive = 1024
     """Rows of the learned position table; the data's max_length is used when it is larger."""
-    norm: str = "layernorm"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """layernorm or rmsnorm."""
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     """gelu (erf), gelu_tanh (GPT-2's approximation) or swiglu (Shazeer 2020)."""
     bias: bool = True
     """Biases in the linear layers and LayerNorms (GPT-2: yes; Llama: no)."""
     tie_embeddings: bool = True
     """The output head shares the token embedding matrix (Press & Wolf 2017)."""
-    rope_theta: float = 10000.0
+    rope_theta: Annotated[float, Range(gt=0)] = 10000.0
     """Base of the rotary frequencies (SmolLM2: 100000)."""
-    pooling: str = "last"
+    pooling: Literal["last", "mean"] = "last"
     """Classifier input: last (the last real token's state, as GPT-1 fine-tuning) or mean (over real tokens)."""
 
     def __post_init__(self):
-        for key, allowed in (("positions", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                             ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("pooling", ("last", "mean"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
-                                  + ", ".join(allowed))
         if self.embed_dim % self.num_heads or self.num_heads % self.kv_heads:
             raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads "
                               f"({self.num_heads}), and num_heads by model.num_kv_heads ({self.kv_heads})")

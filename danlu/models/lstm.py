@@ -9,26 +9,23 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from danlu.registry import resolve
+from danlu.schema import Fraction, Literal, Positive
 
 
 @dataclass(frozen=True)
 class LSTMConfig:
     kind: str = "lstm"
-    embed_dim: int = 128
-    hidden_dim: int = 128
+    embed_dim: Positive = 128
+    hidden_dim: Positive = 128
     """Units of the LSTM (the guide's LSTM(128))."""
-    num_layers: int = 1
+    num_layers: Positive = 1
     bidirectional: bool = False
-    pooling: str = "last"
+    pooling: Literal["last", "mean", "max"] = "last"
     """last: the state after the last real token (the guide's model); mean or max: over all real steps."""
-    embed_dropout: float = 0.0
+    embed_dropout: Fraction = 0.0
     """Spatial dropout on the embeddings: drops whole embedding channels (Keras SpatialDropout1D)."""
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
     """Dropout on the final state before the dense layer (and between stacked LSTM layers)."""
-
-    def __post_init__(self):
-        resolve(self.pooling, dict.fromkeys(("last", "mean", "max")), "model.pooling")
 
 
 class LSTMClassifier(nn.Module):

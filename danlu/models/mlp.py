@@ -3,13 +3,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from danlu.schema import Fraction, Positive
+
 
 @dataclass(frozen=True)
 class MLPConfig:
     kind: str = "mlp"
-    embed_dim: int = 128
-    hidden_dim: int = 256
-    dropout: float = 0.1
+    embed_dim: Positive = 128
+    hidden_dim: Positive = 256
+    dropout: Fraction = 0.1
 
 
 class MLPClassifier(nn.Module):

@@ -12,22 +12,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from danlu.registry import ConfigError
+from danlu.schema import Fraction, Positive
 
 
 @dataclass(frozen=True)
 class TextCNNConfig:
     kind: str = "textcnn"
-    embed_dim: int = 128
-    kernel_sizes: tuple = (3, 4, 5)
+    embed_dim: Positive = 128
+    kernel_sizes: tuple[Positive, ...] = (3, 4, 5)
     """Widths of the convolution windows, in tokens (Kim 2014 used 3, 4 and 5)."""
-    num_filters: int = 100
+    num_filters: Positive = 100
     """Feature maps per window width; the pooled vector has len(kernel_sizes) * num_filters features."""
-    dropout: float = 0.5
+    dropout: Fraction = 0.5
     """Dropout on the pooled vector (Kim 2014: 0.5)."""
 
     def __post_init__(self):
-        if not self.kernel_sizes or any(int(k) < 1 for k in self.kernel_sizes):
-            raise ConfigError(f"model.kernel_sizes: expected positive widths, got {self.kernel_sizes!r}")
+        if not self.kernel_sizes:  # each width's range is checked at load
+            raise ConfigError("model.kernel_sizes: expected at least one window width, e.g. [3, 4, 5]")
 
 
 class TextCNN(nn.Module):

@@ -11,34 +11,30 @@ from torch import nn
 
 from danlu.models.blocks import Block, init_weights, make_norm, padding_mask, sinusoidal_table
 from danlu.registry import ConfigError
+from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     kind: str = "transformer"
-    embed_dim: int = 128
-    num_heads: int = 4
-    num_layers: int = 2
-    intermediate_dim: int = 0
+    embed_dim: Positive = 128
+    num_heads: Positive = 4
+    num_layers: Positive = 2
+    intermediate_dim: NonNegative = 0
     """Width of the feed-forward layer (0: 4 x embed_dim)."""
-    dropout: float = 0.1
+    dropout: Fraction = 0.1
     """Dropout on embeddings, attention weights, block outputs and the pooled vector."""
-    positions: str = "learned"
+    positions: Literal["learned", "sinusoidal"] = "learned"
     """learned (a trained table of max_positions rows) or sinusoidal (Vaswani et al. 2017, §3.5)."""
-    max_positions: int = 512
+    max_positions: Positive = 512
     """Rows of the position table; the data's max_length is used when it is larger."""
-    pooling: str = "mean"
+    pooling: Literal["mean", "cls"] = "mean"
     """mean (over real tokens) or cls (the hidden state at position 0; the data adds no [CLS] token)."""
-    norm: str = "layernorm"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """layernorm or rmsnorm."""
-    norm_eps: float = 1e-5
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-5
 
     def __post_init__(self):
-        for key, allowed in (("positions", ("learned", "sinusoidal")), ("pooling", ("mean", "cls")),
-                             ("norm", ("layernorm", "rmsnorm"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
-                                  + ", ".join(allowed))
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")

@@ -43,6 +43,7 @@ class ServeOptions:
     max_queue: int = 256
     """Requests waiting for the model (and streams running) beyond which the server answers 503."""
     max_body_bytes: int = 1 << 20
+    """Largest request body, in bytes (1 MiB); a larger one answers 413."""
     max_texts: int = 256
     """Texts per /v1/predict request."""
     max_tokens: int = 512
@@ -453,8 +454,12 @@ class _State:
     def playground_html(self):
         if self._html is None:
             page = resources.files("danlu.serve").joinpath("playground.html").read_text(encoding="utf-8")
+            from danlu.generation import CHAT_SAMPLING  # the playground chats as `danlu chat` does
+
             config = {**self.predictor.describe(), "auth": bool(self.options.api_key),
-                      "max_tokens": self.options.max_tokens}
+                      "max_tokens": self.options.max_tokens,
+                      "sampling": {k: getattr(CHAT_SAMPLING, k) for k in ("max_new_tokens", "temperature", "top_k",
+                                                                          "top_p", "repetition_penalty")}}
             blob = json.dumps(config, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
             self._html = page.replace(PLAYGROUND_PLACEHOLDER, blob)
         return self._html

@@ -15,6 +15,7 @@ import os
 import torch
 
 from danlu.chat_template import render_chat, stop_sequences
+from danlu.generation import SAMPLING
 from danlu.registry import ConfigError
 from danlu.runs import layout
 
@@ -81,7 +82,7 @@ class Predictor:
     def _finish(self, recorder, row, text, sampling):
         """(completion tokens, "stop" or "length") of one row, from the tokens fed back to the model."""
         fed = recorder.row(row)
-        limit = sampling.get("max_new_tokens", 64)
+        limit = sampling.get("max_new_tokens", SAMPLING.max_new_tokens)
         if fed is None:  # decoding did not look like one token per step: count the text instead
             used = self.count_tokens(text)
             return used, "length" if used >= limit else "stop"

@@ -2,13 +2,16 @@
 
 Fields OpenAI defines but danlu does not use (user, logit_bias, presence_penalty, ...) are accepted
 and ignored, as OpenAI-compatible servers do, so that existing clients work unchanged; unknown
-fields are ignored too. Values out of range are refused with 400 and the name of the field.
+fields are ignored too. Values out of range are refused with 400 and the name of the field. The sampling
+defaults are danlu.generation.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
 """
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from danlu.generation import SAMPLING
 
 # -------------------------------------------------------------------------------------- errors
 
@@ -87,15 +90,16 @@ class Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="danlu extension: sample among the k most likely tokens (0: all).")
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="danlu extension (CTRL, Keskar et al. 2019).")
+    temperature: float = Field(default=SAMPLING.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(default=SAMPLING.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(default=SAMPLING.top_k, ge=0, description="danlu extension: sample among the k most likely tokens (0: all).")
+    repetition_penalty: float = Field(default=SAMPLING.repetition_penalty, gt=0.0, le=10.0,
+                                      description="danlu extension (CTRL, Keskar et al. 2019).")
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences where generation stops.")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=SAMPLING.seed, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Accepted and ignored.")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Accepted and ignored.")
     user: str | None = None

@@ -52,7 +52,6 @@ SCHEDULES = ("constant", "warmup", "linear", "cosine")
 
 
 def build_schedule(optimizer, cfg, total_steps):
-    resolve(cfg.schedule, dict.fromkeys(SCHEDULES), "train.schedule")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg.schedule, step, cfg.warmup_steps, total_steps)
     )
