@@ -182,7 +182,7 @@ def test_generate_chat_and_serve_pass_every_field_on(monkeypatch, capsys):
 
     import danlu.chat_template
 
-    monkeypatch.setattr(danlu.chat_template, "load_template", lambda path: "{{ messages }}")
+    fake_run.chat_template = "{{ messages }}"
     monkeypatch.setattr(danlu.chat_template, "render_chat", lambda template, messages, **kw: "prompt")
     fake_run.tokenizer = types.SimpleNamespace(tokenizer_=types.SimpleNamespace(id_to_token=lambda i: ""),
                                                token_id=lambda t: 0)

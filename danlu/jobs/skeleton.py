@@ -65,6 +65,26 @@ class Job:
     def save(self, run, plan, history):
         save_run(run.path, run.cfg, run.model, run.tokenizer, run.labels, run.metrics)
 
+    def collector(self, cfg):
+        """What the report gathers during the final test pass (the most confident mistakes), or None."""
+        try:
+            from danlu.evaluate.report import mistakes_collector
+        except ImportError:  # matplotlib missing: no report
+            return None
+        return mistakes_collector(cfg.task)
+
+    def report(self, run, plan, history, trainer, collector, eval_seconds, command):
+        try:
+            from danlu.evaluate.report import write_run_report
+        except ImportError:
+            return
+        write_run_report(run, plan.data, history, trainer, mistakes=collector, eval_seconds=eval_seconds,
+                         command=command)
+
+    def make_run(self, cfg, model, plan, metrics):
+        """The Run the job returns (a job whose runs predict differently returns its own kind)."""
+        return Run(cfg.run.dir, cfg, model, plan.tokenizer, plan.labels, metrics)
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -108,7 +128,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         raise
     if directory is not None:
         directory.started()
-    collector = _collector(cfg.task) if main else None
+    collector = job.collector(cfg) if main else None
     trainer, history, metrics, eval_seconds = fit_and_evaluate(
         plan, cfg.train, run_dir=cfg.run.dir if plan.checkpoints else None, seed=cfg.run.seed,
         loggers=_loggers(cfg, loggers), resume=resume, on_test_batch=collector.update if collector else None)
@@ -121,10 +141,10 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         unit: _mean([r.get(unit) for r in rows]),
         **job.summarize(plan, history, trainer),
     })
-    run = Run(cfg.run.dir, cfg, trainer.model, plan.tokenizer, plan.labels, metrics)
+    run = job.make_run(cfg, trainer.model, plan, metrics)
     if main:
         job.save(run, plan, rows)
-        _write_report(run, plan, rows, trainer, collector, eval_seconds, command)
+        job.report(run, plan, rows, trainer, collector, eval_seconds, command)
     return run
 
 
@@ -153,23 +173,6 @@ def fit_and_evaluate(plan, train_cfg, *, run_dir=None, seed=0, loggers=(), resum
     if plan.val is not None:
         metrics["val"] = trainer.evaluate(plan.val)
     return trainer, history, metrics, eval_seconds
-
-
-def _collector(task):
-    """The report's most confident mistakes, gathered during the final test pass (no second pass)."""
-    try:
-        from danlu.evaluate.report import mistakes_collector
-    except ImportError:  # matplotlib missing: no report
-        return None
-    return mistakes_collector(task)
-
-
-def _write_report(run, plan, rows, trainer, collector, eval_seconds, command):
-    try:
-        from danlu.evaluate.report import write_run_report
-    except ImportError:
-        return
-    write_run_report(run, plan.data, rows, trainer, mistakes=collector, eval_seconds=eval_seconds, command=command)
 
 
 def _loggers(cfg, extra):

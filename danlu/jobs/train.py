@@ -22,7 +22,7 @@ class TrainJob(Job):
         tokenizer_file = os.path.join(run_dir, layout.TOKENIZER)
         if resume and os.path.exists(tokenizer_file):  # the tokenizer the checkpoints were trained with
             data = _reencode(data, TextTokenizer.load(tokenizer_file), cfg)
-        what = "a numeric target" if cfg.task == "regression" else f"{data.spec.num_classes} classes"
+        what = "regression" if cfg.task == "regression" else f"{data.spec.num_classes} classes"
         say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, {what}, "
             f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
         model = build_model(cfg.model, data.spec)

@@ -121,7 +121,8 @@ def write_run_files(path, cfg, tokenizer, labels=(), extra=None):
     """config.yaml, tokenizer.json, labels.json and any extra text files (name -> text): written first, so
     that an interrupted run can be resumed and inspected."""
     atomic_write_text(os.path.join(path, layout.CONFIG), config_mod.dump(cfg))
-    save_tokenizer(path, tokenizer)
+    if tokenizer is not None:  # image runs keep their preprocessing instead
+        save_tokenizer(path, tokenizer)
     atomic_write_json(os.path.join(path, layout.LABELS), list(labels))
     for name, text in (extra or {}).items():
         atomic_write_text(os.path.join(path, name), text)
