@@ -39,7 +39,7 @@ def run(args):
     import torch
 
     from danlu.serve.export import export
-    from danlu.serve.tiny_runs import classifier_run, language_model_run
+    from danlu.testing import classifier_run, language_model_run
 
     quick = getattr(args, "quick", False)
     repeats = getattr(args, "onnx_repeats", None) or (10 if quick else 50)

@@ -54,7 +54,7 @@ def run(args):
     threads = getattr(args, "threads", 0) or 1  # the server's torch threads; 1 is best on a shared CPU
     rows = []
     with tempfile.TemporaryDirectory(prefix="danlu-bench-serve-") as tmp:
-        from danlu.serve.tiny_runs import classifier_run, language_model_run
+        from danlu.testing import classifier_run, language_model_run
 
         classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128, embed_dim=128,
                                     hidden_dim=128)
@@ -191,7 +191,7 @@ def wait_for_url(proc, log_path, timeout=180):
 
 
 def _texts(n, seed=0):
-    from danlu.serve.tiny_runs import FILLER, NEGATIVE, POSITIVE
+    from danlu.testing import FILLER, NEGATIVE, POSITIVE
 
     rng = random.Random(seed)
     words = FILLER + POSITIVE + NEGATIVE + ["，", "。", "的", "了", "很", "也"]

@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 from danlu.cli import main
 from danlu.registry import ConfigError
 from danlu.serve.export import TOLERANCE, OnnxModel, export
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 torch.set_num_threads(1)
 TEXTS = ["质量很好，推荐", "太差了，再也不买", "", "good 物流 bad bad bad awful 质量 价格 包装 客服 这个 东西 房间 很好"]

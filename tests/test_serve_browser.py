@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from danlu.serve.app import ServeOptions, create_app
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 CHROMIUM = os.environ.get("DANLU_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):

@@ -1,4 +1,4 @@
-"""Tiny runs built in seconds, for serving tests, export tests and benchmarks.
+"""Tiny runs built in seconds, for the test suite and the benchmarks (not used by danlu itself).
 
 `classifier_run(dir)` trains a small two-class classifier through the ordinary pipeline;
 `language_model_run(dir)` fits a character tokenizer and a tiny GPT (a few hundred steps on a
@@ -57,8 +57,11 @@ def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0
     return train(cfg, overwrite=True)
 
 
-def language_model_run(run_dir, steps=60, seed=0, chat_template=None, **model):
-    """Fit a char tokenizer and a tiny GPT on CORPUS, save it as a causal_lm run; returns the Run."""
+def language_model_run(run_dir, steps=60, seed=0, chat_template=None, chat_tokens=False, **model):
+    """Fit a char tokenizer and a tiny GPT on CORPUS, save it as a causal_lm run; returns the Run.
+
+    `chat_tokens=True` adds ChatML's `<|im_start|>` and `<|im_end|>` as special tokens (one id each, as
+    in imported chat models) before the model is built."""
     import torch
 
     from danlu import config as config_mod
@@ -69,6 +72,8 @@ def language_model_run(run_dir, steps=60, seed=0, chat_template=None, **model):
     torch.manual_seed(seed)
     lines = CORPUS * 4
     tokenizer = TextTokenizer("char", vocab_size=500, max_length=256).fit(lines + ["<|im_start|>user\n<|im_end|>"])
+    if chat_tokens:
+        tokenizer.tokenizer_.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     gpt = {"kind": "gpt", "embed_dim": 32, "num_heads": 2, "num_layers": 2, "max_positions": 256, **model}
     cfg = config_mod.load({"task": "causal_lm", "run": {"dir": str(run_dir), "seed": seed}, "model": gpt,
                            "data": {"tokenizer": {"kind": "char", "max_length": 256}}})
