@@ -137,7 +137,19 @@ def test_no_sideways_scroll_at_phone_width(tmp_path, browser, kind):
     try:
         with ServerThread(create_app(Predictor(run), ServeOptions(api_key=KEY))) as url:
             page.goto(url + "/")
-            widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+            page.fill("#api-key", KEY)
+            long_word = "https://example.com/" + "x" * 120  # one unbroken word, wider than the screen
+            if kind == "classifier":
+                page.fill("#texts", long_word)
+                page.click("#classify")
+                page.wait_for_selector("[data-testid=prediction] .bar")
+            else:
+                page.fill("#max-tokens", "2")
+                page.fill("#prompt", long_word)
+                page.keyboard.press("Enter")
+                page.wait_for_selector(".msg.assistant[data-done=true], #chat-error:not(:empty)", timeout=30000)
+                assert page.locator("#chat-error").text_content() == ""
+            widths = page.evaluate("() => [document.documentElement.scrollWidth, screen.width]")
     finally:
         context.close()
     assert widths[0] <= widths[1], f"the page is {widths[0]} px wide on a {widths[1]} px screen"
