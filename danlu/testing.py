@@ -99,3 +99,110 @@ def language_model_run(run_dir, steps=60, seed=0, chat_template=None, chat_token
         with open(os.path.join(run_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(chat_template)
     return Run(str(run_dir), cfg, net, tokenizer, ())
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile traffic for a language-model server (tests/test_serve_load.py, benchmarks/serve.py)
+
+SLOW_TEMPLATE = (
+    "{% for m in messages %}{% if 'slow-template' in m['content'] %}{% for i in range(99999) %}"
+    "{% for j in range(99999) %}{% endfor %}{% endfor %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+"""ChatML, except that a message containing `slow-template` sends it into a loop that would run for hours."""
+
+GOOD = ("chat", "completion", "stream", "cut_emoji_chat", "cut_emoji_completion")
+HOSTILE = {"invalid_utf8": 400, "huge_body": 413, "huge_message": 400, "wrong_type": 400, "unsupported": 400,
+           "slow_template": 400, "text_plain": 415}
+"""Each hostile kind and the status it must get; `disconnect` (a client that leaves early) gets none."""
+
+
+def hostile_requests(n, model="lm", seed=0, max_body_bytes=65536, slow_every=80):
+    """`n` requests for a language-model server: 60% good (GOOD), the rest hostile (HOSTILE, plus clients
+    that disconnect early); one in `slow_every` is a slow-template chat. Each is a dict: kind, path, body
+    (bytes), content_type, stream, expect (a status, or None for a disconnect)."""
+    import json
+
+    rng = random.Random(seed)
+    chat = lambda content, **kw: json.dumps({"model": model, "messages": [{"role": "user", "content": content}],  # noqa: E731
+                                             "max_tokens": 6, "temperature": 0, **kw}, ensure_ascii=False)
+    out = []
+    for i in range(n):
+        if slow_every and i % slow_every == slow_every // 2:
+            kind = "slow_template"
+        elif rng.random() < 0.6:
+            kind = rng.choice(GOOD)
+        else:
+            kind = rng.choice(["invalid_utf8", "huge_body", "huge_message", "wrong_type", "unsupported", "text_plain",
+                               "disconnect"])
+        path, content_type, stream = "/v1/chat/completions", "application/json", False
+        if kind == "chat":
+            body = chat(rng.choice(["你好", "今天天气", "hello"]))
+        elif kind == "completion":
+            path, body = "/v1/completions", json.dumps({"model": model, "prompt": rng.choice(["你好", "丹炉"]),
+                                                        "max_tokens": 6, "temperature": 0})
+        elif kind == "stream":
+            body, stream = chat("你好", stream=True), True
+        elif kind == "cut_emoji_chat":
+            body = chat("好评").replace('"好评"', '"好评\\ud83d"')
+        elif kind == "cut_emoji_completion":
+            path, body = "/v1/completions", '{"model": "%s", "prompt": "丹炉\\ud83d", "max_tokens": 4}' % model
+        elif kind == "invalid_utf8":
+            body = chat("好评").encode().replace("好".encode(), b"\xe5\xa5")
+        elif kind == "huge_body":
+            body = chat("好" * max_body_bytes)
+        elif kind == "huge_message":
+            body = chat("好" * (max_body_bytes // 4))
+        elif kind == "wrong_type":
+            body = chat("你好").replace('"max_tokens": 6', '"max_tokens": "6"')
+        elif kind == "unsupported":
+            body = chat("你好", logprobs=True)
+        elif kind == "slow_template":
+            body = chat("slow-template")
+        elif kind == "text_plain":
+            body, content_type = chat("你好"), "text/plain"
+        else:  # disconnect: a long completion the client leaves after a few milliseconds
+            path, body = "/v1/completions", json.dumps({"model": model, "prompt": "你好", "max_tokens": 64})
+        out.append({"kind": kind, "path": path, "body": body.encode() if isinstance(body, str) else body,
+                    "content_type": content_type, "stream": stream,
+                    "expect": 200 if kind in GOOD else HOSTILE.get(kind)})
+    return out
+
+
+async def send_all(url, requests, api_key=None, concurrency=32, leave_after=0.005):
+    """Send `requests` (hostile_requests) with `concurrency` kept-alive httpx clients -> one outcome per request:
+    its status, -1 for a stream that did not end with [DONE] or carried an error, None for a disconnect."""
+    import asyncio
+
+    import httpx
+
+    queue = asyncio.Queue()
+    for i, r in enumerate(requests):
+        queue.put_nowait((i, r))
+    outcomes = [None] * len(requests)
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def one(i, r):
+            headers = {**auth, "content-type": r["content_type"]}
+            if r["expect"] is None and r["kind"] == "disconnect":
+                try:
+                    await asyncio.wait_for(client.post(r["path"], content=r["body"], headers=headers), leave_after)
+                    outcomes[i] = None  # answered before the client left: fine either way
+                except asyncio.TimeoutError:
+                    outcomes[i] = None
+                return
+            if r["stream"]:
+                async with client.stream("POST", r["path"], content=r["body"], headers=headers) as response:
+                    text = "".join([line async for line in response.aiter_lines()])
+                    ok = text.endswith("data: [DONE]") and '"error"' not in text
+                    outcomes[i] = response.status_code if ok or response.status_code != 200 else -1
+                return
+            outcomes[i] = (await client.post(r["path"], content=r["body"], headers=headers)).status_code
+
+        async def worker():
+            while not queue.empty():
+                await one(*queue.get_nowait())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
