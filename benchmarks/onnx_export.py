@@ -36,16 +36,12 @@ def add_arguments(parser):
 
 
 def run(args):
-    import torch
-
     from danlu.serve.export import export
-    from danlu.serve.tiny_runs import classifier_run, language_model_run
+    from danlu.testing import classifier_run, language_model_run
 
     quick = getattr(args, "quick", False)
     repeats = getattr(args, "onnx_repeats", None) or (10 if quick else 50)
-    threads = getattr(args, "threads", 0)
-    if threads:
-        torch.set_num_threads(threads)
+    threads = getattr(args, "threads", 0) or 1  # both runtimes measured with the same, stated thread count
     rows = []
     with tempfile.TemporaryDirectory(prefix="danlu-bench-onnx-") as tmp:
         for name in QUICK if quick else MODELS:
@@ -55,11 +51,11 @@ def run(args):
                 run_obj = language_model_run(run_dir, steps=5, **options)
             else:
                 run_obj = classifier_run(run_dir, kind=kind, rows=100, max_length=128, **options)
-            report = export(run_obj, out=os.path.join(tmp, kind + "-onnx"), repeats=repeats)
+            report = export(run_obj, out=os.path.join(tmp, kind + "-onnx"), repeats=repeats, threads=threads)
             for r in report["latency"]:
                 rows.append({
                     "model": name, "batch": r["batch"], "length": r["length"],
-                    "pytorch_ms": r["torch_ms"], "onnxruntime_ms": r["onnxruntime_ms"], "speedup": r["speedup"],
+                    "threads": threads, "pytorch_ms": r["torch_ms"], "onnxruntime_ms": r["onnxruntime_ms"], "speedup": r["speedup"],
                     "max_abs_diff": f"{report['parity']['max_abs_diff']:.1e}",
                     "fixed_length": report["fixed_length"] or "dynamic", "export_s": report["export_seconds"],
                 })

@@ -40,6 +40,8 @@ def add_arguments(parser):
     group.add_argument("--serve-seconds", type=float, help="measured seconds per row and round (default 4; 1.5 with --quick)")
     group.add_argument("--serve-rounds", type=int, help="alternating rounds (default 3; 2 with --quick)")
     group.add_argument("--serve-no-lm", action="store_true", help="skip the language-model (completions) rows")
+    group.add_argument("--serve-hostile", type=int, help="requests of the hostile mix (default 2000; 300 with --quick; "
+                                                          "0 skips it)")
 
 
 MODES = {"off": ["--max-batch", "1"], "on (32 / 2 ms)": ["--max-batch", "32", "--max-wait-ms", "2"]}
@@ -54,7 +56,7 @@ def run(args):
     threads = getattr(args, "threads", 0) or 1  # the server's torch threads; 1 is best on a shared CPU
     rows = []
     with tempfile.TemporaryDirectory(prefix="danlu-bench-serve-") as tmp:
-        from danlu.serve.tiny_runs import classifier_run, language_model_run
+        from danlu.testing import classifier_run, language_model_run
 
         classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128, embed_dim=128,
                                     hidden_dim=128)
@@ -65,7 +67,46 @@ def run(args):
             prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
             rows += _measure(lm.path, device, seconds, rounds, threads, "gpt completions, 16 tokens", "/v1/completions",
                              [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts])
+        hostile = getattr(args, "serve_hostile", None)
+        hostile = (300 if quick else 2000) if hostile is None else hostile
+        if hostile and not getattr(args, "serve_no_lm", False):
+            rows.append(_hostile(os.path.join(tmp, "gpt-hostile"), device, threads, hostile))
     return rows
+
+
+def _hostile(run_dir, device, threads, n):
+    """Good requests among hostile ones (danlu.testing.hostile_requests: cut emoji, invalid UTF-8, huge bodies and
+    messages, wrong types, unsupported parameters, a looping template, early disconnects), 32 httpx clients: how
+    many good ones failed, how many answers were 5xx, how the server's memory moved."""
+    from danlu.testing import SLOW_TEMPLATE, hostile_requests, language_model_run, send_all
+
+    language_model_run(run_dir, steps=10, chat_template=SLOW_TEMPLATE)
+    requests = hostile_requests(n, model="gpt-hostile", seed=1, slow_every=max(80, n // 8))
+    warm = len(requests) // 5
+    server = _Server(run_dir, device, "--threads", str(threads), "--max-tokens", "64", "--max-body-bytes", "65536")
+    url = server.__enter__()
+    try:
+        asyncio.run(send_all(url, requests[:warm], api_key=KEY))
+        before = _rss_mb(server.proc.pid)
+        started = time.perf_counter()
+        outcomes = asyncio.run(send_all(url, requests[warm:], api_key=KEY))
+        seconds = time.perf_counter() - started
+        after = _rss_mb(server.proc.pid)
+    finally:
+        server.__exit__()
+    measured = requests[warm:]
+    good = [got for r, got in zip(measured, outcomes) if r["expect"] == 200]
+    hostile = [(r["expect"], got) for r, got in zip(measured, outcomes) if r["expect"] not in (None, 200)]
+    return {"model": "gpt, hostile mix", "batching": "on (32 / 2 ms)", "clients": 32, "requests": len(measured),
+            "good": len(good), "good_failed": sum(got != 200 for got in good),
+            "hostile_wrong_status": sum(want != got for want, got in hostile),
+            "server_errors": sum(1 for got in outcomes if got is not None and got >= 500),
+            "seconds": round(seconds, 1), "rss_before_mb": round(before), "rss_after_mb": round(after)}
+
+
+def _rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
 
 
 def _measure(run_dir, device, seconds, rounds, threads, model, route, bodies, clients=CLIENTS):
@@ -191,7 +232,7 @@ def wait_for_url(proc, log_path, timeout=180):
 
 
 def _texts(n, seed=0):
-    from danlu.serve.tiny_runs import FILLER, NEGATIVE, POSITIVE
+    from danlu.testing import FILLER, NEGATIVE, POSITIVE
 
     rng = random.Random(seed)
     words = FILLER + POSITIVE + NEGATIVE + ["，", "。", "的", "了", "很", "也"]

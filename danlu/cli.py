@@ -242,7 +242,7 @@ def cmd_serve(args):
 def cmd_export(args):
     from danlu.serve.export import export, format_report
 
-    report = export(args.run, args.format, out=args.out, opset=args.opset, check=not args.no_check)
+    report = export(args.run, args.format, out=args.out, opset=args.opset, check=not args.no_check, threads=args.threads)
     print(format_report(report))
 
 
@@ -418,6 +418,8 @@ def _export_args(p):
     p.add_argument("--out", help="output folder (default: RUN/export/onnx)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and latency check")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for both PyTorch and onnxruntime while measuring latency (default: 1)")
 
 
 def _compress_args(p):

@@ -57,7 +57,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=SAMPLING.ma
              temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
              repetition_penalty=SAMPLING.repetition_penalty, stop: list[str] = SAMPLING.stop, seed=SAMPLING.seed
              ) -> list[str]:
-    """Continue each prompt; returns the generated text only (without the prompt), one string per prompt.
+    """Continue each prompt (a string, or a list of token ids); returns the generated text only (without
+    the prompt), one string per prompt.
 
     >>> generate(model, tokenizer, ["To be"], max_new_tokens=20, temperature=0)  # doctest: +SKIP
     """
@@ -250,13 +251,15 @@ def context_length(model):
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_tokens):
-    """Left-padded ids (B, T) and mask (B, T); an empty prompt starts after the end-of-text token (the
-    start of a document), and a prompt longer than max_prompt_tokens keeps its last tokens."""
+    """Left-padded ids (B, T) and mask (B, T) of prompts given as strings or as lists of token ids; an
+    empty prompt starts after the end-of-text token (the start of a document), and a prompt longer than
+    max_prompt_tokens keeps its last tokens."""
     eos, pad = tokenizer.token_id("</s>"), tokenizer.pad_id
-    encoder = tokenizer.tokenizer_
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(tokenizer.tokenizer_.encode_batch(texts, add_special_tokens=False) if texts else ())
     rows = []
-    for enc in encoder.encode_batch(list(prompts), add_special_tokens=False):
-        ids = list(enc.ids) or [eos]
+    for prompt in prompts:
+        ids = list(next(encoded).ids if isinstance(prompt, str) else prompt) or [eos]
         rows.append(ids[-max(1, max_prompt_tokens):])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from danlu.serve.tiny_runs import reviews
+from danlu.testing import reviews
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 from danlu.cli import main
 from danlu.registry import ConfigError
 from danlu.serve.export import TOLERANCE, OnnxModel, export
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 torch.set_num_threads(1)
 TEXTS = ["质量很好，推荐", "太差了，再也不买", "", "good 物流 bad bad bad awful 质量 价格 包装 客服 这个 东西 房间 很好"]
@@ -33,11 +33,18 @@ def assert_standalone_classifier(folder, run, tmp_path):
 def test_cli_exports_a_classifier(tmp_path, capsys):
     run = classifier_run(str(tmp_path / "mlp"), kind="mlp")
     out = tmp_path / "onnx"
-    assert main(["export", run.path, "--format", "onnx", "--out", str(out)]) == 0
+    torch.set_num_threads(2)
+    try:
+        assert main(["export", run.path, "--format", "onnx", "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 2  # measured with 1 thread (the default), then put back
+    finally:
+        torch.set_num_threads(1)
     printed = capsys.readouterr().out
     assert "parity: max |onnxruntime - pytorch|" in printed and "passed" in printed
+    assert "1 CPU thread for both (--threads)" in printed
     assert "| batch | length | PyTorch ms | ONNX Runtime ms | speed-up |" in printed
     report = json.loads((out / "export.json").read_text())
+    assert report["threads"] == 1
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= TOLERANCE
     assert report["fixed_length"] is None and report["inputs"] == ["input_ids", "attention_mask"]
     assert [r["batch"] for r in report["latency"]] == [1, 16]
@@ -78,3 +85,11 @@ def test_other_classifiers(tmp_path, kind, model):
 def test_unknown_format_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="onnx"):
         export(str(tmp_path), format="tflite")
+
+
+def test_export_threads_are_explicit_and_checked(tmp_path):
+    run = classifier_run(str(tmp_path / "mlp"), kind="mlp")
+    report = export(run, out=tmp_path / "onnx", repeats=2, threads=2)
+    assert report["threads"] == 2 and torch.get_num_threads() == 1
+    with pytest.raises(ConfigError, match="--threads: expected a whole number of at least 1, got 0"):
+        export(run, out=tmp_path / "onnx0", threads=0)

@@ -15,7 +15,7 @@ from danlu.data.chat import encode_chat, read_chat, to_messages
 from danlu.jobs.finetune import finetune
 from danlu.runs.load import export_merged
 from danlu.runs import load_run
-from danlu.serve.tiny_runs import language_model_run, reviews
+from danlu.testing import language_model_run, reviews
 from danlu.training.tasks import IGNORE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,7 +23,7 @@ LAYERS = [  # bottom to top
     ("evaluation", ["danlu.evaluate"]),
     ("jobs", ["danlu.jobs"]),
     ("serving", ["danlu.serve"]),
-    ("interface", ["danlu.cli", "danlu.__main__", "danlu"]),
+    ("interface", ["danlu.cli", "danlu.__main__", "danlu.testing", "danlu"]),
 ]
 
 

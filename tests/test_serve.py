@@ -27,7 +27,7 @@ from danlu.serve.metrics import Metrics
 from danlu.registry import ConfigError
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 torch.set_num_threads(1)
 KEY = "test-key-123"
@@ -384,6 +384,7 @@ class _EndlessLM:
     """A language-model predictor whose stream never ends by itself: only a closed connection stops it."""
 
     kind, name, task, created, chat_template, chat_stop, context_length = "language_model", "endless", "causal_lm", 0, "", (), 4096
+    max_prompt_chars = 4096
 
     def __init__(self):
         self.closed = threading.Event()

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from danlu.serve.app import ServeOptions, create_app
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 CHROMIUM = os.environ.get("DANLU_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -42,8 +42,10 @@ def page(browser):
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    expected = "the server responded with a status of 401"  # the classifier test's deliberate call without a key
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and expected not in m.text else None)
+    # the deliberate refusals: the classifier test's call without a key, the failed chat turn's too-long message
+    expected = ("the server responded with a status of 401", "the server responded with a status of 400")
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and not any(x in m.text for x in expected)
+            else None)
     outside = []
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith("http://127.0.0.1:") else None)
     yield page
@@ -98,3 +100,56 @@ def test_chat_page_streams_the_reply(tmp_path, page):
         assert chunks > 1  # it arrived in pieces, as a stream
         assert page.locator(".msg.user .content").first.text_content() == "你好"
         assert page.locator("#chat-error").text_content() == ""
+
+
+def test_a_failed_chat_turn_leaves_the_history_as_it_was(tmp_path, page):
+    run = language_model_run(str(tmp_path / "lm"), steps=20)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    with ServerThread(create_app(Predictor(run), ServeOptions(max_tokens=24))) as url:
+        page.goto(url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "8")
+        too_long = "好" * (Predictor(run).max_prompt_chars + 1)  # refused with 400 (context_length_exceeded)
+        page.fill("#prompt", too_long)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#chat-error:not(:empty)")
+        assert "context" in page.locator("#chat-error").text_content()
+        assert page.locator(".msg").count() == 0  # the failed turn is not in the conversation
+        assert page.locator("#prompt").input_value() == too_long  # it is back in the box, to edit
+        page.fill("#prompt", "你好")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant[data-done=true]", timeout=30000)
+        assert page.locator("#chat-error").text_content() == ""
+        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 8}
+        expected = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert page.locator(".msg.assistant .content").last.text_content() == expected
+    assert sent[-1]["messages"] == [{"role": "user", "content": "你好"}]
+
+
+@pytest.mark.parametrize("kind", ["classifier", "language_model"])
+def test_no_sideways_scroll_at_phone_width(tmp_path, browser, kind):
+    run = classifier_run(str(tmp_path / "cls"), kind="mlp") if kind == "classifier" else \
+        language_model_run(str(tmp_path / "lm"), steps=0)
+    context = browser.new_context(viewport={"width": 360, "height": 740}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    try:
+        with ServerThread(create_app(Predictor(run), ServeOptions(api_key=KEY))) as url:
+            page.goto(url + "/")
+            page.fill("#api-key", KEY)
+            long_word = "https://example.com/" + "x" * 120  # one unbroken word, wider than the screen
+            if kind == "classifier":
+                page.fill("#texts", long_word)
+                page.click("#classify")
+                page.wait_for_selector("[data-testid=prediction] .bar")
+            else:
+                page.fill("#max-tokens", "2")
+                page.fill("#prompt", long_word)
+                page.keyboard.press("Enter")
+                page.wait_for_selector(".msg.assistant[data-done=true], #chat-error:not(:empty)", timeout=30000)
+                assert page.locator("#chat-error").text_content() == ""
+            widths = page.evaluate("() => [document.documentElement.scrollWidth, screen.width]")
+    finally:
+        context.close()
+    assert widths[0] <= widths[1], f"the page is {widths[0]} px wide on a {widths[1]} px screen"

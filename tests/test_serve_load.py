@@ -1,6 +1,7 @@
 """A bounded load test on loopback: `danlu serve` in a subprocess, 2,000 mixed requests from 32 concurrent
 httpx clients. Every request is answered, none with a 5xx, the server counted each one, and its memory stays
-flat. A second, smaller run mixes streamed and batched completions on a language model.
+flat. A second, smaller run mixes streamed and batched completions on a language model, and a third mixes
+good requests with hostile ones (danlu.testing.hostile_requests).
 """
 import asyncio
 import os
@@ -16,7 +17,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import HOSTILE, SLOW_TEMPLATE, classifier_run, hostile_requests, language_model_run, send_all
 
 torch.set_num_threads(1)
 KEY = "load-key"
@@ -145,3 +146,27 @@ def test_language_model_under_concurrent_streams_and_batches(tmp_path):
     assert "danlu_streams_active 0" in metrics  # every stream released its slot
     count = int(re.search(r'danlu_batch_size_count\{batcher="generate"\} (\d+)', metrics).group(1))
     assert count < 120  # 120 non-streamed completions took fewer model calls: batches formed
+
+
+def test_good_requests_never_fail_among_hostile_ones(tmp_path):
+    """Cut emoji, invalid UTF-8, huge bodies and messages, wrong types, unsupported parameters, a template that
+    loops, clients that leave early: each hostile request gets its own 4xx, every good one its 200, no 5xx."""
+    run = language_model_run(str(tmp_path / "lm"), steps=20, chat_template=SLOW_TEMPLATE)
+    server = Server(run.path, "--max-tokens", "64", "--max-batch", "16", "--max-body-bytes", "65536")
+    requests = hostile_requests(320, seed=3, slow_every=160)
+    try:
+        warm = asyncio.run(send_all(server.url, requests[:120], api_key=KEY))
+        before = server.rss_mb()
+        rest = asyncio.run(send_all(server.url, requests[120:], api_key=KEY))
+        after = server.rss_mb()
+        metrics = httpx.get(server.url + "/metrics").text
+        health = httpx.get(server.url + "/health").json()
+    finally:
+        server.stop()
+    outcomes = warm + rest
+    assert {r["kind"] for r in requests} >= set(HOSTILE) | {"chat", "stream", "cut_emoji_chat", "disconnect"}
+    wrong = [(r["kind"], got) for r, got in zip(requests, outcomes) if r["expect"] is not None and got != r["expect"]]
+    assert not wrong, wrong[:20]
+    assert not re.search(r'danlu_requests_total\{[^}]*status="5\d\d"[^}]*\} [1-9]', metrics), "a 5xx was answered"
+    assert "danlu_streams_active 0" in metrics and health["queue_depth"] == 0
+    assert after - before < 25, f"server memory grew from {before:.0f} MB to {after:.0f} MB"

@@ -19,7 +19,7 @@ from schemathesis.checks import (
 from danlu.serve.app import ServeOptions, create_app
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
-from danlu.serve.tiny_runs import classifier_run, language_model_run
+from danlu.testing import classifier_run, language_model_run
 
 torch.set_num_threads(1)
 KEY = "schema-key"

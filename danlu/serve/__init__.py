@@ -9,7 +9,6 @@
     server.py      serve() for the CLI; ServerThread for notebooks, tests and benchmarks
     export.py      export_onnx(run, out): ONNX graph + parity and latency check; OnnxModel to use it
     playground.html  the page at `/`
-    tiny_runs.py   runs built in seconds, for tests and benchmarks
 
 FastAPI, uvicorn and onnx are imported inside the functions that need them (extras `serve`, `export`).
 """

@@ -9,7 +9,12 @@
 
 Every /v1 route needs `Authorization: Bearer KEY` when the app has an API key (compared in constant
 time). Every error is OpenAI's JSON error shape; a failure inside the server answers a generic 500
-and is logged on the server, never sent to the client with its traceback.
+with `Connection: close` and is logged on the server, never sent to the client with its traceback.
+
+Each request is checked on its own before it meets any other: its body (Content-Type, UTF-8, JSON,
+strict types: schemas.py), its size in characters, then, in a worker thread and under the request's
+timeout, its chat template and its token count. A request that times out (504) or whose client
+disconnects stops its generation at the next decoding step and leaves the queue.
 
 >>> app = create_app(Predictor.from_run("runs/seed_lstm"), ServeOptions(api_key="secret"))  # doctest: +SKIP
 """
@@ -17,9 +22,11 @@ and is logged on the server, never sent to the client with its traceback.
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from importlib import resources
 
 from danlu.serve.batching import MicroBatcher, Overloaded
@@ -48,6 +55,9 @@ class ServeOptions:
     """Texts per /v1/predict request."""
     max_tokens: int = 512
     """Largest max_tokens a completion may ask for."""
+    chat_max_tokens: int = 256
+    """max_tokens of a chat completion that does not say (OpenAI's default is the whole context, which
+    on a CPU takes minutes); at most max_tokens and the room left in the context."""
     max_prompts: int = 16
     """Prompts per /v1/completions request."""
     timeout_s: float = 60.0
@@ -55,23 +65,46 @@ class ServeOptions:
     allowed_hosts: tuple | None = None
     """Host headers accepted (None: any). `danlu serve` on a loopback address sets the loopback names,
     which defeats DNS rebinding: a web page cannot reach the local server through its own domain."""
+    template_time_s: float = 2.0
+    """Longest a chat template may render for one request (a template that loops is stopped: 400)."""
+
+    def __post_init__(self):
+        """Refuse limits that would refuse every request (`--max-queue 0`) at start, naming the flag."""
+        from danlu.registry import ConfigError
+
+        for f in fields(self):
+            if f.type not in (int, float):
+                continue
+            value = getattr(self, f.name)
+            flag = "--timeout" if f.name == "timeout_s" else f"--{f.name.replace('_', '-')}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"serve: {flag}: expected a number, got {value!r}")
+            if f.type is int and not value >= 1:
+                raise ConfigError(f"serve: {flag} must be at least 1, got {value!r} (it would refuse every request)")
+            if f.type is float and not (value >= 0 if f.name == "max_wait_ms" else value > 0):  # refuses NaN too
+                least = "at least 0" if f.name == "max_wait_ms" else "more than 0"
+                raise ConfigError(f"serve: {flag} must be {least}, got {value!r}")
 
 
 class APIError(Exception):
-    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+    def __init__(self, status, message, type=None, param=None, code=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
 
 
+# OpenAI's error types: 4xx the client can fix are invalid_request_error (model_not_found included),
+# a missing key authentication_error; overload and failures on the server's side are server_error
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
-               504: "timeout_error", 500: "server_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               499: "invalid_request_error", 503: "server_error", 504: "server_error", 500: "server_error"}
+CLOSE = {"Connection": "close"}  # on a 500: the connection may be in any state; the client opens a new one
 
 
 def create_app(predictor, options: ServeOptions | None = None):
     """A FastAPI app serving `predictor` (a danlu.serve.Predictor)."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -100,7 +133,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     app.state.danlu = state
     errors = {code: {"model": s.ErrorResponse, "description": text} for code, text in (
         (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
-        (413, "Request body too large"), (503, "Server overloaded; retry after Retry-After seconds"),
+        (413, "Request body too large"), (415, "Content-Type is not application/json"), (503, "Server overloaded; retry after Retry-After seconds"),
         (504, "Request timed out"))}
 
     # -- errors: always OpenAI's shape, never a traceback -----------------------------------------
@@ -110,15 +143,19 @@ def create_app(predictor, options: ServeOptions | None = None):
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return reply(e.status, e.message, e.type, e.param, e.code, e.headers)
+        return reply(e.status, e.message, e.type, e.param, e.code, {**e.headers, **(CLOSE if e.status == 500 else {})})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
+        problem = body_problem(request.headers.get("content-type", ""), await request.body())
+        if problem is not None:
+            return reply(problem[0], problem[1], code=problem[2])
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return reply(400, "the request body is not valid JSON", code="invalid_json")
+        loc = _field_path(first.get("loc", ()))
         param = ".".join(loc) or None
+        if loc and loc[0] in s.UNSUPPORTED:
+            return reply(400, f"{loc[0]}: {s.UNSUPPORTED[loc[0]]}; leave it out", param=loc[0],
+                         code="unsupported_parameter")
         where = f"{param}: " if param else ""
         return reply(400, f"{where}{first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 
@@ -129,6 +166,10 @@ def create_app(predictor, options: ServeOptions | None = None):
         if e.status_code == 405:
             return reply(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed",
                          headers=getattr(e, "headers", None))
+        if e.status_code == 400:  # FastAPI's "There was an error parsing the body"
+            problem = body_problem(request.headers.get("content-type", ""), await request.body())
+            if problem is not None:
+                return reply(problem[0], problem[1], code=problem[2])
         return reply(e.status_code, str(e.detail))
 
     @app.exception_handler(TemplateError)
@@ -138,7 +179,8 @@ def create_app(predictor, options: ServeOptions | None = None):
     @app.exception_handler(Exception)
     async def _crash(request, e):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return reply(500, "internal server error; the server log has the details", code="internal_error")
+        return reply(500, "internal server error; the server log has the details", code="internal_error",
+                     headers=CLOSE)
 
     # -- always there -----------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -176,7 +218,7 @@ def create_app(predictor, options: ServeOptions | None = None):
             if len(texts) > options.max_texts:
                 raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
                                param="texts", code="too_many_texts")
-            results = await state.run(texts)
+            results = await state.run(texts, state.deadline())
             data = []
             for i, r in enumerate(results):
                 if "value" in r:
@@ -197,58 +239,69 @@ def create_app(predictor, options: ServeOptions | None = None):
 
     # -- language models --------------------------------------------------------------------------
     else:
-        stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+        event = {"type": "object", "required": ["data"], "properties": {  # one server-sent event
+            "data": {"type": "string", "description": "a JSON chunk, or [DONE]"}, "event": {"type": "string"}}}
+        stream_doc = {200: {"content": {"text/event-stream": {"schema": event}},
                             "description": "JSON, or server-sent events with `stream: true`"}, **errors}
 
         @app.post("/v1/completions", response_model=s.CompletionResponse, responses=stream_doc,
                   tags=["completions"])
-        async def completions(body: s.CompletionRequest):
+        async def completions(body: s.CompletionRequest, request: Request):
             """Continue a prompt (or a list of prompts), OpenAI's completion API."""
+            deadline = state.deadline()
             state.check_model(body.model)
             prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
             if not prompts:
                 raise APIError(400, "prompt: give at least one prompt", param="prompt", code="empty")
             if len(prompts) > options.max_prompts:
                 raise APIError(400, f"prompt: at most {options.max_prompts} prompts per request", param="prompt")
-            sampling, prompt_tokens = state.sampling(body, prompts, default_max=16)
+            if body.stream and (len(prompts) > 1 or body.n > 1):
+                raise APIError(400, "stream: streaming takes one prompt and n=1", param="stream")
+            for p in prompts:
+                state.check_chars(len(p), "prompt")
+            counts = await state.prepare(deadline, lambda: [predictor.count_tokens(p) for p in prompts])
+            sampling = state.sampling(body, counts, default_max=16)
             if body.stream:
-                if len(prompts) > 1 or body.n > 1:
-                    raise APIError(400, "stream: streaming takes one prompt and n=1", param="stream")
-                return StreamingResponse(state.stream(prompts[0], sampling, "text_completion", prompt_tokens[0],
-                                                      body.stream_options, echo=body.echo),
+                return StreamingResponse(state.stream(prompts[0], sampling, "text_completion", counts[0],
+                                                      body.stream_options, deadline, echo=body.echo),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
-            results = await state.run([(p, sampling) for p in prompts for _ in range(body.n)])
+            results = await state.run(Job([(p, sampling) for p in prompts for _ in range(body.n)]), deadline,
+                                      request.receive)
             choices, completion_tokens = [], 0
             for i, ((text, used, finish), prompt) in enumerate(zip(results, [p for p in prompts for _ in range(body.n)])):
                 completion_tokens += used
                 choices.append(s.CompletionChoice(index=i, text=(prompt + text) if body.echo else text,
                                                   finish_reason=finish))
-            usage = state.usage(sum(prompt_tokens), completion_tokens)
+            usage = state.usage(sum(counts), completion_tokens)  # OpenAI counts each prompt once, whatever n
             return s.CompletionResponse(id=_new_id("cmpl"), created=int(time.time()), model=predictor.name,
                                         choices=choices, usage=usage)
 
         @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=stream_doc,
                   tags=["chat"])
-        async def chat_completions(body: s.ChatCompletionRequest):
+        async def chat_completions(body: s.ChatCompletionRequest, request: Request):
             """Answer a conversation with the run's chat template, OpenAI's chat completion API."""
+            deadline = state.deadline()
             state.check_model(body.model)
+            if body.stream and body.n > 1:
+                raise APIError(400, "n: streaming takes n=1", param="n")
             messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
-            prompt = predictor.chat_prompt(messages)
+            state.check_chars(sum(len(m["content"]) for m in messages), "messages")
             if body.max_completion_tokens is not None and body.max_tokens is None:
                 body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
-            sampling, prompt_tokens = state.sampling(body, [prompt], default_max=None, extra_stop=predictor.chat_stop)
+            limit = min(options.template_time_s, max(0.0, deadline - time.monotonic()))
+            prompt = await state.prepare(deadline, predictor.chat_ids, messages, limit)  # token ids
+            sampling = state.sampling(body, [len(prompt)], default_max=options.chat_max_tokens,
+                                      extra_stop=predictor.chat_stop)
             if body.stream:
-                if body.n > 1:
-                    raise APIError(400, "n: streaming takes n=1", param="n")
-                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", prompt_tokens[0],
-                                                      body.stream_options),
+                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", len(prompt),
+                                                      body.stream_options, deadline),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
-            results = await state.run([(prompt, sampling)] * body.n)
+            results = await state.run(Job([(prompt, sampling)] * body.n), deadline, request.receive)
             choices, completion_tokens = [], 0
             for i, (text, used, finish) in enumerate(results):
                 completion_tokens += used
                 choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish))
-            usage = state.usage(prompt_tokens[0] * body.n, completion_tokens)
+            usage = state.usage(len(prompt), completion_tokens)  # the prompt once, however many choices
             return s.ChatCompletionResponse(id=_new_id("chatcmpl"), created=int(time.time()), model=predictor.name,
                                             choices=choices, usage=usage)
 
@@ -278,7 +331,18 @@ def create_app(predictor, options: ServeOptions | None = None):
     # danlu's middleware, outermost first: metrics see every answer, including the guard's 401 / 413; valid
     # /v1/predict requests are answered by the lean handler, everything else goes on to FastAPI's stack
     async def fastapi(scope, receive, send):
-        return await FastAPI.__call__(app, scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await FastAPI.__call__(app, scope, receive, watch)
+        except Exception:  # Starlette re-raises a crash after its 500 (with Connection: close) went out
+            if not started:
+                raise
 
     inner = fastapi
     if classifier:
@@ -307,6 +371,8 @@ class _State:
         self.batcher = MicroBatcher(fn, options.max_batch, options.max_wait_ms, options.max_queue, size=len,
                                     on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
         self.executor = self.batcher  # the model thread: batches, and each step of a stream in turn with them
+        # chat templates and tokenization: off the event loop, and off the model thread, which they would stall
+        self.workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="danlu-prepare")
         self.streams = 0
         self.metrics.gauges["danlu_queue_depth"] = lambda: self.depth
         self.metrics.gauges["danlu_streams_active"] = lambda: self.streams
@@ -318,17 +384,47 @@ class _State:
 
     async def close(self):
         await self.batcher.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     # -- model calls ------------------------------------------------------------------------------
-    async def run(self, payload):
-        """Submit a payload (a list) to the batcher; wait at most timeout_s."""
+    def deadline(self):
+        """When a request that arrives now answers 504 (time.monotonic())."""
+        return time.monotonic() + self.options.timeout_s
+
+    def timed_out(self):
+        return APIError(504, f"the request did not finish within {self.options.timeout_s:g} s", code="timeout")
+
+    async def prepare(self, deadline, fn, *args):
+        """fn(*args) in a worker thread (a chat template, a tokenizer), within the request's deadline."""
+        future = asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
         try:
-            return await asyncio.wait_for(self.batcher.put(payload), self.options.timeout_s)
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise self.timed_out() from None
+
+    async def run(self, payload, deadline, receive=None):
+        """Submit a payload (a list, or a Job) to the batcher and wait for it until `deadline`; a client that
+        disconnects meanwhile (`receive` gives http.disconnect) or the deadline cancels the work."""
+        try:
+            future = self.batcher.put(payload)
         except Overloaded as e:
             raise APIError(503, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after)}) from None
-        except asyncio.TimeoutError:
-            raise APIError(504, f"the request did not finish within {self.options.timeout_s:g} s",
-                           code="timeout") from None
+        gone = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
+        try:
+            done, _ = await asyncio.wait([future] + ([gone] if gone else []), return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            _cancel(future, payload)
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if future in done:
+            return future.result()
+        _cancel(future, payload)
+        if gone is not None and gone in done:
+            raise APIError(499, "the client closed the connection", code="client_closed")
+        raise self.timed_out()
 
     def _classify_batch(self, payloads):
         texts = [t for p in payloads for t in p]
@@ -340,25 +436,37 @@ class _State:
         return out
 
     def _generate_batch(self, payloads):
-        """payloads: lists of (prompt, sampling); prompts with the same sampling settings share one call."""
+        """payloads: Jobs of (prompt, sampling); prompts with the same sampling settings share one call, which
+        stops at the next decoding step once every job in it is cancelled."""
         flat = [(pi, j, prompt, sampling) for pi, p in enumerate(payloads) for j, (prompt, sampling) in enumerate(p)]
         groups = {}
         for entry in flat:
             groups.setdefault(_sampling_key(entry[3]), []).append(entry)
         out = [[None] * len(p) for p in payloads]
         for entries in groups.values():
-            results = self.predictor.complete([e[2] for e in entries], **entries[0][3])
-            for (pi, j, _, _), result in zip(entries, results):
+            jobs = [payloads[pi] for pi in {e[0] for e in entries}]
+            cancelled = lambda jobs=jobs: all(job.cancelled.is_set() for job in jobs)  # noqa: E731
+            if cancelled():
+                continue
+            results = self.predictor.complete([e[2] for e in entries], cancelled=cancelled, **entries[0][3])
+            for (pi, j, _, _), result in zip(entries, results or ()):
                 out[pi][j] = result
         return out
 
     # -- language-model helpers -------------------------------------------------------------------
-    def sampling(self, body, prompts, default_max, extra_stop=()):
-        """generate() keywords for this request, after checking the limits; also the prompt token counts."""
+    def check_chars(self, chars, param):
+        """Refuse a prompt too long for the context by its characters alone, before any tokenizer sees it."""
+        limit = self.predictor.max_prompt_chars
+        if chars > limit:
+            raise APIError(400, f"{param}: {chars:,} characters cannot fit this model's context of "
+                                f"{self.predictor.context_length} tokens (at most {limit:,} characters)",
+                           param=param, code="context_length_exceeded")
+
+    def sampling(self, body, counts, default_max, extra_stop=()):
+        """generate() keywords for this request, after checking the limits (counts: tokens of each prompt)."""
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: up to 4 non-empty sequences", param="stop")
-        counts = [self.predictor.count_tokens(p) for p in prompts]
         room = self.predictor.context_length - max(counts)
         limit = self.options.max_tokens
         if body.max_tokens is not None and body.max_tokens > limit:
@@ -371,10 +479,12 @@ class _State:
         if wanted < 1:
             raise APIError(400, f"the prompt ({max(counts)} tokens) fills the model's context "
                                 f"({self.predictor.context_length})", param="messages", code="context_length_exceeded")
-        sampling = {"max_new_tokens": wanted, "temperature": body.temperature, "top_k": body.top_k,
+        # a temperature this small is greedy decoding already; dividing logits by it would overflow to inf
+        temperature = body.temperature if body.temperature >= 1e-3 else 0.0
+        sampling = {"max_new_tokens": wanted, "temperature": temperature, "top_k": body.top_k,
                     "top_p": body.top_p, "repetition_penalty": body.repetition_penalty,
                     "stop": tuple(stop) + tuple(extra_stop), "seed": body.seed}
-        return sampling, counts
+        return sampling
 
     def usage(self, prompt_tokens, completion_tokens):
         from danlu.serve.schemas import Usage
@@ -383,18 +493,17 @@ class _State:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
-    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, echo=False):
+    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo=False):
         """Server-sent events of one streamed completion, run step by step in the model thread."""
         if self.streams + self.depth >= self.options.max_queue:
             raise APIError(503, "server overloaded: too many requests in flight", code="overloaded",
                            headers={"Retry-After": "1"})
-        return self._events(prompt, sampling, object_name, prompt_tokens, stream_options, echo)
+        return self._events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo)
 
-    async def _events(self, prompt, sampling, object_name, prompt_tokens, stream_options, echo):
+    async def _events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo):
         loop = asyncio.get_running_loop()
         chat = object_name == "chat.completion.chunk"
         ident, created, model = _new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self.predictor.name
-        deadline = time.perf_counter() + self.options.timeout_s
         it, done = None, False
         self.streams += 1  # counted here, not before: a generator that never starts never ends either
 
@@ -412,7 +521,7 @@ class _State:
             elif echo:
                 yield chunk(prompt)
             while True:
-                if time.perf_counter() > deadline:
+                if time.monotonic() > deadline:
                     yield _sse(error_body(f"the stream did not finish within {self.options.timeout_s:g} s",
                                           "timeout_error", code="timeout"))
                     break
@@ -468,6 +577,48 @@ class _State:
 _END = object()
 
 
+class Job(list):
+    """One request's [(prompt, sampling)] for the generation batcher, with the flag that cancels it."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.cancelled = threading.Event()
+
+
+def _cancel(future, payload):
+    future.cancel()  # drops it from the queue if its batch has not started
+    if isinstance(payload, Job):
+        payload.cancelled.set()  # stops its generation at the next decoding step
+
+
+async def _disconnect(receive):
+    """Returns once the client has disconnected (the body was read already: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def body_problem(content_type, body):
+    """(status, message, code) of a body that is not a UTF-8 JSON object sent as application/json, else None."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        shown = f"`{kind}`" if kind else "none"
+        return 415, f"Content-Type must be application/json (got {shown})", "unsupported_media_type"
+    if not body.strip():
+        return 400, "the request body is empty; send a JSON object", "invalid_json"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return 400, f"the request body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r})", "invalid_utf8"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return 400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", "invalid_json"
+    if not isinstance(value, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+        return 400, f"the request body must be a JSON object, got a JSON {kind}", "invalid_json"
+    return None
+
+
 def _close(it):
     try:
         it.close()
@@ -495,6 +646,17 @@ def _content(content):
     if isinstance(content, str):
         return content
     return "".join(part.text for part in content)
+
+
+def _field_path(loc):
+    """The request's field names of a pydantic error location, without "body" and the union members' tags
+    (`str`, `function-after[...]`) that pydantic inserts."""
+    path = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none")):
+            break
+        path.append(str(part))
+    return path
 
 
 def _not_found_message(path, classifier):

@@ -70,7 +70,8 @@ class MicroBatcher(Executor):
     """Collect payloads from concurrent requests into batches for `fn`, run in the batcher's own thread.
 
     `fn(payloads) -> results` takes a list and returns one result per payload, in order (it may
-    raise; then every request of that batch gets the exception). `size(payload)` counts how many
+    raise; then each payload of that batch runs again alone, and only those that fail alone get the
+    exception). `size(payload)` counts how many
     units a payload brings (a request with 10 texts counts 10 toward `max_batch`); a single payload
     larger than `max_batch` still runs, alone. With `max_batch=1` every payload runs on its own.
     """
@@ -176,11 +177,18 @@ class MicroBatcher(Executor):
         return batch
 
     def _run(self, batch):
+        """Run one batch; when it fails, run each of its items alone, so that one item that makes the model
+        fail fails only its own request, never the others batched with it."""
         started = time.perf_counter()
         try:
             results, error = self.fn([item.payload for item in batch]), None
-        except Exception as e:  # noqa: BLE001  handed to each waiting request, which answers 500
+        except Exception as e:  # noqa: BLE001  handed to the waiting request, which answers 500
             results, error = None, e
+        if error is not None and len(batch) > 1:
+            for item in batch:
+                if not item.future.done():
+                    self._run([item])
+            return
         if error is None and self.on_batch is not None:
             self.on_batch(sum(item.size for item in batch), time.perf_counter() - started)
         try:

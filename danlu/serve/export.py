@@ -56,7 +56,11 @@ def export(run, format="onnx", out=None, **options) -> dict:
     return export_onnx(run, out, **options)
 
 
-def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeats=20) -> dict:
+def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeats=20, threads=1) -> dict:
+    """Export to ONNX; with `check`, parity against PyTorch and latency of both, each with `threads` CPU threads
+    (the same number for both: figures measured on more threads than the cores left free are noise)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"export --threads: expected a whole number of at least 1, got {threads!r}")
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
@@ -108,8 +112,9 @@ def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeat
         reference = _LanguageModelGraph(model) if language_model else _ClassifierGraph(model)
         report["parity"] = check_parity(reference, path, names, pad_id, run.tokenizer.vocab_size_, min_length,
                                         max_length, language_model)
+        report["threads"] = threads
         report["latency"] = compare_latency(reference, path, names, pad_id, run.tokenizer.vocab_size_, fixed_length,
-                                            batch_sizes=batch_sizes, repeats=repeats)
+                                            batch_sizes=batch_sizes, repeats=repeats, threads=threads)
     with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=2)
     report["out"] = out
@@ -318,6 +323,7 @@ def _session(path, threads=0):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -351,10 +357,20 @@ def _pad_to(inputs, length, pad_id):
     return tuple(padded)
 
 
-def compare_latency(reference, path, names, pad_id, vocab_size, fixed_length, batch_sizes=(1, 16), length=32, repeats=20):
-    """Median milliseconds per call, PyTorch (eager, inference mode) vs onnxruntime with as many threads as
-    torch uses, same inputs, the two alternating call by call (load from elsewhere falls on both)."""
-    session = _session(path, threads=torch.get_num_threads())
+def compare_latency(reference, path, names, pad_id, vocab_size, fixed_length, batch_sizes=(1, 16), length=32, repeats=20,
+                    threads=1):
+    """Median milliseconds per call, PyTorch (eager, inference mode) vs onnxruntime, both with `threads` CPU
+    threads, same inputs, the two alternating call by call (load from elsewhere falls on both)."""
+    session = _session(path, threads=threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _latency_rows(reference, session, names, pad_id, vocab_size, fixed_length, batch_sizes, length, repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _latency_rows(reference, session, names, pad_id, vocab_size, fixed_length, batch_sizes, length, repeats):
     rows = []
     length = fixed_length or length
     for batch in batch_sizes:
@@ -393,6 +409,9 @@ def format_report(report) -> str:
         lines.append(f"parity: max |onnxruntime - pytorch| = {p['max_abs_diff']:.2e} "
                      f"({'passed' if p['passed'] else 'FAILED'}, tolerance {p['tolerance']:g})")
         lines.append("")
+        threads = report.get("threads", 1)
+        lines.append(f"latency, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
+                     f"(--threads):")
         lines.append("| batch | length | PyTorch ms | ONNX Runtime ms | speed-up |")
         lines.append("|---:|---:|---:|---:|---:|")
         for r in report["latency"]:

@@ -161,7 +161,7 @@ class LeanPredictMiddleware:
         except Exception:  # as the app's handler: logged here, a generic 500 for the client
             log.exception("internal error on POST /v1/predict")
             return await _send_json(send, 500, error_body("internal server error; the server log has the details",
-                                                          "server_error", code="internal_error"))
+                                                          "server_error", code="internal_error"), {"Connection": "close"})
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})

@@ -1,8 +1,11 @@
 """Predictor: a run directory, ready to answer requests — the object the HTTP app wraps.
 
 Classifier runs answer `classify(texts)`; language-model runs (task causal_lm) answer
-`complete(prompts, ...)`, `stream(prompt, ...)` and `chat_prompt(messages)`. All methods are plain
-synchronous calls meant for the server's single model thread; none of them knows about HTTP.
+`complete(prompts, ...)`, `stream(prompt, ...)` and `chat_ids(messages)`. All methods are plain
+synchronous calls meant for the server's worker threads; none of them knows about HTTP.
+
+In a chat, the text of the messages is always text: `<|im_end|>` typed by a user is encoded as the
+characters it is made of, never as the control token the template writes (`chat_ids`).
 
 >>> p = Predictor.from_run("runs/seed_lstm")                       # doctest: +SKIP
 >>> p.classify(["质量很好，物流也快"])[0]["label"]                     # doctest: +SKIP
@@ -11,6 +14,9 @@ synchronous calls meant for the server's single model thread; none of them knows
 from __future__ import annotations
 
 import os
+import re
+import time
+import uuid
 
 import torch
 
@@ -33,7 +39,7 @@ class Predictor:
         self.labels = tuple(run.labels)
         self.created = int(os.path.getmtime(layout.weights_file(run.path)))  # a LoRA run: its adapter
         self.chat_template = run.chat_template if self.kind == "language_model" else None
-        self._counter = None
+        self._counter = self._plain = self._max_prompt_chars = None
 
     @classmethod
     def from_run(cls, path, device="cpu", name=None, precision="fp32"):
@@ -63,13 +69,18 @@ class Predictor:
 
         return context_length(self.run.model)
 
-    def complete(self, prompts, **sampling):
-        """[(text, completion_tokens, finish_reason)] per prompt (sampling: generate()'s keywords)."""
+    def complete(self, prompts, cancelled=None, **sampling):
+        """[(text, completion_tokens, finish_reason)] per prompt (a string, or token ids; sampling: generate()'s
+        keywords). `cancelled()` is asked before each decoding step: once it says True, decoding stops and
+        the answer is None."""
         from danlu.generation import generate
 
-        recorder = _StepRecorder(self.run.model)
-        with torch.inference_mode(), recorder:
-            texts = generate(self.run.model, self.run.tokenizer, list(prompts), **sampling)
+        recorder = _StepRecorder(self.run.model, cancelled)
+        try:
+            with torch.inference_mode(), recorder:
+                texts = generate(self.run.model, self.run.tokenizer, list(prompts), **sampling)
+        except _Cancelled:
+            return None
         return [(text, *self._finish(recorder, row, text, sampling)) for row, text in enumerate(texts)]
 
     def stream(self, prompt, **sampling):
@@ -95,23 +106,70 @@ class Predictor:
             return used, "stop"
         return used, "length"
 
-    def chat_prompt(self, messages):
+    def chat_prompt(self, messages, time_limit=None):
         """The prompt string for a list of {role, content} messages, with the run's chat template."""
-        return render_chat(self.chat_template, messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+        return render_chat(self.chat_template, messages, add_generation_prompt=True, time_limit=time_limit,
+                           bos_token="<s>", eos_token="</s>")
+
+    def chat_ids(self, messages, time_limit=None) -> list[int]:
+        """The prompt's token ids for [{role, content}] messages: what the template writes is encoded with
+        its special tokens, the messages' text as plain text.
+
+        The template is rendered with a unique marker in place of each message's text; the markers split
+        the rendered prompt into the template's pieces and the messages. A template that does not copy
+        each text verbatim, or whose output depends on the text beyond copying it, gets the whole prompt
+        encoded as one string."""
+        started = time.monotonic()
+        prompt = self.chat_prompt(messages, time_limit)
+        if time_limit is not None:
+            time_limit = max(1e-3, time_limit - (time.monotonic() - started))
+        nonce = uuid.uuid4().hex[:12]
+        marked = [{**m, "content": f"\ue000{nonce}{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = re.split(f"\ue000{nonce}(\\d+)\ue001", self.chat_prompt(marked, time_limit))
+        order = [int(i) for i in pieces[1::2]]
+        texts = [piece if k % 2 == 0 else messages[int(piece)]["content"] for k, piece in enumerate(pieces)]
+        if order != sorted(set(order)) or "".join(texts) != prompt:
+            return self.encode(prompt)
+        ids = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                ids += self.encode(piece)
+            else:
+                ids += self.encode(messages[int(piece)]["content"], plain=True)
+        return ids
+
+    def encode(self, text, plain=False) -> list[int]:
+        """Token ids of `text`, without truncation; `plain`: special-token text such as `<|im_end|>` is
+        encoded as the characters it is made of."""
+        if self._counter is None:
+            from tokenizers import Tokenizer
+
+            counter = Tokenizer.from_str(self.run.tokenizer.tokenizer_.to_str())
+            counter.no_truncation()
+            plain_counter = Tokenizer.from_str(counter.to_str())
+            plain_counter.encode_special_tokens = True
+            self._counter, self._plain = counter, plain_counter
+        if not text:
+            return []
+        # encode_batch works without Python's lock: a long text does not hold up the event loop's thread
+        return list((self._plain if plain else self._counter).encode_batch([text], add_special_tokens=False)[0].ids)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than this cannot fit the context: the longest token, in characters, times the context."""
+        if self._max_prompt_chars is None:
+            longest = max((len(t) for t in self.run.tokenizer.tokenizer_.get_vocab(with_added_tokens=True)), default=1)
+            self._max_prompt_chars = self.context_length * max(1, longest)
+        return self._max_prompt_chars
 
     @property
     def chat_stop(self):
         return stop_sequences(self.chat_template or "")
 
     def count_tokens(self, text) -> int:
-        """Tokens in `text`, without the tokenizer's truncation (for usage and context checks)."""
-        if self._counter is None:
-            from tokenizers import Tokenizer
-
-            counter = Tokenizer.from_str(self.run.tokenizer.tokenizer_.to_str())
-            counter.no_truncation()
-            self._counter = counter
-        return len(self._counter.encode(text, add_special_tokens=False).ids)
+        """Tokens in `text` (a string, or token ids), without the tokenizer's truncation (for usage and
+        context checks)."""
+        return len(text) if isinstance(text, list) else len(self.encode(text))
 
     def describe(self):
         """What the playground and /health show about the model."""
@@ -123,13 +181,18 @@ class Predictor:
         return info
 
 
+class _Cancelled(Exception):
+    pass
+
+
 class _StepRecorder:
     """Watches the model while generate() runs: the first call reads the prompt, each later call is fed
     the (B, 1) tokens just sampled, so the calls tell how many tokens each row made and whether it
-    ended with </s> — what usage and finish_reason need and what generate()'s strings do not say."""
+    ended with </s> — what usage and finish_reason need and what generate()'s strings do not say.
+    With `cancelled`, a step whose `cancelled()` is True raises _Cancelled before the model runs."""
 
-    def __init__(self, model):
-        self.model, self.calls, self.handle = model, [], None
+    def __init__(self, model, cancelled=None):
+        self.model, self.calls, self.handle, self.cancelled = model, [], None, cancelled
 
     def __enter__(self):
         self.handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -139,6 +202,8 @@ class _StepRecorder:
         self.handle.remove()
 
     def _hook(self, module, args, kwargs):
+        if self.cancelled is not None and self.cancelled():
+            raise _Cancelled
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor):
             self.calls.append(ids.detach().to("cpu"))

@@ -1,15 +1,56 @@
 """Request and response bodies: danlu's /v1/predict, and the subset of OpenAI's schema danlu answers.
 
-Fields OpenAI defines but danlu does not use (user, logit_bias, presence_penalty, ...) are accepted
-and ignored, as OpenAI-compatible servers do, so that existing clients work unchanged; unknown
-fields are ignored too. Values out of range are refused with 400 and the name of the field. The sampling
+Types are strict: `"max_tokens": "5"` or `"stream": "yes"` is refused with 400 and the field's name,
+never read as 5 or True (an integer is accepted where a number is expected). OpenAI's fields that
+would change the output and that danlu does not implement (`logprobs`, `top_logprobs`, `logit_bias`,
+`tools`, `response_format` other than text, `suffix`, `best_of`, nonzero penalties, ...) are accepted
+only with their neutral value (absent, null, false, empty, 1 or 0) and otherwise refused with 400
+`unsupported_parameter` (UNSUPPORTED); `user` and unknown fields are ignored.
+
+Text is repaired, not refused, in one case: a lone UTF-16 surrogate (half of an emoji cut by a
+browser or a client, which JSON's `\\ud83d` escape can carry) becomes U+FFFD, the replacement
+character, as a UTF-8 decoder does with a broken byte sequence; the rest of the text is kept. The sampling
 defaults are danlu.generation.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
 """
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def repair_text(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD (a str from JSON holds no paired ones)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
+Text = Annotated[str, AfterValidator(repair_text)]
+STRICT = ConfigDict(strict=True)
+
+UNSUPPORTED = {
+    "logprobs": "log probabilities are not returned by this server",
+    "top_logprobs": "log probabilities are not returned by this server",
+    "logit_bias": "logit_bias is not supported by this server",
+    "tools": "tool calling is not supported by this server",
+    "tool_choice": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "response_format": "only the text response format is supported by this server",
+    "suffix": "suffix (insertion) is not supported by this server",
+    "best_of": "best_of is not supported by this server; use n",
+    "presence_penalty": "presence_penalty is not supported by this server; see repetition_penalty",
+    "frequency_penalty": "frequency_penalty is not supported by this server; see repetition_penalty",
+}
+"""Fields accepted only with a neutral value; anything else answers 400 `unsupported_parameter`."""
 
 from danlu.generation import SAMPLING
 
@@ -33,9 +74,9 @@ class ErrorResponse(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    texts: str | list[str] = Field(description="One text, or a list of texts to classify.")
+    texts: Text | list[Text] = Field(description="One text, or a list of texts to classify.")
     model: str | None = Field(default=None, description="The served model's id (optional).")
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
 
@@ -80,52 +121,76 @@ class Health(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+
+
+_NEUTRAL_ZERO = {"ge": 0.0, "le": 0.0}
 
 
 class Sampling(BaseModel):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=SAMPLING.temperature, ge=0.0, le=2.0)
     top_p: float = Field(default=SAMPLING.top_p, gt=0.0, le=1.0)
     top_k: int = Field(default=SAMPLING.top_k, ge=0, description="danlu extension: sample among the k most likely tokens (0: all).")
-    repetition_penalty: float = Field(default=SAMPLING.repetition_penalty, gt=0.0, le=10.0,
-                                      description="danlu extension (CTRL, Keskar et al. 2019).")
+    repetition_penalty: float = Field(default=SAMPLING.repetition_penalty, gt=0.0, le=10.0, description="danlu extension (CTRL, Keskar et al. 2019).")
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences where generation stops.")
+    stop: Text | list[Text] | None = Field(default=None, description="Up to 4 sequences where generation stops.")
     seed: int | None = Field(default=SAMPLING.seed, ge=0, le=2**63 - 1)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Accepted and ignored.")
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Accepted and ignored.")
+    presence_penalty: float | None = Field(default=None, **_NEUTRAL_ZERO, description="Not supported: 0 or absent.")
+    frequency_penalty: float | None = Field(default=None, **_NEUTRAL_ZERO, description="Not supported: 0 or absent.")
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="Not supported: empty or absent.")
     user: str | None = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
+    logprobs: Literal[0] | None = Field(default=None, description="Not supported: 0 or absent.")
+    suffix: Literal[""] | None = Field(default=None, description="Not supported: empty or absent.")
+    best_of: Literal[1] | None = Field(default=None, description="Not supported: 1 or absent (use n).")
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: Literal[False] | None = Field(default=None, description="Not supported: false or absent.")
+    top_logprobs: Literal[0] | None = Field(default=None, description="Not supported: 0 or absent.")
+    response_format: TextFormat | None = Field(default=None, description='Only {"type": "text"}.')
+    tools: list[dict] | None = Field(default=None, max_length=0, description="Not supported: empty or absent.")
+    tool_choice: Literal["none"] | None = Field(default=None, description='Not supported: "none" or absent.')
+    functions: list[dict] | None = Field(default=None, max_length=0, description="Not supported: empty or absent.")
+    function_call: Literal["none"] | None = Field(default=None, description='Not supported: "none" or absent.')
+    parallel_tool_calls: bool | None = None
 
 
 class Usage(BaseModel):

@@ -50,8 +50,9 @@ def bind(host, port):
 def _uvicorn_server(app, access_log, log_level="info"):
     import uvicorn
 
+    # on SIGTERM, requests in flight get a few seconds to finish, then the server stops regardless
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, server_header=False,
-                            timeout_keep_alive=5, lifespan="on")
+                            timeout_keep_alive=5, lifespan="on", timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
@@ -69,9 +70,10 @@ def serve(run, host="127.0.0.1", port=8000, api_key=None, device="cpu", access_l
         import torch
 
         torch.set_num_threads(threads)
-    predictor = Predictor.from_run(run, device=device, precision=precision)
+    # the limits first: a server that would refuse every request (--max-queue 0) stops before loading the model
     opts = ServeOptions(api_key=api_key or None, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None,
                         **options)
+    predictor = Predictor.from_run(run, device=device, precision=precision)
     app = create_app(predictor, opts)
     # torch, the model and the app are ~200,000 objects that live as long as the server: frozen, the
     # garbage collector stops walking them. Otherwise each full collection stalls the event loop for
