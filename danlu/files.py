@@ -1,7 +1,9 @@
 """Atomic file writes and pickle-free tensor files (safetensors + JSON metadata).
 
 A crash mid-write never leaves a half-written file: everything goes to a temporary file in the same
-folder and is moved into place with os.replace, which is atomic on POSIX and Windows.
+folder and is moved into place with os.replace, which is atomic on POSIX and Windows. The file gets the
+mode an ordinary `open(path, "w")` would (0666 less the umask): mkstemp's private 0600 would keep
+teammates on a shared server from reading a run's reports and weights.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def atomic_write_text(path, text):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        _open_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -29,6 +32,13 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _open_mode(path):
+    """Give a temporary file the permissions open() would have given it under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_json(path, obj):
@@ -60,6 +70,7 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None):
     os.close(fd)
     try:
         save_file(unique, tmp, metadata=meta)
+        _open_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from danlu.registry import ConfigError
 from danlu.runs.import_checkpoint import import_checkpoint, unpermute_rope
 
 MIXED = ["A man is eating food. 一个人在吃饭。", "The weather in 北京 is nice today, isn't it?",
@@ -117,6 +118,45 @@ def test_hf_llama_folder_matches_transformers(tmp_path):
     imported = import_checkpoint(str(tmp_path))
     assert imported.chat_template == "{{ messages }}" and imported.tokenizer.token_id("</s>") == 2
     model = imported.build().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["rope_parameters", "rope_scaling", "plain_theta"])
+def test_llama_rope_variants_import_exactly_or_are_refused_by_name(tmp_path, variant):
+    """A Llama-3-style rope scaling, in transformers 5's `rope_parameters` or the older `rope_scaling`, used to
+    import silently with wrong logits: it is refused, naming the type. An unscaled config imports exactly
+    whichever way it gives rope_theta (the accepted variants, each checked against transformers)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
+                                      tie_word_embeddings=False, max_position_embeddings=64)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    if variant == "rope_parameters":
+        saved["rope_parameters"] = {**llama3, "rope_theta": 5000.0}
+    elif variant == "rope_scaling":
+        saved.pop("rope_parameters", None)
+        saved.update(rope_theta=5000.0, rope_scaling={"type": "llama3", **llama3})
+    else:  # the pre-5 form without scaling: rope_theta at the top level
+        saved.pop("rope_parameters", None)
+        saved["rope_theta"] = 5000.0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    if variant != "plain_theta":
+        with pytest.raises(ConfigError, match="llama3"):
+            import_checkpoint(str(tmp_path))
+        return
+    model = import_checkpoint(str(tmp_path)).build().eval()
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-5

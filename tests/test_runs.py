@@ -73,3 +73,22 @@ def test_run_kind_from_files(tmp_path):
     assert run_kind(tmp_path) == "adapter"
     (tmp_path / layout.WEIGHTS).write_bytes(b"")
     assert run_kind(tmp_path) == "compressed"  # a merged LoRA run that was then compressed
+
+
+def test_run_files_respect_the_umask(tmp_path, reviews_csv):
+    """mkstemp's 0600 made reports and weights unreadable to teammates; files get 0666 less the umask."""
+    old = os.umask(0o022)
+    try:
+        run = danlu.train(tiny_config(reviews_csv, tmp_path / "run", train={"epochs": 1}))
+    finally:
+        os.umask(old)
+    for name in ("config.yaml", "metrics.json", "model.safetensors", "report.md", "history.jsonl"):
+        assert os.stat(os.path.join(run.path, name)).st_mode & 0o777 == 0o644, name
+    os.umask(0o077)
+    try:
+        from danlu.files import atomic_write_text
+
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "private.txt").st_mode & 0o777 == 0o600

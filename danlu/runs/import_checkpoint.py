@@ -148,8 +148,17 @@ def bert_weights(tensors, config):
 
 
 def llama_config(hf) -> GPTConfig:
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("rope_scaling"):
-        raise ConfigError("Llama import: only hidden_act silu without rope_scaling is supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"Llama import: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
+    # rope scaling (Llama 3.1's "llama3", "linear", "dynamic", "yarn", ...) changes the rotary frequencies, which
+    # danlu's GPT computes plainly: such a checkpoint would load and give wrong logits, so it is refused by name.
+    # transformers < 5 writes it as `rope_scaling`, transformers 5 as `rope_parameters.rope_type`.
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key) or {}
+        kind = scaling.get("rope_type") or scaling.get("type") or ("default" if key == "rope_parameters" else None)
+        if scaling and kind != "default":
+            raise ConfigError(f"Llama import: {key} of type {kind!r} (factor {scaling.get('factor')}) is not supported: "
+                              "danlu's GPT computes plain rotary positions, and this checkpoint needs scaled ones")
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return GPTConfig(embed_dim=hf["hidden_size"], num_heads=hf["num_attention_heads"],
                      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
