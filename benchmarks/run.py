@@ -86,6 +86,7 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # danlu's jobs keep it (train.threads 0 defers to it)
     command = shlex.join(["python", "benchmarks/run.py", *argv])
     os.makedirs(args.results, exist_ok=True)
     for module in selected:

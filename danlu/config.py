@@ -132,6 +132,11 @@ class TrainConfig:
     """Train through torch.compile(model) (the saved weights are the same module's)."""
     peak_flops: Annotated[float, Range(ge=0)] = 0.0
     """Peak FLOP/s for model FLOPs utilisation (0: measured once at start with a matmul)."""
+    threads: NonNegative = 0
+    """CPU threads for training (torch.set_num_threads). 0: the cores this process may use that are not busy
+    with other work (1-minute load average), at least 1 and at most 8; with OMP_NUM_THREADS set, that. On a
+    shared 2-core machine with another job running, 2 threads ran the seed LSTM at 127-147 samples/s and 1
+    thread at 882-1,030 (identical losses): an oversubscribed core waits on its busy twin every step."""
     keep_freed_memory: bool = True
     """On CPU under glibc, keep freed blocks up to 32 MB in the heap while `fit` runs, instead of mapping them
     afresh (a page fault per 4 KB) every step; the allocator's settings are put back when `fit` returns

@@ -78,6 +78,9 @@ def test_classification_from_a_danlu_pretrained_run(base_run, data, tmp_path, me
     embed = run.model.embed.weight
     assert torch.equal(embed, base_embed) == frozen_backbone
     files = set(os.listdir(run.path))
+    assert {"report.md", "report.html", "plots"} <= files  # every run has a report, fine-tunes included
+    report = open(os.path.join(run.path, "report.md"), encoding="utf-8").read()
+    assert "Confusion matrix" in report and "Most confident mistakes" in report
     assert ("adapter.safetensors" in files) == (method == "lora")
     assert ("model.safetensors" in files) == (method != "lora")
     texts = ["很好满意", "很差失望"]
@@ -94,6 +97,8 @@ def test_chat_lora_run_and_chat_verb(base_run, data, tmp_path, monkeypatch, caps
     run = finetune(small(base_run, data["chat"], tmp_path / "chat", task="causal_lm", method="lora", lora_r=2))
     with open(os.path.join(run.path, "chat_template.jinja"), encoding="utf-8") as f:
         assert f.read() == DEFAULT_TEMPLATE
+    report = open(os.path.join(run.path, "report.md"), encoding="utf-8").read()  # a language model's sections
+    assert "Fine-tuning report" in report and "perplexity" in report and "plots/loss.png" in report
     assert config_mod.load(os.path.join(run.path, "config.yaml")).finetune.base == base_run
     from danlu.cli import main
 
@@ -148,3 +153,22 @@ def test_finetune_from_a_recurrent_run(tmp_path, reviews_csv):
                     "train": {"epochs": 2, "batch_size": 16, "lr": 0.01}, "run": {"dir": str(tmp_path / "ft")}})
     assert run.cfg.model.kind == "lstm" and run.metrics["test"]["accuracy"] > 0.8
     assert load_run(run.path).predict(["很好推荐喜欢"])[0]["label"] == "正面"
+
+
+def test_compress_what_finetune_writes(base_run, data, tmp_path):
+    """A LoRA chat run (finetune's default) compresses: the adapter is merged first, the scorecard reads the
+    conversations, and the compressed run keeps its chat template. It used to fail after writing a broken
+    run directory."""
+    from danlu.jobs.compress import compress_run
+
+    run = finetune(small(base_run, data["chat"], tmp_path / "chat", task="causal_lm", method="lora", lora_r=2))
+    out = tmp_path / "chat-int8"
+    compressed = compress_run(run.path, "woq-int8", out=str(out), quick=True)
+    assert (out / "scorecard.md").exists()
+    loaded = load_run(str(out))
+    assert loaded.chat_template == run.chat_template == DEFAULT_TEMPLATE
+    assert loaded.cfg.finetune.method == "full"
+    assert compressed.scorecard["after_metrics"]["perplexity"] > 1.0  # scored on the conversations' answers
+    with pytest.raises(Exception):
+        compress_run(run.path, "no-such-recipe", out=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # a refused recipe leaves nothing behind

@@ -92,3 +92,30 @@ def test_run_files_respect_the_umask(tmp_path, reviews_csv):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "private.txt").st_mode & 0o777 == 0o600
+
+
+def test_thread_count_is_chosen_from_free_cores_and_said(tmp_path, reviews_csv, capsys, monkeypatch, one_thread):
+    """torch's default (every core) made the README's job 7x slower on a 2-core machine with another job
+    running; the count is chosen from the cores that are free, or given as train.threads, and said."""
+    import torch
+
+    from danlu.jobs.skeleton import free_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert free_cores() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert free_cores() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert free_cores() == 1  # never fewer than one
+    danlu.train(tiny_config(reviews_csv, tmp_path / "auto", train={"epochs": 1}))
+    assert torch.get_num_threads() == 1
+    assert "threads: 1 (2 cores, load 5.0" in capsys.readouterr().err
+    danlu.train(tiny_config(reviews_csv, tmp_path / "two", train={"epochs": 1, "threads": 2}))
+    assert torch.get_num_threads() == 2
+    assert "threads: 2 (train.threads)" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    danlu.train(tiny_config(reviews_csv, tmp_path / "env", train={"epochs": 1}))
+    assert torch.get_num_threads() == 1 and "threads: 1 (OMP_NUM_THREADS)" in capsys.readouterr().err

@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+from danlu.models.lora import merge_lora
 from danlu.registry import ConfigError
 from danlu.runs import RunDirectory, layout, load_run
 from danlu.runs.compressed import read_record, save_compressed
@@ -242,19 +243,25 @@ class _Context:
 
 
 def load_data(run, quick=False):
-    """The run's train / val / test splits encoded with the run's own tokenizer and label map
-    (language models: the held-out token stream as `test`)."""
-    from danlu.data import build_data, encode_examples
+    """The run's train / val / test splits encoded with the run's own tokenizer and label map (pretrained
+    language models: the held-out token stream as `test`; chat fine-tunes: their conversations)."""
+    from danlu.data import encode_examples, read_splits
 
     cfg = run.cfg
+    if run.language_model and cfg.finetune.base:  # a chat fine-tune: conversations, in its own template
+        from danlu.jobs.finetune import chat_data
+
+        splits = chat_data(cfg, run.tokenizer, run.chat_template)
+        held_out = splits.get("test") or splits.get("val") or splits["train"]
+        return _Data(splits["train"], splits.get("val") or held_out, held_out)
     if run.language_model:
         from danlu.data.corpus import build_corpus
 
         corpus = build_corpus(cfg.data, os.path.join(run.path, "data"), cfg.task, run.tokenizer)
         return _Data(corpus.train, corpus.val, corpus.val)
     data_cfg = dataclasses.replace(cfg.data, limit=2000) if quick and not cfg.data.limit else cfg.data
-    bundle = build_data(data_cfg, cfg.task, cfg.run.seed)
-    enc = {k: encode_examples(ex, run.tokenizer, run.labels, cfg.task == "regression") for k, ex in bundle.examples.items()}
+    splits = read_splits(data_cfg, cfg.run.seed, cfg.task == "regression")
+    enc = {k: encode_examples(ex, run.tokenizer, run.labels, cfg.task == "regression") for k, ex in splits.items()}
     return _Data(enc["train"], enc["val"], enc["test"])
 
 
@@ -282,7 +289,10 @@ def compress_run(run_dir, recipe, out=None, *, quick=False, measure=True, overwr
     directory = RunDirectory(out, overwrite=overwrite)  # a failed recipe leaves no half-written run behind
     try:
         ctx = _Context(source, seed, quick, say)
-        model = apply_steps(copy.deepcopy(source.model), steps, ctx)  # the source model stays the "before"
+        model = merge_lora(copy.deepcopy(source.model))  # the source model stays the "before"
+        if ctx.cfg.finetune.method == "lora":  # what finetune writes by default: compress the merged weights
+            ctx.cfg = dataclasses.replace(ctx.cfg, finetune=dataclasses.replace(ctx.cfg.finetune, method="full"))
+        model = apply_steps(model, steps, ctx)
         earlier = read_record(run_dir)  # compressing a compressed run: the record keeps its earlier steps too
         steps = (earlier["steps"] if earlier else []) + steps
         cfg = dataclasses.replace(ctx.cfg, run=dataclasses.replace(ctx.cfg.run, dir=out))
@@ -321,7 +331,7 @@ def measure_runs(before, after, data, steps, quick=False):
     cards, evals = {}, {}
     for key, run in (("before", before), ("after", after)):
         evals[key] = _evaluate(run, data.test, quick)
-        card = {"size_mb": os.path.getsize(os.path.join(run.path, "model.safetensors")) / 1e6, **model_stats(run.model),
+        card = {"size_mb": _weights_mb(run), **model_stats(run.model),
                 **timing[key], "peak_memory_mb": peak_memory_mb(run.path, length), **metric_values(evals[key])}
         cards[key] = card
     out = build_scorecard(cards["before"], cards["after"], steps, before.path, after.path)
@@ -346,6 +356,14 @@ def make_task(run):
     from danlu.training.tasks import TASKS
 
     return TASKS[run.cfg.task](run.labels)
+
+
+def _weights_mb(run):
+    """The size of the weights a run serves with: its weights file, or for an adapter run the base and the
+    adapter together (what model.safetensors holds once they are merged)."""
+    if layout.run_kind(run.path) == "adapter":
+        return sum(t.numel() * t.element_size() for t in merge_lora(copy.deepcopy(run.model)).state_dict().values()) / 1e6
+    return os.path.getsize(layout.weights_file(run.path)) / 1e6
 
 
 def _latency_inputs(dataset, cfg, quick):

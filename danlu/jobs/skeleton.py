@@ -92,6 +92,31 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def set_threads(threads=0, processes=1):
+    """torch's CPU thread count for a job: `threads`, or when 0 the free cores (see train.threads); returns it."""
+    if not threads:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        threads = free_cores() // max(processes, 1)
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def free_cores(limit=8):
+    """Cores this process may run on, less those the 1-minute load average says other work keeps busy."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(usable - busy, limit))
+
+
+def _auto_reason():
+    if os.environ.get("OMP_NUM_THREADS"):
+        return "OMP_NUM_THREADS"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return f"{usable} cores, load {load:.1f}; set train.threads to choose"
+
+
 def resolve_config(config=None, overrides=(), resume=False, **sections):
     """A RunConfig from a path / run directory / dict / RunConfig, with dotted or keyword overrides."""
     if isinstance(config, config_mod.RunConfig):
@@ -116,6 +141,8 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
     say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     directory = RunDirectory(cfg.run.dir, overwrite=overwrite, resume=resume) if main else None
+    threads = set_threads(cfg.train.threads, dist.world_size())
+    say(f"threads: {threads} ({'train.threads' if cfg.train.threads else _auto_reason()})")
     try:
         seed_everything(cfg.run.seed)
         plan = job.plan(cfg, cfg.run.dir, resume, say)
