@@ -172,3 +172,22 @@ def test_compress_what_finetune_writes(base_run, data, tmp_path):
     with pytest.raises(Exception):
         compress_run(run.path, "no-such-recipe", out=str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()  # a refused recipe leaves nothing behind
+
+
+def test_chat_answers_cut_off_by_max_length_are_counted(base_run, data, tmp_path, capsys):
+    """With every answer past finetune.max_length the run used to train on zero tokens and report loss 0.0,
+    perplexity 1.0. It fails, naming the setting; a run where some answers are cut warns how many."""
+    from danlu.data import DataError
+
+    with pytest.raises(DataError, match="finetune.max_length=4"):
+        finetune(small(base_run, data["chat"], tmp_path / "cut", task="causal_lm", method="lora", lora_r=2,
+                       max_length=4))
+    assert not (tmp_path / "cut").exists()
+    long_prompt = tmp_path / "mixed.jsonl"
+    rows = ([{"messages": [{"role": "user", "content": "你好" * 30}, {"role": "assistant", "content": "好"}]}] * 2
+            + [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "丹炉你好"}]}] * 6)
+    long_prompt.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run = finetune(small(base_run, str(long_prompt), tmp_path / "mixed", task="causal_lm", method="lora", lora_r=2,
+                         max_length=80))
+    assert "2 of 8 training conversations lose their whole answer" in capsys.readouterr().err
+    assert run.metrics["train_seconds"] >= 0

@@ -77,6 +77,7 @@ def encode_chat(conversations, tokenizer, template, max_length=512) -> ChatDatas
     """Render, tokenize (offsets locate each token in the text) and mark the assistant tokens."""
     variables = {"bos_token": _token(tokenizer, "<s>"), "eos_token": _token(tokenizer, "</s>")}
     ids, targets = [], []
+    answers = lost = 0  # conversations with answer tokens; those whose answer max_length cuts off entirely
     for messages in conversations:
         text, spans = render_with_spans(template, messages, **variables)
         enc = tokenizer.tokenizer_.encode(text, add_special_tokens=False)
@@ -86,7 +87,11 @@ def encode_chat(conversations, tokenizer, template, max_length=512) -> ChatDatas
             target |= (starts >= lo) & (starts < hi)
         ids.append(np.asarray(enc.ids[:max_length], dtype=np.int64))
         targets.append(target[:max_length])
-    return ChatDataset(ids, targets, tokenizer.pad_id or 0)
+        answers += bool(target[1:].any())
+        lost += bool(target[1:].any()) and not target[1:max_length].any()
+    dataset = ChatDataset(ids, targets, tokenizer.pad_id or 0)
+    dataset.answers, dataset.lost = answers, lost
+    return dataset
 
 
 def _token(tokenizer, name):
@@ -103,6 +108,11 @@ class ChatDataset:
 
     def __len__(self):
         return len(self.ids)
+
+    @property
+    def supervised_tokens(self):
+        """Tokens the loss is computed on (the assistant tokens kept within max_length, after the first)."""
+        return int(sum(int(t[1:].sum()) for t in self.targets))
 
     def num_batches(self, batch_size):
         return math.ceil(len(self.ids) / batch_size)

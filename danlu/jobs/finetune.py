@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from danlu.chat_template import DEFAULT_TEMPLATE
-from danlu.data import encode_splits, read_splits
+from danlu.data import DataError, encode_splits, read_splits
 from danlu.files import atomic_write_json, atomic_write_text
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models.lora import count_trainable, merge_lora
@@ -135,4 +136,14 @@ def chat_data(cfg, tokenizer, template):
         splits["train"] = [c for i, c in enumerate(train) if i not in held]
     if cfg.data.limit:
         splits = {k: v[: cfg.data.limit] for k, v in splits.items()}
-    return {k: encode_chat(v, tokenizer, template, cfg.data.block_size) for k, v in splits.items()}
+    encoded = {k: encode_chat(v, tokenizer, template, cfg.data.block_size) for k, v in splits.items()}
+    train = encoded["train"]
+    if train.supervised_tokens == 0:
+        raise DataError(f"{cfg.data.train}: none of the {len(train)} training conversations keeps an answer token "
+                        f"within finetune.max_length={cfg.data.block_size} tokens, so there is nothing to learn; "
+                        f"raise finetune.max_length or shorten the prompts")
+    if train.lost:
+        print(f"warning: {cfg.data.train}: {train.lost} of {len(train)} training conversations lose their whole answer "
+              f"to finetune.max_length={cfg.data.block_size} tokens (they train on nothing); raise it to keep them",
+              file=sys.stderr, flush=True)
+    return encoded
