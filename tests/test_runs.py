@@ -119,3 +119,11 @@ def test_thread_count_is_chosen_from_free_cores_and_said(tmp_path, reviews_csv, 
     torch.set_num_threads(1)
     danlu.train(tiny_config(reviews_csv, tmp_path / "env", train={"epochs": 1}))
     assert torch.get_num_threads() == 1 and "threads: 1 (OMP_NUM_THREADS)" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, reviews_csv, capsys):
+    cfg = tiny_config(reviews_csv, tmp_path / "run", train={"epochs": 1})
+    danlu.train(cfg)
+    capsys.readouterr()
+    danlu.train(str(tmp_path / "run"), resume=True)
+    assert "finished already: nothing is left to train" in capsys.readouterr().err

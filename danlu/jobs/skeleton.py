@@ -24,7 +24,7 @@ import torch
 from danlu import config as config_mod
 from danlu.models import count_parameters
 from danlu.registry import TASKS, ConfigError, tasks_for
-from danlu.runs import Run, RunDirectory, save_run, write_run_files
+from danlu.runs import Run, RunDirectory, layout, save_run, write_run_files
 from danlu.training import distributed as dist
 from danlu.training.trainer import Trainer
 
@@ -155,6 +155,9 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         raise
     if directory is not None:
         directory.started()
+    if resume and os.path.exists(os.path.join(cfg.run.dir, layout.METRICS)):
+        say(f"{cfg.run.dir} finished already: nothing is left to train, so it is only evaluated again "
+            f"(raise train.epochs or train.max_steps to train further)")
     collector = job.collector(cfg) if main else None
     trainer, history, metrics, eval_seconds = fit_and_evaluate(
         plan, cfg.train, run_dir=cfg.run.dir if plan.checkpoints else None, seed=cfg.run.seed,
