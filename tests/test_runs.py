@@ -127,3 +127,6 @@ def test_resume_of_a_finished_run_says_so(tmp_path, reviews_csv, capsys):
     capsys.readouterr()
     danlu.train(str(tmp_path / "run"), resume=True)
     assert "finished already: nothing is left to train" in capsys.readouterr().err
+    danlu.train(str(tmp_path / "run"), "train.epochs=2", resume=True)  # more epochs asked: it trains on
+    err = capsys.readouterr().err
+    assert "finished already" not in err and "epoch 2" in err

@@ -155,7 +155,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         raise
     if directory is not None:
         directory.started()
-    if resume and os.path.exists(os.path.join(cfg.run.dir, layout.METRICS)):
+    if resume and _finished(cfg):
         say(f"{cfg.run.dir} finished already: nothing is left to train, so it is only evaluated again "
             f"(raise train.epochs or train.max_steps to train further)")
     collector = job.collector(cfg) if main else None
@@ -185,6 +185,19 @@ def check_task(verb, task):
         other = TASKS[task].verb if task in TASKS else None
         raise ConfigError(f"task: `danlu {verb}` takes {' or '.join(allowed)}, got {task!r}"
                           + (f" (use `danlu {other}`)" if other and other != verb else ""))
+
+
+def _finished(cfg):
+    """Whether the run directory holds a run that trained as far as cfg asks."""
+    path = os.path.join(cfg.run.dir, layout.METRICS)
+    if not os.path.exists(path):
+        return False
+    from danlu.files import read_json
+
+    done = read_json(path)
+    if cfg.train.max_steps:
+        return done.get("steps", 0) >= cfg.train.max_steps
+    return done.get("epochs_run", 0) >= cfg.train.epochs
 
 
 def fit_and_evaluate(plan, train_cfg, *, run_dir=None, seed=0, loggers=(), resume=False, on_test_batch=None,
