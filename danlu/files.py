@@ -7,6 +7,7 @@ teammates on a shared server from reading a run's reports and weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,17 +17,24 @@ from safetensors.torch import load_file, safe_open, save_file
 from danlu.registry import ConfigError
 
 
-def atomic_write_text(path, text):
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """Yield a temporary path beside `path`; once the block has written it, it replaces `path` in one step
+    with the mode open() would give under the umask. On an error the temporary file is removed.
+
+    >>> with atomic_path("runs/x/model.safetensors") as tmp:   # doctest: +SKIP
+    ...     save_file(tensors, tmp)
+    """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        _open_mode(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -34,11 +42,11 @@ def atomic_write_text(path, text):
         raise
 
 
-def _open_mode(path):
-    """Give a temporary file the permissions open() would have given it under the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path, obj):
@@ -64,18 +72,8 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None):
             seen[key] = name
         unique[name] = t.detach().to("cpu").contiguous()
     meta = {"danlu": json.dumps(metadata or {}, ensure_ascii=False), "aliases": json.dumps(aliases)}
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(unique, tmp, metadata=meta)
-        _open_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_tensors(path):

@@ -101,26 +101,35 @@ def test_smollm2_greedy_continuation(smollm):
     assert text.startswith(" Paris")
 
 
-def test_hf_llama_folder_matches_transformers(tmp_path):
-    """A tiny random LlamaForCausalLM saved by transformers (untied head, GQA) imports exactly."""
+def tiny_llama_folder(folder, num_layers=2):
+    """A tiny random LlamaForCausalLM saved by transformers (untied head, GQA) with a word-level tokenizer;
+    returns the reference model."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
                                       tie_word_embeddings=False, max_position_embeddings=64)
     reference = transformers.LlamaForCausalLM(config).eval()
-    reference.save_pretrained(tmp_path)
-    vocab = {f"t{i}": i for i in range(64)}
-    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    reference.save_pretrained(folder)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")).save(str(folder / "tokenizer.json"))
+    return reference
+
+
+def assert_same_logits(model, reference):
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert (model.eval()(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_hf_llama_folder_matches_transformers(tmp_path):
+    """A tiny random LlamaForCausalLM saved by transformers (untied head, GQA) imports exactly."""
+    reference = tiny_llama_folder(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "t2", "chat_template": "{{ messages }}"}')
     imported = import_checkpoint(str(tmp_path))
     assert imported.chat_template == "{{ messages }}" and imported.tokenizer.token_id("</s>") == 2
-    model = imported.build().eval()
-    ids = torch.randint(0, 64, (2, 9))
-    with torch.no_grad():
-        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+    assert_same_logits(imported.build(), reference)
 
 
 @pytest.mark.parametrize("variant", ["rope_parameters", "rope_scaling", "plain_theta"])
@@ -130,16 +139,7 @@ def test_llama_rope_variants_import_exactly_or_are_refused_by_name(tmp_path, var
     whichever way it gives rope_theta (the accepted variants, each checked against transformers)."""
     import json
 
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
-                                      tie_word_embeddings=False, max_position_embeddings=64)
-    reference = transformers.LlamaForCausalLM(config).eval()
-    reference.save_pretrained(tmp_path)
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    reference = tiny_llama_folder(tmp_path, num_layers=1)
     saved = json.loads((tmp_path / "config.json").read_text())
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
@@ -156,7 +156,4 @@ def test_llama_rope_variants_import_exactly_or_are_refused_by_name(tmp_path, var
         with pytest.raises(ConfigError, match="llama3"):
             import_checkpoint(str(tmp_path))
         return
-    model = import_checkpoint(str(tmp_path)).build().eval()
-    ids = torch.randint(0, 64, (2, 9))
-    with torch.no_grad():
-        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+    assert_same_logits(import_checkpoint(str(tmp_path)).build(), reference)
