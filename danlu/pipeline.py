@@ -54,6 +54,12 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
         from danlu.registry import ConfigError
 
         raise ConfigError(f"task: {cfg.task!r} runs with `danlu pretrain`; `danlu train` takes: {', '.join(TASKS)}")
+    from danlu.models import IMAGE_MODELS
+
+    if cfg.model.kind in IMAGE_MODELS:  # images: their own data, run files and report (danlu.vision)
+        from danlu.vision import train_images
+
+        return train_images(cfg, resume=resume, overwrite=overwrite, loggers=loggers)
     main = dist.is_main()  # only rank 0 logs and writes the run directory
     run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite, resume=resume) if main else cfg.run.dir
     seed_everything(cfg.run.seed)

@@ -87,6 +87,10 @@ class Run:
         return Trainer(self.model, self.task, self.cfg.train, device=str(next(self.model.parameters()).device))
 
     def dataset(self, texts, labels=None):
+        if not all(isinstance(t, str) for t in texts):  # bytes, PIL images, arrays: images, not texts
+            from danlu.vision import refuse_images_for_text_run
+
+            refuse_images_for_text_run(self, texts)
         labels = list(labels) if labels is not None else [None] * len(texts)
         ex = Examples(list(texts), labels, [f"text {i + 1}" for i in range(len(texts))])
         return encode_examples(ex, self.tokenizer, self.labels, self.cfg.task == "regression")
@@ -157,6 +161,10 @@ def load_run(path, device="cpu") -> Run:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a run directory (it does not exist)")
+    if os.path.exists(os.path.join(path, "preprocess.json")):  # an image classifier (danlu.vision)
+        from danlu.vision import load_image_run
+
+        return load_image_run(path, device)
     adapter_only = os.path.exists(os.path.join(path, "adapter.safetensors")) and not os.path.exists(
         os.path.join(path, "model.safetensors"))  # a LoRA run: its base + adapter.safetensors
     for name in ("config.yaml", "tokenizer.json") + (() if adapter_only else ("model.safetensors",)):

@@ -166,7 +166,7 @@ def shard_batch(batch):
     """This rank's slice of a global batch, and how many real examples it holds. The union over ranks is
     the whole batch; a short last batch is split as evenly as possible, and a rank left without an
     example computes on one with weight 0 (every rank must take part in each collective)."""
-    n, world, r = len(batch["input_ids"]), world_size(), rank()
+    n, world, r = len(batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]), world_size(), rank()
     start, stop = r * n // world, (r + 1) * n // world
     if stop == start:
         return {k: v[:1] for k, v in batch.items()}, 0

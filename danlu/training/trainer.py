@@ -143,7 +143,7 @@ class Trainer:
                 state["sums"][1] += count
                 state["sums"][2] += correct
                 processed += units
-                self._seq_len = batch["input_ids"].shape[-1]
+                self._seq_len = batch["input_ids"].shape[-1] if "input_ids" in batch else 1  # images: no sequence
                 state["batch"] += 1
                 progress.update(state["sums"][0] / max(state["sums"][1], 1))
                 last = state["batch"] == progress.total
