@@ -50,7 +50,9 @@ class ImageConfig:
 
     size: tuple[int, ...] = ()
     """Resize every image to (height, width), or one number for a square; empty: the training images' own
-    size (their median height and width when they differ)."""
+    size (their median height and width when they differ), scaled down to `max_size` on the longer side."""
+    max_size: int = 64
+    """With `size` empty: the longest side an image keeps (larger ones are scaled down, keeping their shape)."""
     crop: tuple[int, ...] = ()
     """After resizing, crop to (height, width) (one number: a square): at a random place on training batches,
     in the centre everywhere else; empty: no crop."""
@@ -78,6 +80,8 @@ class ImageConfig:
                 raise ConfigError(f"data.image.{key}: expected (height, width) or one positive number, got {list(value)}")
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.image.channels: expected 0 (from the data), 1 or 3, got {self.channels}")
+        if self.max_size < 1:
+            raise ConfigError(f"data.image.max_size: expected a positive number of pixels, got {self.max_size}")
         if self.pad_crop < 0:
             raise ConfigError(f"data.image.pad_crop: expected 0 or more pixels, got {self.pad_crop}")
         if len(self.pixel_shape) not in (0, 2, 3) or any(int(v) < 1 for v in self.pixel_shape):

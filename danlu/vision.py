@@ -137,7 +137,10 @@ class ImageRun(Run):
 
     @torch.inference_mode()
     def predict_proba(self, images, batch_size=64):
-        """(N, C) class probabilities, in the order of `images`."""
+        """(N, C) class probabilities, in the order of `images`; uint8 tensors (C, H, W) at the run's size
+        (what `preprocess.decode` returns, as the server queues them) are taken as already decoded."""
+        if images and all(isinstance(x, torch.Tensor) and x.dtype == torch.uint8 for x in images):
+            return self.predict_pixels(torch.stack(list(images)), batch_size)
         return self.predict_pixels(self.pixels(images), batch_size)
 
     @torch.inference_mode()

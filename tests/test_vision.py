@@ -267,3 +267,49 @@ def test_text_models_and_image_models_do_not_mix(bars):
 
     with pytest.raises(ConfigError, match="image models .* classify"):
         train({**image_config(bars, "/tmp/never"), "task": "regression"})
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def test_serve_images_as_base64_and_multipart(cnn_run, bars, tmp_path):
+    import base64
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.predictor import Predictor
+    from danlu.serve.server import ServerThread
+    from danlu.serve.tiny_runs import classifier_run
+
+    png = open(os.path.join(bars, "v", "3.png"), "rb").read()
+    expected = cnn_run.predict([os.path.join(bars, "v", "3.png")])[0]
+    huge = tmp_path / "huge.png"
+    Image.new("L", (5000, 4000)).save(huge)  # small on disk, 20 M pixels decoded
+    options = ServeOptions(max_texts=4, max_body_bytes=64_000)
+    with ServerThread(create_app(Predictor(cnn_run), options)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["kind"] == "classifier"
+        as_json = client.post("/v1/predict", json={"images": [base64.b64encode(png).decode(),
+                                                              "data:image/png;base64," + base64.b64encode(png).decode()]})
+        assert as_json.status_code == 200, as_json.text
+        data = as_json.json()["data"]
+        assert [d["label"] for d in data] == [expected["label"]] * 2
+        assert data[0]["score"] == pytest.approx(expected["score"], abs=1e-6)
+        upload = client.post("/v1/predict", files={"image": ("v3.png", png, "image/png")}, data={"top_k": "1"})
+        assert upload.status_code == 200, upload.text
+        assert upload.json()["data"][0]["label"] == expected["label"] and len(upload.json()["data"][0]["probabilities"]) == 1
+        # not an image, oversized, not base64, texts to an image model
+        bad = client.post("/v1/predict", files={"image": ("notes.png", b"just some text", "image/png")})
+        assert bad.status_code == 400 and "images[0]: not an image" in bad.json()["error"]["message"]
+        assert client.post("/v1/predict", files={"image": ("big.png", b"\x89PNG" + b"0" * 70_000, "image/png")}).status_code == 413
+        many = client.post("/v1/predict", files={"image": ("huge.png", huge.read_bytes(), "image/png")})
+        assert many.status_code == 413 and many.json()["error"]["code"] == "image_too_large"
+        assert client.post("/v1/predict", json={"images": ["%%%not base64"]}).json()["error"]["code"] == "invalid_image"
+        texts = client.post("/v1/predict", json={"texts": ["a review"]})
+        assert texts.status_code == 400 and "classifies images" in texts.json()["error"]["message"]
+        assert client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()] * 5}).status_code == 400
+    text_run = classifier_run(str(tmp_path / "text"), rows=20)
+    with ServerThread(create_app(Predictor(text_run), options)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        refused = client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()]})
+        assert refused.status_code == 400 and "classifies text" in refused.json()["error"]["message"]
+        assert client.post("/v1/predict", json={"texts": ["很好"]}).status_code == 200

@@ -35,15 +35,15 @@ class ImageError(DataError):
 class ImagePreprocess:
     """The image transform of a run. Learned state ends in `_` (scikit-learn's convention)."""
 
-    def __init__(self, size=(), crop=(), pad_crop=0, flip=False, channels=0, normalize=True, pixel_max=0.0):
-        self.size, self.crop = _pair(size), _pair(crop)
+    def __init__(self, size=(), crop=(), pad_crop=0, flip=False, channels=0, normalize=True, pixel_max=0.0, max_size=64):
+        self.size, self.crop, self.max_size = _pair(size), _pair(crop), int(max_size)
         self.pad_crop, self.flip, self.channels = int(pad_crop), bool(flip), int(channels)
         self.normalize, self.pixel_max = bool(normalize), float(pixel_max)
 
     @classmethod
     def from_config(cls, cfg):
         """From the `data.image` section (danlu.config.ImageConfig)."""
-        return cls(cfg.size, cfg.crop, cfg.pad_crop, cfg.flip, cfg.channels, cfg.normalize, cfg.pixel_max)
+        return cls(cfg.size, cfg.crop, cfg.pad_crop, cfg.flip, cfg.channels, cfg.normalize, cfg.pixel_max, cfg.max_size)
 
     # -- fitting ---------------------------------------------------------------------------------------
     def fit(self, shapes, channels, pixel_max=0.0):
@@ -55,7 +55,9 @@ class ImagePreprocess:
             self.size_ = self.size
         else:
             heights, widths = zip(*shapes)
-            self.size_ = (int(np.median(heights)), int(np.median(widths)))
+            H, W = float(np.median(heights)), float(np.median(widths))
+            scale = min(1.0, self.max_size / max(H, W))  # large photos: the longer side down to max_size
+            self.size_ = (max(1, round(H * scale)), max(1, round(W * scale)))
         self.channels_ = self.channels or (1 if all(c == 1 for c in channels) else 3)
         self.input_size_ = self.crop or self.size_
         if self.input_size_[0] > self.size_[0] + 2 * self.pad_crop or self.input_size_[1] > self.size_[1] + 2 * self.pad_crop:

@@ -27,6 +27,10 @@ class CNNConfig:
     blocks: int = 1
     """Residual blocks per stage; 0: plain stages conv -> ReLU -> max-pool (the guide's CNN)."""
     kernel_size: int = 3
+    downsample: int = 0
+    """Residual stacks: a patchify stem (a convolution with kernel = stride = this factor, as ConvNeXt's,
+    Liu et al. 2022) shrinks the image before the stages; 1: none (a 3x3 stem at full size); 0: the largest
+    power of 2 that leaves the shorter side at least 12 pixels (8x8 digits: 1, 28x28: 2, 64x64: 4)."""
     norm: str = "batch"
     """batch (batch normalisation, Ioffe & Szegedy 2015, after each convolution) or none."""
     pooling: str = "avg"
@@ -43,6 +47,8 @@ class CNNConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
                                   + ", ".join(allowed))
+        if self.downsample < 0:
+            raise ConfigError(f"model.downsample: expected 0 (from the image size) or a factor of 1 or more, got {self.downsample}")
         if self.blocks < 0 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(f"model.blocks must be 0 or more and model.kernel_size odd and positive; got "
                               f"{self.blocks} and {self.kernel_size}")
@@ -60,6 +66,14 @@ def conv_norm(in_ch, out_ch, kernel_size, stride, norm):
     """A convolution (no bias when a norm follows) and its norm."""
     conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=norm == "none")
     return nn.Sequential(conv, nn.BatchNorm2d(out_ch) if norm == "batch" else nn.Identity())
+
+
+def stem_factor(height, width, smallest=12):
+    """The largest power of 2 that leaves the shorter side at least `smallest` pixels (1 for small images)."""
+    factor = 1
+    while min(height, width) // (factor * 2) >= smallest:
+        factor *= 2
+    return factor
 
 
 class BasicBlock(nn.Module):
@@ -96,7 +110,13 @@ class CNN(nn.Module):
                     H, W = H // 2, W // 2
                 in_ch = width
         else:
-            layers += [conv_norm(spec.channels, widths[0], k, 1, norm), nn.ReLU()]  # the stem
+            factor = config.downsample or stem_factor(H, W)
+            if factor > 1:  # patchify: each factor x factor patch -> one position
+                stem = nn.Conv2d(spec.channels, widths[0], factor, factor, bias=norm == "none")
+                layers += [nn.Sequential(stem, nn.BatchNorm2d(widths[0]) if norm == "batch" else nn.Identity()), nn.ReLU()]
+                H, W = H // factor, W // factor
+            else:
+                layers += [conv_norm(spec.channels, widths[0], k, 1, norm), nn.ReLU()]  # the stem
             in_ch = widths[0]
             for s, width in enumerate(widths):
                 for b in range(config.blocks):

@@ -169,7 +169,14 @@ def create_app(predictor, options: ServeOptions | None = None):
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
-            texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
+            if body.images is not None or hasattr(predictor.run, "preprocess"):  # images (danlu.serve.images)
+                from danlu.serve.images import request_images
+
+                texts = request_images(body, predictor, options.max_texts)
+            elif body.texts is None:
+                raise APIError(400, "texts: required: {\"texts\": [...]}", param="texts", code="missing")
+            else:
+                texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
             if not texts:
                 raise APIError(400, "texts: give at least one text", param="texts", code="empty")
             if len(texts) > options.max_texts:
@@ -283,6 +290,10 @@ def create_app(predictor, options: ServeOptions | None = None):
     if classifier:
         inner = app.state.lean_predict = LeanPredictMiddleware(
             fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json, api_error=APIError)
+    if classifier and hasattr(predictor.run, "preprocess"):  # image runs also take multipart uploads
+        from danlu.serve.images import ImageUploadMiddleware
+
+        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=s.PredictRequest)
     app.front = MetricsMiddleware(GuardMiddleware(inner, options=options), state.metrics, _route_templates(app))
     return app
 

@@ -32,7 +32,9 @@ class ErrorResponse(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: str | list[str] = Field(description="One text, or a list of texts to classify.")
+    texts: str | list[str] | None = Field(default=None, description="One text, or a list of texts to classify.")
+    images: str | list[str] | None = Field(default=None, description="Image runs: one image, or a list, each "
+                                           "the file's bytes (PNG, JPEG, BMP, GIF ...) base64-encoded or a data: URL.")
     model: str | None = Field(default=None, description="The served model's id (optional).")
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
 
