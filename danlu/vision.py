@@ -249,3 +249,19 @@ def _image_list(run, file):
     if not paths:
         raise DataError(f"{file}: no image paths in the list (one path a line)")
     return paths
+
+
+def image_splits(run, limit=0):
+    """(train, val, test) ImageDatasets of a run's own data, decoded with its saved preprocessing (not
+    refitted): what compression's fine-tuning, calibration and scorecard measure on."""
+    from danlu.data.images import read_image_splits
+
+    cfg = run.cfg.data
+    splits = read_image_splits(cfg, run.cfg.run.seed)
+    out = []
+    for name in ("train", "val", "test"):
+        ex = splits[name]
+        if limit:
+            ex = ImageExamples(ex.sources[:limit], ex.labels[:limit], ex.origins[:limit], ex.skipped, ex.largest_pixel)
+        out.append(encode_images(ex, run.preprocess, run.labels, cfg.on_bad_rows, augment=name == "train")[0])
+    return out

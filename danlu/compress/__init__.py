@@ -139,8 +139,11 @@ def _quantize(model, step, ctx):
         step.setdefault("skip", [])
         n = int(step.setdefault("calibration_batches", 16))
         train = ctx.data().train
-        batches = iterate(train, 32, train.pad_id, seed=ctx.seed)  # a random sample of the training data
-        calibration = [(b["input_ids"], b["attention_mask"]) for _, b in zip(range(n), batches)]
+        if hasattr(train, "pixels"):  # images (danlu.vision): normalised pixel batches
+            calibration = [(b["pixel_values"],) for _, b in zip(range(n), train.batches(32, seed=ctx.seed, shuffle=False))]
+        else:
+            batches = iterate(train, 32, train.pad_id, seed=ctx.seed)  # a random sample of the training data
+            calibration = [(b["input_ids"], b["attention_mask"]) for _, b in zip(range(n), batches)]
         return quantize_static_int8(model, calibration, tuple(step["skip"]))
     raise ConfigError(f"quantize method: unknown value {method!r}; expected one of: dynamic_int8, static_int8, weight_only")
 
@@ -249,7 +252,9 @@ def load_compressed(model, record, tensors, where="weights"):
                                           scheme=step.get("scheme", "per_channel"))
         elif step["kind"] == "quantize" and step.get("method") == "static_int8":  # scales come with the weights
             ids = torch.full((1, 8), 7, dtype=torch.long)
-            model = quantize_static_int8(model, [(ids, torch.ones_like(ids, dtype=torch.bool))], tuple(step["skip"]))
+            example = (torch.zeros(1, *model.image_shape),) if hasattr(model, "image_shape") else (
+                ids, torch.ones_like(ids, dtype=torch.bool))  # image models take pixels (B, C, H, W)
+            model = quantize_static_int8(model, [example], tuple(step["skip"]))
         elif step["kind"] == "quantize":
             model = quantize_weights(model, int(step["bits"]), int(step["group_size"]), tuple(step["skip"]), inplace=True)
     return load_quantized_state(model, tensors, where)
@@ -264,7 +269,8 @@ def save_compressed(path, cfg, model, tokenizer, labels, record, metrics=None):
 
     os.makedirs(path, exist_ok=True)
     atomic_write_text(os.path.join(path, "config.yaml"), config_mod.dump(cfg))
-    save_tokenizer(path, tokenizer)
+    if tokenizer is not None:  # image runs have preprocess.json instead (copied by compress_run)
+        save_tokenizer(path, tokenizer)
     atomic_write_json(os.path.join(path, "labels.json"), list(labels))
     atomic_write_json(os.path.join(path, RECORD), record)
     save_tensors(os.path.join(path, "model.safetensors"), quantized_state_dict(model), {"kind": cfg.model.kind, "compressed": True})
@@ -297,6 +303,10 @@ def load_data(run, quick=False):
     from danlu.training.tasks import LM_TASKS
 
     cfg = run.cfg
+    if hasattr(run, "preprocess"):  # images, decoded with the run's own preprocessing (danlu.vision)
+        from danlu.vision import image_splits
+
+        return _Data(*image_splits(run, limit=2000 if quick else 0))
     if cfg.task in LM_TASKS:
         from danlu.data.corpus import build_corpus
 
@@ -338,6 +348,8 @@ def compress_run(run_dir, recipe, out=None, *, quick=False, measure=True, overwr
     steps = (earlier["steps"] if earlier else []) + steps
     cfg = dataclasses.replace(ctx.cfg, run=dataclasses.replace(ctx.cfg.run, dir=out))
     record = {"source": run_dir, "recipe": recipe if isinstance(recipe, str) else None, "steps": steps}
+    if hasattr(source, "preprocess"):  # an image run: load_run knows it by preprocess.json
+        source.preprocess.save(os.path.join(out, "preprocess.json"))
     save_compressed(out, cfg, model, source.tokenizer, source.labels, record, {"compression": record})
     compressed = load_run(out)  # measured as load_run gives it: the round trip is part of the test
     compressed.scorecard = None
@@ -392,6 +404,10 @@ def _latency_inputs(dataset, cfg, quick):
     order; batches of 32 as danlu's predict and evaluate form them (sorted by length, so little padding),
     taken evenly across the length range. Language models: windows of block_size tokens."""
     n1, n32 = (8, 2) if quick else (60, 8)
+    if hasattr(dataset, "pixels"):  # images: pixel batches (B, C, H, W) in file order
+        b32 = [(b["pixel_values"],) for _, b in zip(range(n32), dataset.batches(32, shuffle=False))]
+        b1 = [(b32[i // 32][0][i % 32 : i % 32 + 1],) for i in range(min(n1, sum(len(b[0]) for b in b32)))]
+        return b1, b32, 0
     if hasattr(dataset, "batches"):  # a token stream: windows of block_size
         batches = dataset.batches(32, shuffle=False)
         b32 = [(b["input_ids"], None) for _, b in zip(range(n32), batches)]

@@ -100,6 +100,7 @@ class CNN(nn.Module):
                               f"(a text dataset?)")
         widths, k, norm = [int(c) for c in config.channels], config.kernel_size, config.norm
         H, W = spec.image_size
+        self.image_shape = (spec.channels, H, W)  # one input image (C, H, W)
         layers = []
         if config.blocks == 0:
             in_ch = spec.channels

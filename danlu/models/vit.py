@@ -26,6 +26,9 @@ class ViTConfig:
     """Side of a square patch in pixels; 0: a grid of `grid` x `grid` patches (the longer side / grid, rounded up)."""
     grid: int = 4
     """Patches per side when patch_size is 0."""
+    overlap: bool = False
+    """Patch embedding with overlapping windows (kernel 2p - 1, stride p, as PVTv2's overlapping patch
+    embedding, Wang et al. 2022): neighbouring patches share pixels, which helps on small datasets."""
     embed_dim: int = 64
     num_heads: int = 4
     num_layers: int = 4
@@ -64,10 +67,13 @@ class ViT(nn.Module):
             raise ConfigError(f"model.kind {config.kind} classifies images; the data gives no image shape "
                               f"(a text dataset?)")
         H, W = spec.image_size
+        self.image_shape = (spec.channels, H, W)  # one input image (C, H, W)
         self.patch = config.patch_size or max(1, -(-max(H, W) // config.grid))
         self.grid = (-(-H // self.patch), -(-W // self.patch))  # (rows, columns) of patches
         C = config.embed_dim
-        self.embed = nn.Conv2d(spec.channels, C, self.patch, stride=self.patch)
+        p = self.patch
+        kernel, padding = (2 * p - 1, p - 1) if config.overlap and p > 1 else (p, 0)
+        self.embed = nn.Conv2d(spec.channels, C, kernel, stride=p, padding=padding)  # (rows, cols) outputs either way
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.positions = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, C))
         self.dropout = nn.Dropout(config.dropout)

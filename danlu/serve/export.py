@@ -66,6 +66,10 @@ def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeat
         from danlu.runs import load_run
 
         run = load_run(run)
+    if hasattr(run, "preprocess"):  # an image run: the graph takes pixels (danlu.serve.image_export)
+        from danlu.serve.image_export import export_image_onnx
+
+        return export_image_onnx(run, out, opset, check, batch_sizes, repeats)
     out = os.fspath(out or os.path.join(run.path, "export", "onnx"))
     os.makedirs(out, exist_ok=True)
     model = run.model.eval().to("cpu")
