@@ -313,3 +313,35 @@ def test_serve_images_as_base64_and_multipart(cnn_run, bars, tmp_path):
         refused = client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()]})
         assert refused.status_code == 400 and "classifies text" in refused.json()["error"]["message"]
         assert client.post("/v1/predict", json={"texts": ["很好"]}).status_code == 200
+
+
+# -- export and compression ------------------------------------------------------------------------
+
+
+def test_onnx_export_includes_the_preprocessing(cnn_run, bars, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from danlu.serve.export import export
+    from danlu.serve.image_export import OnnxImageModel
+
+    report = export(cnn_run.path, out=str(tmp_path / "onnx"), batch_sizes=(1,), repeats=2)
+    assert report["parity"]["passed"] and report["inputs"] == ["pixels"]
+    assert any(c["input"] == "PNG files, decoded" for c in report["parity"]["cases"])
+    assert {"model.onnx", "preprocess.json", "labels.json", "export.json"} <= set(os.listdir(tmp_path / "onnx"))
+    files = [os.path.join(bars, k, "2.png") for k in "hv"]
+    exported = OnnxImageModel(tmp_path / "onnx").predict(files)
+    for got, expected in zip(exported, cnn_run.predict(files)):
+        assert got["label"] == expected["label"] and got["score"] == pytest.approx(expected["score"], abs=1e-5)
+
+
+def test_static_int8_compression_and_its_scorecard(cnn_run, bars):
+    from danlu.compress import compress_run
+
+    small = compress_run(cnn_run.path, "static-int8", out=cnn_run.path + "-int8", quick=True, overwrite=True,
+                         say=lambda m: None)
+    assert isinstance(small, ImageRun)
+    rows = {r["key"]: r for r in small.scorecard["rows"]}
+    assert rows["size_mb"]["after"] < 0.7 * rows["size_mb"]["before"]  # int8 convolutions (a float head)
+    assert "accuracy" in rows
+    again = load_run(small.path)  # the compressed run loads and predicts like any image run
+    assert again.predict([os.path.join(bars, "h", "1.png")])[0]["label"] in ("h", "v")
