@@ -345,3 +345,40 @@ def test_static_int8_compression_and_its_scorecard(cnn_run, bars):
     assert "accuracy" in rows
     again = load_run(small.path)  # the compressed run loads and predicts like any image run
     assert again.predict([os.path.join(bars, "h", "1.png")])[0]["label"] in ("h", "v")
+
+
+def test_playground_drop_zone_classifies_images(cnn_run, bars, tmp_path):
+    """The playground of an image run, in headless Chromium: chosen files are sent and their bars shown."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("DANLU_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("chromium is not installed")
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.predictor import Predictor
+    from danlu.serve.server import ServerThread
+
+    files = [os.path.join(bars, "h", "4.png"), os.path.join(bars, "v", "4.png")]
+    expected = cnn_run.predict(files)
+    with ServerThread(create_app(Predictor(cnn_run), ServeOptions())) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        assert page.locator("#images").is_visible() and not page.locator("#classifier").is_visible()
+        page.set_input_files("#image-files", files)
+        page.wait_for_selector("#image-results [data-testid=prediction] .bar")
+        cards = page.locator("#image-results [data-testid=prediction]")
+        assert cards.count() == 2
+        for i, want in enumerate(expected):
+            assert cards.nth(i).locator(".bar.top").get_attribute("data-label") == want["label"]
+            assert cards.nth(i).locator("img").count() == 1
+        page.set_input_files("#image-files", [str(tmp_path / "notes.txt")] if (tmp_path / "notes.txt").write_text("x")
+                             else [])
+        page.wait_for_selector("#image-error:not(:empty)")
+        assert "not an image" in page.locator("#image-error").text_content()
+        browser.close()
+        assert not errors, errors
