@@ -21,7 +21,6 @@ than MAX_ITEMS items raises, so a template cannot freeze or exhaust the server t
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 

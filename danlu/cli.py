@@ -39,7 +39,8 @@ def cmd_evaluate(args):
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
-    overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
+    overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column),
+                                   ("image_column", args.image_column)) if v}
     out_dir = os.path.join(run.path, "eval", _stem(args.data))
     metrics = evaluate_run(run, args.data, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
@@ -50,6 +51,12 @@ def cmd_predict(args):
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
+    from danlu.jobs.images import predict_images
+    from danlu.runs.image import ImageRun, refuse_images_for_text_run
+
+    if isinstance(run, ImageRun):  # image files, or --file: a list of paths, a table or a folder
+        return predict_images(run, args.texts, args.file, args.out, args.top_k)
+    refuse_images_for_text_run(run, args.texts)
     if args.file:
         return _predict_file(run, args)
     if not args.texts:
@@ -117,6 +124,11 @@ def cmd_info(args):
         trained = (f"{run.metrics['steps']} steps" if "steps" in run.metrics  # pretraining counts steps
                    else f"{run.metrics.get('epochs_run', cfg.train.epochs)} epochs")  # fine-tuning, epochs
         print(f"training:   {trained}, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr}")
+    elif hasattr(run, "preprocess"):  # an image run (danlu.runs.image)
+        pre = run.preprocess
+        print(f"data:       {cfg.data.train} (images: {pre.channels_} channel(s), resized to {pre.size_[0]}x{pre.size_[1]}, "
+              f"model input {pre.input_size_[0]}x{pre.input_size_[1]})")
+        print(f"training:   {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr}")
     else:
         print(f"data:       {cfg.data.train} (text column {cfg.data.text_column!r}, label column {cfg.data.label_column!r})")
         print(f"tokenizer:  {cfg.data.tokenizer.kind}, vocabulary {run.tokenizer.vocab_size_}, "
@@ -344,12 +356,14 @@ def _evaluate_args(p):
     p.add_argument("--data", required=True, help="labelled CSV / TSV / JSONL file or class folder")
     p.add_argument("--text-column", help="text column (default: the run's data.text_column)")
     p.add_argument("--label-column", help="label column (default: the run's data.label_column)")
+    p.add_argument("--image-column", help="image runs: image-path column of a table (default: the run's data.image_column)")
 
 
 def _predict_args(p):
     _add_run_arg(p)
-    p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--file", help="CSV / TSV / JSONL file of texts to classify")
+    p.add_argument("texts", nargs="*", help="texts to classify (image files, for an image run)")
+    p.add_argument("--file", help="CSV / TSV / JSONL file of texts to classify; for an image run, a list of image "
+                                  "paths (one a line), a table with an image column, or a folder")
     p.add_argument("--out", help="write JSON lines here (default: print them)")
     p.add_argument("--text-column", help="text column of --file (default: the run's data.text_column)")
     p.add_argument("--top-k", type=int, default=None, help="list only the k most probable labels")

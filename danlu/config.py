@@ -47,6 +47,52 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """Image runs (model.kind cnn or vit): how every image becomes a tensor. Saved in the run as
+    preprocess.json, so that predict, serve and export apply exactly the same transform."""
+
+    size: tuple[int, ...] = ()
+    """Resize every image to (height, width), or one number for a square; empty: the training images' own
+    size (their median height and width when they differ), scaled down to `max_size` on the longer side."""
+    max_size: int = 64
+    """With `size` empty: the longest side an image keeps (larger ones are scaled down, keeping their shape)."""
+    crop: tuple[int, ...] = ()
+    """After resizing, crop to (height, width) (one number: a square): at a random place on training batches,
+    in the centre everywhere else; empty: no crop."""
+    pad_crop: int = 0
+    """Training batches only: pad by this many pixels and crop back at a random offset (shifts of up to N
+    pixels, as He et al. 2016 train on CIFAR-10); 0: off."""
+    flip: bool = False
+    """Training batches only: mirror left-right with probability 0.5 (leave off for digits and text)."""
+    channels: int = 0
+    """1 (grayscale) or 3 (RGB); 0: 1 when every training image is grayscale, else 3. Transparent and
+    palette images are composited on white."""
+    normalize: bool = True
+    """Subtract each channel's mean and divide by its standard deviation, both measured on the training split."""
+    pixel_shape: tuple[int, ...] = ()
+    """Pixel-column tables: (height, width) or (height, width, channels) of a row; empty: a square
+    grayscale image (the number of pixel columns must then be a square)."""
+    pixel_max: float = 0.0
+    """Pixel-column tables: the value of a full-intensity pixel; 0: 1, 16 or 255, the first that is at least
+    the largest value in the training table."""
+
+    def __post_init__(self):
+        for key in ("size", "crop"):
+            value = getattr(self, key)
+            if len(value) not in (0, 1, 2) or any(int(v) < 1 for v in value):
+                raise ConfigError(f"data.image.{key}: expected (height, width) or one positive number, got {list(value)}")
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.image.channels: expected 0 (from the data), 1 or 3, got {self.channels}")
+        if self.max_size < 1:
+            raise ConfigError(f"data.image.max_size: expected a positive number of pixels, got {self.max_size}")
+        if self.pad_crop < 0:
+            raise ConfigError(f"data.image.pad_crop: expected 0 or more pixels, got {self.pad_crop}")
+        if len(self.pixel_shape) not in (0, 2, 3) or any(int(v) < 1 for v in self.pixel_shape):
+            raise ConfigError(f"data.image.pixel_shape: expected (height, width) or (height, width, channels), "
+                              f"got {list(self.pixel_shape)}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str = "zh_sentiment"
     """A CSV / TSV / JSONL file, a folder with one sub-folder of .txt files per class, or a built-in name."""
@@ -56,6 +102,8 @@ class DataConfig:
     """Test file; empty: split from train (or the built-in split)."""
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str = "image"
+    """Image runs: the column of a CSV / JSONL table that holds image paths (relative to the table's file)."""
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
     on_bad_rows: Literal["error", "skip"] = "error"
@@ -69,6 +117,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     block_size: Positive = 256
     """Language models: tokens per training window (the corpus is packed into windows of this length)."""
+    image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self):
         if self.encoding != "auto":  # an unknown codec fails here, not once the files are read
@@ -338,6 +387,8 @@ def _coerce(value, tp, where):
             return ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # one number: a list of one
+            value = [value]
         if isinstance(value, (list, tuple)):
             args = typing.get_args(tp)
             if args and args[0] is not Ellipsis:

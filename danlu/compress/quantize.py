@@ -168,12 +168,13 @@ def quantize_static_int8(model, calibration, skip=()):
     """A copy of `model` whose convolutions run in int8 with int8 activations (post-training static
     quantization, Jacob et al. 2018): each nn.Conv1d is wrapped as quantize -> int8 conv -> dequantize,
     and the activation scales come from running `calibration` (an iterable of model argument tuples,
-    e.g. a few hundred training examples) through observers. For CNNs (TextCNN); CPU only."""
+    e.g. a few hundred training examples) through observers. For CNNs (TextCNN; nn.Conv2d of image CNNs
+    too); CPU only."""
     quantization, _ = ao_modules()
     model = copy.deepcopy(model).cpu().eval()
     qconfig = quantization.get_default_qconfig(torch.backends.quantized.engine)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Conv1d) and name not in skip:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and name not in skip:
             wrapped = nn.Sequential(quantization.QuantStub(), module, quantization.DeQuantStub())
             wrapped.qconfig = qconfig
             _set_module(model, name, wrapped)

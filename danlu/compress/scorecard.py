@@ -111,6 +111,8 @@ def latency_rows(models, batch1, batch32, repeats=3):
 
 def _units(args):
     ids = args[0]
+    if ids.dim() == 4:  # images (B, C, H, W): examples
+        return ids.shape[0]
     return ids.shape[0] if len(args) > 1 and args[1] is not None else ids.numel()
 
 
@@ -125,9 +127,10 @@ def peak_memory_mb(run_dir, length, timeout=300):
         "open('/proc/self/clear_refs', 'w').write('5')\n"  # reset the high-water mark to the current RSS
         "base = status('VmRSS')\n"
         "run = load_run(sys.argv[1])\n"
-        "n = int(sys.argv[2]); vocab = run.model.embed.num_embeddings\n"
-        "ids = torch.randint(7, vocab, (32, n)); mask = torch.ones(32, n, dtype=torch.bool)\n"
-        "with torch.no_grad(): run.model(ids, mask)\n"
+        "n = int(sys.argv[2])\n"
+        "if hasattr(run.model, 'image_shape'): args = (torch.zeros(32, *run.model.image_shape),)\n"  # images
+        "else: ids = torch.randint(7, run.model.embed.num_embeddings, (32, n)); args = (ids, torch.ones(32, n, dtype=torch.bool))\n"
+        "with torch.no_grad(): run.model(*args)\n"
         "print(status('VmHWM') - base)\n"
     )
     try:

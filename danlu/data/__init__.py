@@ -112,18 +112,21 @@ def read_splits(cfg, seed, numeric=False):
     return splits
 
 
-def _split(ex, seed, val_fraction, test_fraction):
-    n = len(ex.texts)
+def _split_indices(n, origins, seed, val_fraction, test_fraction):
+    """{split name: example indices}: a seeded shuffle cut into test, validation and training parts
+    (a part with a fraction of 0 is left out)."""
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
     if n - n_val - n_test < 1 or (val_fraction and n_val < 1) or (test_fraction and n_test < 1):
-        raise DataError(f"{ex.origins[0].rsplit(':', 1)[0]}: {n} examples are too few to split off validation and test sets; "
+        raise DataError(f"{origins[0].rsplit(':', 1)[0]}: {n} examples are too few to split off validation and test sets; "
                         f"give data.val and data.test, or more data")
     order = np.random.default_rng(seed).permutation(n)
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {name: idx for name, idx in parts.items() if name == "train" or len(idx)}
+
+
+def _split(ex, seed, val_fraction, test_fraction):
     out = {}
-    for name, idx in parts.items():
-        if name != "train" and len(idx) == 0:
-            continue
+    for name, idx in _split_indices(len(ex.texts), ex.origins, seed, val_fraction, test_fraction).items():
         out[name] = Examples([ex.texts[i] for i in idx], [ex.labels[i] for i in idx], [ex.origins[i] for i in idx],
                              ex.skipped if name == "train" else 0)
     return out

@@ -15,3 +15,5 @@ class DataSpec:
     mask_id: int | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    channels: int = 0  # images: channels of a model input (0 for text)
+    image_size: tuple = ()  # images: (height, width) of a model input

@@ -139,8 +139,11 @@ def _quantize(model, step, ctx):
         step.setdefault("skip", [])
         n = int(step.setdefault("calibration_batches", 16))
         train = ctx.data().train
-        batches = iterate(train, 32, train.pad_id, seed=ctx.seed)  # a random sample of the training data
-        calibration = [(b["input_ids"], b["attention_mask"]) for _, b in zip(range(n), batches)]
+        if hasattr(train, "pixels"):  # images: normalised pixel batches
+            calibration = [(b["pixel_values"],) for _, b in zip(range(n), train.batches(32, seed=ctx.seed, shuffle=False))]
+        else:
+            batches = iterate(train, 32, train.pad_id, seed=ctx.seed)  # a random sample of the training data
+            calibration = [(b["input_ids"], b["attention_mask"]) for _, b in zip(range(n), batches)]
         return quantize_static_int8(model, calibration, tuple(step["skip"]))
     raise ConfigError(f"quantize method: unknown value {method!r}; expected one of: dynamic_int8, static_int8, weight_only")
 
@@ -248,6 +251,10 @@ def load_data(run, quick=False):
     from danlu.data import encode_examples, read_splits
 
     cfg = run.cfg
+    if hasattr(run, "preprocess"):  # images, decoded with the run's own preprocessing
+        from danlu.jobs.images import image_splits
+
+        return _Data(*image_splits(run, limit=2000 if quick else 0))
     if run.language_model and cfg.finetune.base:  # a chat fine-tune: conversations, in its own template
         from danlu.jobs.finetune import chat_data
 
@@ -297,8 +304,11 @@ def compress_run(run_dir, recipe, out=None, *, quick=False, measure=True, overwr
         steps = (earlier["steps"] if earlier else []) + steps
         cfg = dataclasses.replace(ctx.cfg, run=dataclasses.replace(ctx.cfg.run, dir=out))
         record = {"source": run_dir, "recipe": recipe if isinstance(recipe, str) else None, "steps": steps}
-        template = os.path.join(run_dir, layout.TEMPLATE)  # a chat run keeps its prompt format
-        extra = {layout.TEMPLATE: open(template, encoding="utf-8").read()} if os.path.exists(template) else None
+        extra = {}  # a chat run keeps its prompt format, an image run its preprocessing
+        for name in (layout.TEMPLATE, layout.PREPROCESS):
+            if os.path.exists(os.path.join(run_dir, name)):
+                with open(os.path.join(run_dir, name), encoding="utf-8") as f:
+                    extra[name] = f.read()
         save_compressed(out, cfg, model, source.tokenizer, source.labels, record, {"compression": record}, extra)
     except BaseException:
         directory.abandon()
@@ -371,6 +381,10 @@ def _latency_inputs(dataset, cfg, quick):
     order; batches of 32 as danlu's predict and evaluate form them (sorted by length, so little padding),
     taken evenly across the length range. Language models: windows of block_size tokens."""
     n1, n32 = (8, 2) if quick else (60, 8)
+    if hasattr(dataset, "pixels"):  # images: pixel batches (B, C, H, W) in file order
+        b32 = [(b["pixel_values"],) for _, b in zip(range(n32), dataset.batches(32, shuffle=False))]
+        b1 = [(b32[i // 32][0][i % 32 : i % 32 + 1],) for i in range(min(n1, sum(len(b[0]) for b in b32)))]
+        return b1, b32, 0
     if hasattr(dataset, "batches"):  # a token stream: windows of block_size
         batches = dataset.batches(32, shuffle=False)
         b32 = [(b["input_ids"], None) for _, b in zip(range(n32), batches)]

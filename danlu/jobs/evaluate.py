@@ -37,6 +37,8 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
             del stream  # the memory map, before its folder goes
         _save(out_dir, path, metrics)
         return metrics
+    if hasattr(run, "preprocess"):  # an image run: a labelled folder or table of images
+        return _evaluate_images(run, path, out_dir, device, **data_overrides)
     regression = run.cfg.task == "regression"
     examples = read_split(path, data_cfg, numeric=regression)
     dataset = encode_examples(examples, run.tokenizer, run.labels, regression)
@@ -50,6 +52,25 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
         from danlu.evaluate.report import write_eval_report
 
         write_eval_report(run, path, metrics, out_dir, examples, dataset, mistakes, seconds)
+    return metrics
+
+
+def _evaluate_images(run, path, out_dir, device, **data_overrides):
+    dataset, examples = run.read(path, **data_overrides)
+    trainer = Trainer(run.model, TASK_CLASSES["classification"](run.labels), run.cfg.train, device=device)
+    predictions = None
+    if out_dir:
+        from danlu.evaluate.image_report import ImagePredictions
+
+        predictions = ImagePredictions(len(dataset))
+    started = time.perf_counter()
+    metrics = trainer.evaluate(dataset, on_batch=predictions.update if predictions else None)
+    seconds = time.perf_counter() - started
+    _save(out_dir, path, metrics)
+    if predictions is not None:
+        from danlu.evaluate.image_report import write_image_eval_report
+
+        write_image_eval_report(run, path, metrics, out_dir, dataset, examples, predictions, seconds)
     return metrics
 
 

@@ -65,7 +65,7 @@ class Job:
     def save(self, run, plan, history):
         save_run(run.path, run.cfg, run.model, run.tokenizer, run.labels, run.metrics)
 
-    def collector(self, cfg):
+    def collector(self, cfg, plan):
         """What the report gathers during the final test pass (the most confident mistakes), or None."""
         try:
             from danlu.evaluate.report import mistakes_collector
@@ -132,10 +132,12 @@ def resolve_config(config=None, overrides=(), resume=False, **sections):
 
 def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, loggers=(), command=None,
             **sections) -> Run:
-    """Run `job` on a config; save, report and return the Run."""
+    """Run `job` (a Job, or a function from the config to one) on a config; save, report and return the Run."""
     resume = resume or dist.restart_count() > 0  # torchrun --max-restarts: continue from the last checkpoint
     # under torchrun every rank must name the same run directory: runs/<name>, not a fresh numbered one
     cfg = resolve_config(config, overrides, resume or dist.launched(), **sections)
+    if not isinstance(job, Job):  # a function of the config that picks the job (danlu train: text or images)
+        job = job(cfg)
     check_task(job.name, cfg.task)
     main = dist.is_main()  # only rank 0 logs and writes the run directory
     say = lambda m: main and print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -158,7 +160,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
     if resume and _finished(cfg):
         say(f"{cfg.run.dir} finished already: nothing is left to train, so it is only evaluated again "
             f"(raise train.epochs or train.max_steps to train further)")
-    collector = job.collector(cfg) if main else None
+    collector = job.collector(cfg, plan) if main else None
     trainer, history, metrics, eval_seconds = fit_and_evaluate(
         plan, cfg.train, run_dir=cfg.run.dir if plan.checkpoints else None, seed=cfg.run.seed,
         loggers=_loggers(cfg, loggers), resume=resume, on_test_batch=collector.update if collector else None)

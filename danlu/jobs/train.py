@@ -40,7 +40,18 @@ class TrainJob(Job):
 def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections):
     """Train, evaluate and save a run; return it. Keyword sections override the file:
     `train("configs/seed_lstm.yaml", train={"epochs": 3})` or dotted strings `"train.epochs=3"`."""
-    return run_job(TrainJob(), config, overrides, resume=resume, overwrite=overwrite, loggers=loggers, **sections)
+    return run_job(choose_job, config, overrides, resume=resume, overwrite=overwrite, loggers=loggers, **sections)
+
+
+def choose_job(cfg):
+    """The job for a `danlu train` config: images for an image model (cnn, vit), else labelled text."""
+    from danlu.models import IMAGE_MODELS
+
+    if cfg.model.kind in IMAGE_MODELS:
+        from danlu.jobs.images import ImageTrainJob
+
+        return ImageTrainJob()
+    return TrainJob()
 
 
 def _reencode(data, tokenizer, cfg):

@@ -1,14 +1,17 @@
 """Model zoo: MODELS maps `model.kind` to (config dataclass, nn.Module class).
 
 Every model is built as `Model(config, spec)` from its own config and the DataSpec of the data.
-Classifiers take `(input_ids (B, T), attention_mask (B, T) bool)` and return logits `(B, C)`.
+Classifiers take `(input_ids (B, T), attention_mask (B, T) bool)` and return logits `(B, C)`; image
+classifiers (IMAGE_MODELS) take `pixel_values (B, C, H, W)`.
 """
 from danlu.models.bert import BERT, BERTConfig
+from danlu.models.cnn import CNN, CNNConfig
 from danlu.models.gpt import GPT, GPTConfig
 from danlu.models.lstm import LSTMClassifier, LSTMConfig
 from danlu.models.mlp import MLPClassifier, MLPConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
+from danlu.models.vit import ViT, ViTConfig
 from danlu.registry import resolve
 
 MODELS = {
@@ -18,7 +21,10 @@ MODELS = {
     "transformer": (TransformerConfig, TransformerClassifier),
     "gpt": (GPTConfig, GPT),
     "bert": (BERTConfig, BERT),
+    "cnn": (CNNConfig, CNN),
+    "vit": (ViTConfig, ViT),
 }
+IMAGE_MODELS = frozenset({"cnn", "vit"})  # kinds that read images: danlu.jobs.images trains them
 
 
 def build_model(config, spec):

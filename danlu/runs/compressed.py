@@ -38,7 +38,9 @@ def load_compressed(model, record, tensors, where="weights"):
                                           scheme=step.get("scheme", "per_channel"))
         elif step["kind"] == "quantize" and step.get("method") == "static_int8":  # scales come with the weights
             ids = torch.full((1, 8), 7, dtype=torch.long)
-            model = quantize_static_int8(model, [(ids, torch.ones_like(ids, dtype=torch.bool))], tuple(step["skip"]))
+            example = (torch.zeros(1, *model.image_shape),) if hasattr(model, "image_shape") else (
+                ids, torch.ones_like(ids, dtype=torch.bool))  # image models take pixels (B, C, H, W)
+            model = quantize_static_int8(model, [example], tuple(step["skip"]))
         elif step["kind"] == "quantize":
             model = quantize_weights(model, int(step["bits"]), int(step["group_size"]), tuple(step["skip"]), inplace=True)
     return load_quantized_state(model, tensors, where)

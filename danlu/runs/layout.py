@@ -3,6 +3,7 @@
     runs/<name>/
       config.yaml         the resolved config that produced the run
       tokenizer.json      the fitted (or imported) tokenizer
+      preprocess.json     image runs, in its place: the fitted image preprocessing (danlu.runs.image)
       labels.json         class names, in class-id order ([] for language models and regression)
       model.safetensors   the weights (a plain or a compressed run)
       adapter.safetensors LoRA runs saved as an adapter: the weights on top of `finetune.base`
@@ -22,6 +23,7 @@ from danlu.registry import ConfigError
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
+PREPROCESS = "preprocess.json"
 LABELS = "labels.json"
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"

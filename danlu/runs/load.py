@@ -27,6 +27,7 @@ from danlu.registry import TASKS, ConfigError
 from danlu.runs import layout
 from danlu.runs.adapter import build_finetune_model, load_adapter, resolve_base
 from danlu.runs.compressed import load_compressed, read_record
+from danlu.runs.image import is_image_run, load_image_run
 from danlu.runs.import_checkpoint import import_checkpoint, is_checkpoint
 from danlu.runs.run import Run, read_chat_template, run_spec
 
@@ -36,6 +37,8 @@ def load_run(path, device="cpu") -> Run:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a run directory (it does not exist)")
+    if is_image_run(path):  # images: preprocess.json instead of a tokenizer
+        return load_image_run(path, device)
     kind = layout.run_kind(path)
     for name in (layout.CONFIG, layout.TOKENIZER) + (() if kind == "adapter" else (layout.WEIGHTS,)):
         if not os.path.exists(os.path.join(path, name)):

@@ -51,6 +51,10 @@ class Run:
 
     def dataset(self, texts, labels=None):
         """Texts (and labels) encoded with the run's own tokenizer and label map."""
+        if not all(isinstance(t, str) for t in texts):  # bytes, PIL images, arrays: images, not texts
+            from danlu.runs.image import refuse_images_for_text_run
+
+            refuse_images_for_text_run(self, texts)
         labels = list(labels) if labels is not None else [None] * len(texts)
         ex = Examples(list(texts), labels, [f"text {i + 1}" for i in range(len(texts))])
         return encode_examples(ex, self.tokenizer, self.labels, self.cfg.task == "regression")

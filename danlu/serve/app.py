@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 
 from danlu.serve.batching import MicroBatcher, Overloaded
+from danlu.serve.errors import CLOSE, ERROR_TYPES, APIError
 from danlu.serve.metrics import Metrics
 from danlu.serve.middleware import GuardMiddleware, LeanPredictMiddleware, MetricsMiddleware, error_body
 
@@ -86,20 +87,7 @@ class ServeOptions:
                 raise ConfigError(f"serve: {flag} must be {least}, got {value!r}")
 
 
-class APIError(Exception):
-    def __init__(self, status, message, type=None, param=None, code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
-        self.headers = headers or {}
 
-
-# OpenAI's error types: 4xx the client can fix are invalid_request_error (model_not_found included),
-# a missing key authentication_error; overload and failures on the server's side are server_error
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-               499: "invalid_request_error", 503: "server_error", 504: "server_error", 500: "server_error"}
-CLOSE = {"Connection": "close"}  # on a 500: the connection may be in any state; the client opens a new one
 
 
 def create_app(predictor, options: ServeOptions | None = None):
@@ -212,7 +200,14 @@ def create_app(predictor, options: ServeOptions | None = None):
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
-            texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
+            if body.images is not None or hasattr(predictor.run, "preprocess"):  # images (danlu.serve.images)
+                from danlu.serve.images import request_images
+
+                texts = request_images(body, predictor, options.max_texts)
+            elif body.texts is None:
+                raise APIError(400, "texts: required: {\"texts\": [...]}", param="texts", code="missing")
+            else:
+                texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
             if not texts:
                 raise APIError(400, "texts: give at least one text", param="texts", code="empty")
             if len(texts) > options.max_texts:
@@ -348,6 +343,10 @@ def create_app(predictor, options: ServeOptions | None = None):
     if classifier:
         inner = app.state.lean_predict = LeanPredictMiddleware(
             fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json, api_error=APIError)
+    if classifier and hasattr(predictor.run, "preprocess"):  # image runs also take multipart uploads
+        from danlu.serve.images import ImageUploadMiddleware
+
+        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=s.PredictRequest)
     app.front = MetricsMiddleware(GuardMiddleware(inner, options=options), state.metrics, _route_templates(app))
     return app
 

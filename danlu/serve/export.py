@@ -27,26 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
-import statistics
 import time
-import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from danlu.registry import ConfigError
+from danlu.serve.onnx_runtime import TOLERANCE, ExportError, median_ms_alternating, ort_session, quiet
 
-TOLERANCE = 1e-4
 FORMATS = ("onnx",)
 COPIED = ("tokenizer.json", "labels.json", "config.yaml", "chat_template.jinja")
-
-
-class ExportError(ConfigError):
-    """The export failed, or its outputs differ from PyTorch's beyond the tolerance."""
 
 
 def export(run, format="onnx", out=None, **options) -> dict:
@@ -70,6 +63,10 @@ def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeat
         from danlu.runs import load_run
 
         run = load_run(run)
+    if hasattr(run, "preprocess"):  # an image run: the graph takes pixels (danlu.serve.image_export)
+        from danlu.serve.image_export import export_image_onnx
+
+        return export_image_onnx(run, out, opset, check, batch_sizes, repeats)
     out = os.fspath(out or os.path.join(run.path, "export", "onnx"))
     os.makedirs(out, exist_ok=True)
     model = run.model.eval().to("cpu")
@@ -240,7 +237,7 @@ def _convert(graph, example, names, outputs, opset):
     dynamic = {name: {0: batch, 1: length} for name in names}
     options = {"input_names": names, "output_names": outputs, "opset_version": opset, "dynamo": True,
                "verbose": False, "optimize": True}
-    with _quiet(), _concrete_is_causal():
+    with quiet(), _concrete_is_causal():
         try:
             return torch.onnx.export(graph, example, dynamic_shapes=dynamic, **options)
         except Exception:  # noqa: BLE001  data-dependent branches: record the branch the padded example takes
@@ -294,44 +291,15 @@ def _static_length(program):
     return dims[1].dim_value if len(dims) > 1 and not dims[1].dim_param else None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.export and torch.onnx talk a lot at WARNING level; a CLI user needs none of it."""
-    loggers = [logging.getLogger(name) for name in ("torch", "torch.export", "torch.onnx", "torch.fx",
-                                                     "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                                                     "torch.export._draft_export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 # ------------------------------------------------------------------------------------------------
 # checks
-
-
-def _session(path, threads=0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def check_parity(reference, path, names, pad_id, vocab_size, min_length, max_length, language_model):
     """Largest |onnxruntime - PyTorch| over batches of several shapes, with and without padding.
     `reference` is the run's own model (e.g. the packed LSTM, not its export rewrite), fed the unpadded
     batch; onnxruntime gets it right-padded to the graph's shortest (or fixed) length where it needs one."""
-    session = _session(path)
+    session = ort_session(path)
     shapes = [(1, 1), (2, 5), (4, min(17, max_length)), (8, min(32, max_length))]
     worst, cases = 0.0, []
     for i, (batch, length) in enumerate(shapes):
@@ -361,7 +329,7 @@ def compare_latency(reference, path, names, pad_id, vocab_size, fixed_length, ba
                     threads=1):
     """Median milliseconds per call, PyTorch (eager, inference mode) vs onnxruntime, both with `threads` CPU
     threads, same inputs, the two alternating call by call (load from elsewhere falls on both)."""
-    session = _session(path, threads=threads)
+    session = ort_session(path, threads=threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -382,22 +350,10 @@ def _latency_rows(reference, session, names, pad_id, vocab_size, fixed_length, b
             with torch.inference_mode():
                 reference(*inputs)
 
-        torch_ms, ort_ms = _median_ms_alternating(run_torch, lambda feed=feed: session.run(None, feed), repeats)
+        torch_ms, ort_ms = median_ms_alternating(run_torch, lambda feed=feed: session.run(None, feed), repeats)
         rows.append({"batch": batch, "length": length, "torch_ms": round(torch_ms, 3), "onnxruntime_ms": round(ort_ms, 3),
                      "speedup": round(torch_ms / ort_ms, 2) if ort_ms else None})
     return rows
-
-
-def _median_ms_alternating(a, b, repeats, warmup=3):
-    for _ in range(warmup):
-        a(), b()
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((a, times[0]), (b, times[1])):
-            started = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def format_report(report) -> str:
@@ -443,7 +399,7 @@ class OnnxModel:
             with open(labels, encoding="utf-8") as f:
                 self.labels = tuple(json.load(f))
         self.tokenizer = Tokenizer.from_file(os.path.join(self.path, "tokenizer.json"))
-        self.session = _session(os.path.join(self.path, "model.onnx"))
+        self.session = ort_session(os.path.join(self.path, "model.onnx"))
         self.pad_id = self.meta["pad_id"]
 
     def encode(self, texts):

@@ -176,6 +176,7 @@ class Predictor:
         info = {"id": self.name, "kind": self.kind, "task": self.task, "model": self.run.cfg.model.kind}
         if self.kind == "classifier":
             info["labels"] = list(self.labels)
+            info["input"] = "image" if hasattr(self.run, "preprocess") else "text"  # image runs: danlu.runs.image
         else:
             info["context_length"] = self.context_length
         return info

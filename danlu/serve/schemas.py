@@ -76,7 +76,9 @@ class ErrorResponse(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    texts: Text | list[Text] = Field(description="One text, or a list of texts to classify.")
+    texts: Text | list[Text] | None = Field(default=None, description="One text, or a list of texts to classify.")
+    images: str | list[str] | None = Field(default=None, description="Image runs: one image, or a list, each "
+                                           "the file's bytes (PNG, JPEG, BMP, GIF ...) base64-encoded or a data: URL.")
     model: str | None = Field(default=None, description="The served model's id (optional).")
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
 

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import copy
 import gc
+import importlib
 import os
 import weakref
 from datetime import timedelta
@@ -81,7 +82,7 @@ def setup(mode="auto", device=None):
         # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported, and
         # FSDP and torch.distributed.checkpoint import it: imported after the process group exists, it would
         # keep that group alive past `cleanup` (see there). Imported first, its defaults are None.
-        import torch.distributed.nn
+        importlib.import_module("torch.distributed.nn")  # not `import torch...`: that would make torch local here
 
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=float(os.environ.get("DANLU_DIST_TIMEOUT", 60)))
@@ -178,7 +179,7 @@ def shard_batch(batch):
     """This rank's slice of a global batch, and how many real examples it holds. The union over ranks is
     the whole batch; a short last batch is split as evenly as possible, and a rank left without an
     example computes on one with weight 0 (every rank must take part in each collective)."""
-    n, world, r = len(batch["input_ids"]), world_size(), rank()
+    n, world, r = len(batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]), world_size(), rank()
     start, stop = r * n // world, (r + 1) * n // world
     if stop == start:
         return {k: v[:1] for k, v in batch.items()}, 0

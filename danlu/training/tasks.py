@@ -18,6 +18,14 @@ from danlu.evaluate.metrics import ClassificationMetrics, LanguageModelMetrics, 
 from danlu.kernels.lm_loss import lm_head_loss
 
 
+def model_inputs(batch):
+    """A classifier's positional inputs: `pixel_values` (B, C, H, W) for images, else `input_ids` and
+    `attention_mask` (B, T)."""
+    if "pixel_values" in batch:
+        return (batch["pixel_values"],)
+    return batch["input_ids"], batch["attention_mask"]
+
+
 class Task:
     """What every task gives the loop besides its loss: per-batch counts and the train_* numbers of a row."""
 
@@ -44,7 +52,7 @@ class Task:
     def counts(self, outputs, batch):
         """(count, correct, processed): the batch loss is a mean over `count` targets, `correct` of them
         predicted right; `processed` units (examples or tokens) went through the model."""
-        n = len(batch["input_ids"])
+        n = len(batch["labels"])
         return n, (outputs.argmax(-1) == batch["labels"]).sum().item(), n
 
     def train_metrics(self, loss_sum, count, correct):
@@ -62,7 +70,7 @@ class ClassificationTask(Task):
         self.labels = tuple(labels)
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], batch["attention_mask"])  # (B, C)
+        logits = model(*model_inputs(batch))  # (B, C)
         return F.cross_entropy(logits.float(), batch["labels"]), logits
 
     def new_metrics(self):
@@ -83,7 +91,7 @@ class RegressionTask(Task):
         self.labels = ()
 
     def loss(self, model, batch):
-        out = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1)  # (B,)
+        out = model(*model_inputs(batch)).squeeze(-1)  # (B,)
         return F.mse_loss(out.float(), batch["labels"]), out
 
     def new_metrics(self):
@@ -93,7 +101,7 @@ class RegressionTask(Task):
         metrics.update(outputs, batch["labels"])
 
     def counts(self, outputs, batch):
-        n = len(batch["input_ids"])
+        n = len(batch["labels"])
         return n, 0, n
 
     def train_metrics(self, loss_sum, count, correct):

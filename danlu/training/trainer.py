@@ -144,7 +144,7 @@ class Trainer:
                 self._call(callbacks, "on_epoch_begin")
                 for batch in _batches(train, cfg, self.seed, state.epoch, state.batch, regression):
                     stepping = (state.batch + 1) % cfg.grad_accum == 0 or state.batch + 1 == self.epoch_batches
-                    state.add(*self.train_step(batch, stepping), seq_len=batch["input_ids"].shape[-1])
+                    state.add(*self.train_step(batch, stepping), seq_len=_seq_len(batch))
                     self._call(callbacks, "on_batch_end", state)
                     if not stepping:
                         continue
@@ -333,3 +333,8 @@ def _batches(data, cfg, seed, epoch, skip, regression):
 
 def _num_batches(data, batch_size):
     return data.num_batches(batch_size) if hasattr(data, "num_batches") else num_batches(data, batch_size)
+
+
+def _seq_len(batch):
+    """Tokens per row of a text batch (for FLOPs per token); images have no sequence."""
+    return batch["input_ids"].shape[-1] if "input_ids" in batch else 1

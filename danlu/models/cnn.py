@@ -1,0 +1,139 @@
+"""Convolutional image classifier: the guide's conv -> pool -> dense, and a small ResNet (He et al. 2016).
+
+Two kinds of stage, chosen by `blocks`:
+  - blocks 0 (plain): per width, conv -> ReLU -> 2x2 max-pool; then flatten -> dense -> head, as the
+    guide's Keras CNN (Conv2D, MaxPooling2D, Flatten, Dense).
+  - blocks N (residual): a 3x3 stem, then per width N basic blocks (conv-BN-ReLU-conv-BN + shortcut,
+    He et al. 2016, §3.3 and Fig. 2); every stage after the first halves height and width with a stride-2
+    first block and a 1x1 projection shortcut. Global average pooling -> head, so any image size works.
+
+Takes `pixel_values` (B, C, H, W), normalised, and returns logits (B, num_classes).
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from danlu.registry import ConfigError
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    kind: str = "cnn"
+    size: str = ""
+    """A preset of SIZE_PRESETS (guide, small, base) under the keys given explicitly; empty: none."""
+    channels: tuple[int, ...] = (32, 64)
+    """Width of each stage; in residual stages every stage after the first halves height and width."""
+    blocks: int = 1
+    """Residual blocks per stage; 0: plain stages conv -> ReLU -> max-pool (the guide's CNN)."""
+    kernel_size: int = 3
+    downsample: int = 0
+    """Residual stacks: a patchify stem (a convolution with kernel = stride = this factor, as ConvNeXt's,
+    Liu et al. 2022) shrinks the image before the stages; 1: none (a 3x3 stem at full size); 0: the largest
+    power of 2 that leaves the shorter side at least 12 pixels (8x8 digits: 1, 28x28: 2, 64x64: 4)."""
+    norm: str = "batch"
+    """batch (batch normalisation, Ioffe & Szegedy 2015, after each convolution) or none."""
+    pooling: str = "avg"
+    """avg (global average pooling: any image size) or flatten (every position's features into the dense layer)."""
+    hidden_dim: int = 0
+    """A dense ReLU layer between the pooled features and the head (0: none)."""
+    dropout: float = 0.0
+    """Dropout before the head (and after the hidden layer)."""
+
+    def __post_init__(self):
+        if not self.channels or any(int(c) < 1 for c in self.channels):
+            raise ConfigError(f"model.channels: expected positive stage widths, got {list(self.channels)}")
+        for key, allowed in (("norm", ("batch", "none")), ("pooling", ("avg", "flatten"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
+                                  + ", ".join(allowed))
+        if self.downsample < 0:
+            raise ConfigError(f"model.downsample: expected 0 (from the image size) or a factor of 1 or more, got {self.downsample}")
+        if self.blocks < 0 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"model.blocks must be 0 or more and model.kernel_size odd and positive; got "
+                              f"{self.blocks} and {self.kernel_size}")
+
+
+# model.size: presets are data (under the keys a config gives explicitly)
+SIZE_PRESETS = {
+    "guide": {"channels": (32,), "blocks": 0, "norm": "none", "pooling": "flatten", "hidden_dim": 128},
+    "small": {"channels": (32, 64), "blocks": 1},
+    "base": {"channels": (64, 128, 256), "blocks": 2},
+}
+
+
+def conv_norm(in_ch, out_ch, kernel_size, stride, norm):
+    """A convolution (no bias when a norm follows) and its norm."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=norm == "none")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_ch) if norm == "batch" else nn.Identity())
+
+
+def stem_factor(height, width, smallest=12):
+    """The largest power of 2 that leaves the shorter side at least `smallest` pixels (1 for small images)."""
+    factor = 1
+    while min(height, width) // (factor * 2) >= smallest:
+        factor *= 2
+    return factor
+
+
+class BasicBlock(nn.Module):
+    """relu(x + F(x)) with F = conv-norm-ReLU-conv-norm (He et al. 2016, Fig. 2)."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride, norm):
+        super().__init__()
+        self.conv1 = conv_norm(in_ch, out_ch, kernel_size, stride, norm)
+        self.conv2 = conv_norm(out_ch, out_ch, kernel_size, 1, norm)
+        # option B of the paper: a 1x1 projection where the shape changes, identity elsewhere
+        self.shortcut = conv_norm(in_ch, out_ch, 1, stride, norm) if stride != 1 or in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))  # (B, out, H / stride, W / stride)
+        return torch.relu(self.conv2(h) + self.shortcut(x))
+
+
+class CNN(nn.Module):
+    def __init__(self, config: CNNConfig, spec):
+        super().__init__()
+        self.config = config
+        if not spec.channels or len(spec.image_size) != 2:
+            raise ConfigError(f"model.kind {config.kind} classifies images; the data gives no image shape "
+                              f"(a text dataset?)")
+        widths, k, norm = [int(c) for c in config.channels], config.kernel_size, config.norm
+        H, W = spec.image_size
+        self.image_shape = (spec.channels, H, W)  # one input image (C, H, W)
+        layers = []
+        if config.blocks == 0:
+            in_ch = spec.channels
+            for width in widths:
+                layers += [conv_norm(in_ch, width, k, 1, norm), nn.ReLU()]
+                if min(H, W) >= 2:  # a 1-pixel map is not pooled further
+                    layers.append(nn.MaxPool2d(2))
+                    H, W = H // 2, W // 2
+                in_ch = width
+        else:
+            factor = config.downsample or stem_factor(H, W)
+            if factor > 1:  # patchify: each factor x factor patch -> one position
+                stem = nn.Conv2d(spec.channels, widths[0], factor, factor, bias=norm == "none")
+                layers += [nn.Sequential(stem, nn.BatchNorm2d(widths[0]) if norm == "batch" else nn.Identity()), nn.ReLU()]
+                H, W = H // factor, W // factor
+            else:
+                layers += [conv_norm(spec.channels, widths[0], k, 1, norm), nn.ReLU()]  # the stem
+            in_ch = widths[0]
+            for s, width in enumerate(widths):
+                for b in range(config.blocks):
+                    stride = 2 if s > 0 and b == 0 and min(H, W) >= 2 else 1
+                    layers.append(BasicBlock(in_ch, width, k, stride, norm))
+                    H, W = -(-H // stride), -(-W // stride)
+                    in_ch = width
+        self.features = nn.Sequential(*layers)
+        features = in_ch * H * W if config.pooling == "flatten" else in_ch
+        self.hidden = nn.Linear(features, config.hidden_dim) if config.hidden_dim else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_dim or features, max(spec.num_classes, 1))
+
+    def forward(self, pixel_values):
+        x = self.features(pixel_values)  # (B, C', H', W')
+        x = x.flatten(1) if self.config.pooling == "flatten" else x.mean((2, 3))  # (B, C' H' W') or (B, C')
+        if self.hidden is not None:
+            x = self.dropout(torch.relu(self.hidden(x)))  # (B, hidden_dim)
+        return self.head(self.dropout(x))  # (B, num_classes)
