@@ -52,7 +52,8 @@ def cmd_predict(args):
 
     run = load_run(args.run, device=args.device)
     from danlu.jobs.images import predict_images
-    from danlu.runs.image import ImageRun, refuse_images_for_text_run
+    from danlu.data.images import refuse_images_for_text_run
+    from danlu.runs.image import ImageRun
 
     if isinstance(run, ImageRun):  # image files, or --file: a list of paths, a table or a folder
         return predict_images(run, args.texts, args.file, args.out, args.top_k)

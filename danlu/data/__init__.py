@@ -112,7 +112,7 @@ def read_splits(cfg, seed, numeric=False):
     return splits
 
 
-def _split_indices(n, origins, seed, val_fraction, test_fraction):
+def split_indices(n, origins, seed, val_fraction, test_fraction):
     """{split name: example indices}: a seeded shuffle cut into test, validation and training parts
     (a part with a fraction of 0 is left out)."""
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
@@ -126,7 +126,7 @@ def _split_indices(n, origins, seed, val_fraction, test_fraction):
 
 def _split(ex, seed, val_fraction, test_fraction):
     out = {}
-    for name, idx in _split_indices(len(ex.texts), ex.origins, seed, val_fraction, test_fraction).items():
+    for name, idx in split_indices(len(ex.texts), ex.origins, seed, val_fraction, test_fraction).items():
         out[name] = Examples([ex.texts[i] for i in idx], [ex.labels[i] for i in idx], [ex.origins[i] for i in idx],
                              ex.skipped if name == "train" else 0)
     return out

@@ -95,14 +95,14 @@ class ImageDataset:
 
 def build_image_data(cfg, seed=0) -> ImageBundle:
     """Read the splits, fit the preprocessing on the training split, decode every split once."""
-    from danlu.data import _label_set
+    from danlu.data import label_set
 
     splits = read_image_splits(cfg, seed)
     if cfg.limit:
         splits = {k: ImageExamples(v.sources[: cfg.limit], v.labels[: cfg.limit], v.origins[: cfg.limit], v.skipped,
                                    v.largest_pixel) for k, v in splits.items()}
     train = splits["train"]
-    labels = _label_set(train.labels)
+    labels = label_set(train.labels)
     preprocess = ImagePreprocess.from_config(cfg.image)
     shapes = [s for s in (source_shape(src, o) for src, o in zip(train.sources, train.origins)) if s]
     preprocess.fit([s for s, _ in shapes], [c for _, c in shapes], train.largest_pixel)
@@ -163,7 +163,7 @@ def encode_images(examples, preprocess, labels, on_bad_rows="error", augment=Fal
 
 
 def read_image_splits(cfg, seed):
-    from danlu.data import _split_indices
+    from danlu.data import split_indices
 
     if cfg.train in IMAGE_DATASETS and not os.path.exists(cfg.train):
         splits = IMAGE_DATASETS[cfg.train]()
@@ -172,7 +172,7 @@ def read_image_splits(cfg, seed):
         splits = {"train": train}
         missing = [name for name in ("val", "test") if not getattr(cfg, name)]
         if missing:
-            parts = _split_indices(len(train.sources), train.origins, seed, cfg.val_fraction if "val" in missing else 0.0,
+            parts = split_indices(len(train.sources), train.origins, seed, cfg.val_fraction if "val" in missing else 0.0,
                                    cfg.test_fraction if "test" in missing else 0.0)
             for name, idx in parts.items():
                 splits[name] = ImageExamples([train.sources[i] for i in idx], [train.labels[i] for i in idx],
@@ -408,3 +408,23 @@ def digits():
 
 # name -> function returning {"train": ImageExamples, "val": ImageExamples, "test": ImageExamples}
 IMAGE_DATASETS = {"digits": digits}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def looks_like_image_file(text):
+    return isinstance(text, str) and text.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(text)
+
+
+def refuse_images_for_text_run(run, items):
+    """A text run given image files (or bytes): a clear error instead of classifying a file name as text."""
+    images = [x for x in items if not isinstance(x, str) or looks_like_image_file(x)]
+    if images:
+        first = images[0] if isinstance(images[0], str) else "image data"
+        raise DataError(f"{run.path} classifies text (model.kind {run.cfg.model.kind}); {first} is an image. "
+                        f"Images need an image run (model.kind cnn or vit)")
+
+
+def clip_text(text, limit=60):
+    return text if len(text) <= limit else text[: limit - 1] + "…"

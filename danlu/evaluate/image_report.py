@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from danlu.evaluate.report import (_curves_section, _metric_figures, _metrics_section, _plot, _read_history,
-                                   _timing_section, _write)
+from danlu.evaluate.report import (curves_section, metric_figures, metrics_section, plot, read_history,
+                                   timing_section, write_blocks)
 
 TOP_MISTAKES = 16
 PER_CLASS = 6
@@ -90,7 +90,7 @@ def image_sections(predictions, pixels, labels, plots_dir, split, origins=()):
 def plot_image_grid(pixels, captions, path, columns=8):
     """uint8 images (N, C, H, W) in a grid with a caption under each -> the PNG's path."""
     from danlu.evaluate.fonts import new_figure, plot_style
-    from danlu.evaluate.plots import _save
+    from danlu.evaluate.plots import save_figure
 
     n = len(pixels)
     columns = max(1, min(columns, n))
@@ -108,7 +108,7 @@ def plot_image_grid(pixels, captions, path, columns=8):
             else:
                 ax.imshow(image, interpolation="nearest")
             ax.set_title(captions[k], fontsize=8)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def write_image_run_report(run, data, history, predictions, eval_seconds):
@@ -117,38 +117,38 @@ def write_image_run_report(run, data, history, predictions, eval_seconds):
     rows = list(history)
     test = run.metrics["test"]
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
-    figures = {"curves": _plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
-    figures.update(_metric_figures(test, plots, "test"))
+    figures = {"curves": plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
+    figures.update(metric_figures(test, plots, "test"))
     blocks = [("h1", f"Run report: {os.path.basename(os.path.normpath(run.path))}"),
               ("p", f"Run directory `{run.path}`; written {time.strftime('%Y-%m-%d %H:%M')}.")]
     blocks += _config_blocks(run)
     blocks += _data_blocks(run, {"train": data.train, "val": data.val, "test": data.test}, data.skipped)
-    blocks += _curves_section(rows, figures["curves"])
-    blocks += _metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, False)
+    blocks += curves_section(rows, figures["curves"])
+    blocks += metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, False)
     blocks += image_sections(predictions, data.test.pixels, run.labels, plots, "test", data.test.origins)[0]
-    blocks += _timing_section(run, rows, eval_seconds, len(data.test))
-    return _write(blocks, run.path)
+    blocks += timing_section(run, rows, eval_seconds, len(data.test))
+    return write_blocks(blocks, run.path)
 
 
 def write_image_eval_report(run, data_path, metrics, out_dir, dataset, examples, predictions, eval_seconds):
     """The report of an image run evaluated on a labelled folder or table (`dataset`, read from `examples`),
     into `out_dir`; `predictions` were gathered while `metrics` were computed."""
     plots = os.path.join(out_dir, "plots")
-    rows = _read_history(run.path)
+    rows = read_history(run.path)
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
-    figures = {"curves": _plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
+    figures = {"curves": plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
     name = os.path.basename(os.path.normpath(data_path))
-    figures.update(_metric_figures(metrics, plots, name))
+    figures.update(metric_figures(metrics, plots, name))
     blocks = [("h1", f"Evaluation report: {os.path.basename(os.path.normpath(run.path))} on {name}"),
               ("p", f"Run `{run.path}` evaluated on `{os.path.abspath(data_path)}`; written "
                     f"{time.strftime('%Y-%m-%d %H:%M')}.")]
     blocks += _config_blocks(run)
     blocks += _data_blocks(run, {"evaluated": dataset}, examples.skipped)
-    blocks += _curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
-    blocks += _metrics_section({name: metrics}, figures, False)
+    blocks += curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
+    blocks += metrics_section({name: metrics}, figures, False)
     blocks += image_sections(predictions, dataset.pixels, run.labels, plots, name, dataset.origins)[0]
-    blocks += _timing_section(run, rows, eval_seconds, len(dataset))
-    return _write(blocks, out_dir)
+    blocks += timing_section(run, rows, eval_seconds, len(dataset))
+    return write_blocks(blocks, out_dir)
 
 
 def _config_blocks(run):

@@ -37,7 +37,7 @@ def plot_curves(rows, path, best=None):
             ax.xaxis.get_major_locator().set_params(integer=True)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def score_key(rows):
@@ -83,7 +83,7 @@ def plot_confusion(matrix, labels, path, title="confusion matrix"):
                     text = f"{cm[i, j]}\n{share[i, j]:.0%}" if n <= 8 else str(cm[i, j])
                     ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
                             color="white" if share[i, j] > 0.5 else "black")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_per_class(per_class, path, key="f1"):
@@ -100,7 +100,7 @@ def plot_per_class(per_class, path, key="f1"):
         ax.invert_yaxis()
         for bar, v in zip(bars, values):
             ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{v:.3f}", va="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_lengths(lengths, path, max_length=0, unit="characters"):
@@ -122,7 +122,7 @@ def plot_lengths(lengths, path, max_length=0, unit="characters"):
         ax.set(xlabel=f"{unit} per text (longer ones in the last bin)", ylabel="share of texts", title="text lengths",
                xlim=(0, top))
         ax.legend()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_compare(histories, path):
@@ -144,7 +144,7 @@ def plot_compare(histories, path):
             ax.xaxis.get_major_locator().set_params(integer=True)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def _series(ax, x, rows, key, label, color):
@@ -156,7 +156,7 @@ def _series(ax, x, rows, key, label, color):
     return line
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.png"
@@ -181,5 +181,5 @@ def plot_step_curves(rows, plots_dir):
             ax.set(xlabel="optimizer step", ylabel=key, title=f"{key} (per {'token' if not log else 'token, exp of loss'})")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-            out.append((key, _save(fig, os.path.join(plots_dir, f"{key}.png"))))
+            out.append((key, save_figure(fig, os.path.join(plots_dir, f"{key}.png"))))
     return out

@@ -94,7 +94,7 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
     and mistakes. `mistakes` (filled while the test metrics were computed) spares a second pass."""
     rows = list(history)
     if TASKS[run.cfg.task].language_model:
-        return _write(_language_model_blocks(run, data, rows, command), run.path)
+        return write_blocks(_language_model_blocks(run, data, rows, command), run.path)
     plots = os.path.join(run.path, "plots")
     regression = run.cfg.task == "regression"
     test = run.metrics.get("test")
@@ -104,21 +104,21 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
         test = trainer.evaluate(data.test, on_batch=mistakes.update)
         eval_seconds = time.perf_counter() - started
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
-    figures = {"curves": _plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
+    figures = {"curves": plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
     lengths = {name: [len(t) for t in ex.texts] for name, ex in data.examples.items()}
-    figures["lengths"] = _plot("plot_lengths", lengths, os.path.join(plots, "text_lengths.png"), _char_limit(run))
-    figures.update(_metric_figures(test, plots, "test"))
+    figures["lengths"] = plot("plot_lengths", lengths, os.path.join(plots, "text_lengths.png"), _char_limit(run))
+    figures.update(metric_figures(test, plots, "test"))
     blocks = [("h1", f"Run report: {os.path.basename(os.path.normpath(run.path))}"),
               ("p", f"Run directory `{run.path}`; written {time.strftime('%Y-%m-%d %H:%M')}.")]
     blocks += [("code", command)] if command else []
     blocks += _config_section(run)
     blocks += _data_section(run, data.examples, {"train": data.train, "val": data.val, "test": data.test},
                             figures["lengths"], data.skipped)
-    blocks += _curves_section(rows, figures["curves"])
-    blocks += _metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, regression)
+    blocks += curves_section(rows, figures["curves"])
+    blocks += metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, regression)
     blocks += _mistakes_section(mistakes, data.examples["test"].texts, run.labels, regression, "test")
-    blocks += _timing_section(run, rows, eval_seconds, len(data.test))
-    return _write(blocks, run.path)
+    blocks += timing_section(run, rows, eval_seconds, len(data.test))
+    return write_blocks(blocks, run.path)
 
 
 def write_eval_report(run, data_path, metrics, out_dir, examples, dataset, mistakes, eval_seconds):
@@ -126,23 +126,23 @@ def write_eval_report(run, data_path, metrics, out_dir, examples, dataset, mista
     (RUN/eval/<file stem>/); `mistakes` were gathered while `metrics` were computed."""
     regression = run.cfg.task == "regression"
     plots = os.path.join(out_dir, "plots")
-    rows = _read_history(run.path)
+    rows = read_history(run.path)
     best = run.metrics.get("best_epoch") if run.cfg.train.restore_best else None
-    figures = {"curves": _plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
-    figures["lengths"] = _plot("plot_lengths", {"evaluated": [len(t) for t in examples.texts]},
+    figures = {"curves": plot("plot_curves", rows, os.path.join(plots, "curves.png"), best) if rows else None}
+    figures["lengths"] = plot("plot_lengths", {"evaluated": [len(t) for t in examples.texts]},
                                os.path.join(plots, "text_lengths.png"), _char_limit(run))
     name = os.path.basename(os.path.normpath(data_path))
-    figures.update(_metric_figures(metrics, plots, name))
+    figures.update(metric_figures(metrics, plots, name))
     blocks = [("h1", f"Evaluation report: {os.path.basename(os.path.normpath(run.path))} on {name}"),
               ("p", (f"Run `{run.path}` evaluated on `{os.path.abspath(data_path)}`; written "
                      f"{time.strftime('%Y-%m-%d %H:%M')}."))]
     blocks += _config_section(run)
     blocks += _data_section(run, {"evaluated": examples}, {"evaluated": dataset}, figures["lengths"], examples.skipped)
-    blocks += _curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
-    blocks += _metrics_section({name: metrics}, figures, regression)
+    blocks += curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
+    blocks += metrics_section({name: metrics}, figures, regression)
     blocks += _mistakes_section(mistakes, examples.texts, run.labels, regression, name)
-    blocks += _timing_section(run, rows, eval_seconds, len(dataset))
-    return _write(blocks, out_dir)
+    blocks += timing_section(run, rows, eval_seconds, len(dataset))
+    return write_blocks(blocks, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,13 +197,13 @@ def _data_section(run, examples, datasets, length_figure, skipped=0):
     return blocks
 
 
-def _curves_section(rows, figure, note=""):
+def curves_section(rows, figure, note=""):
     if not rows:
         return [("h2", "Training curves"), ("p", "No training history was found.")]
     return [("h2", "Training curves"), *([("p", note)] if note else []), ("image", figure, "Loss and score per epoch")]
 
 
-def _metrics_section(named_metrics, figures, regression):
+def metrics_section(named_metrics, figures, regression):
     named_metrics = {k: v for k, v in named_metrics.items() if v}
     blocks = [("h2", "Metrics")]
     names = list(named_metrics)
@@ -253,7 +253,7 @@ def _mistakes_section(mistakes, texts, labels, regression, split):
     return [("h2", title), ("p", "" if regression else note), ("table", header, rows)]
 
 
-def _timing_section(run, rows, eval_seconds, eval_count):
+def timing_section(run, rows, eval_seconds, eval_count):
     params = sum(p.numel() for p in run.model.parameters())
     in_memory = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
     weights = os.path.join(run.path, "model.safetensors")
@@ -285,7 +285,7 @@ SAMPLE_PROMPTS = 4
 
 def _language_model_blocks(run, corpus, rows, command, max_new_tokens=120):
     cfg, metrics = run.cfg, run.metrics
-    figures = _plot("plot_step_curves", rows, os.path.join(run.path, "plots"))
+    figures = plot("plot_step_curves", rows, os.path.join(run.path, "plots"))
     blocks = [("h1", f"{'Pretraining' if 'corpus' in metrics else 'Fine-tuning'} report: "
                      f"{os.path.basename(os.path.normpath(run.path))}")]
     blocks += [("code", command)] if command else []
@@ -375,7 +375,7 @@ def _md_escape(text):
 # rendering
 
 
-def _write(blocks, out_dir):
+def write_blocks(blocks, out_dir):
     """report.md (images linked) and report.html (images inlined); returns the markdown path."""
     md = os.path.join(out_dir, "report.md")
     atomic_write_text(md, to_markdown(blocks, out_dir))
@@ -457,19 +457,19 @@ def _md_cell(text):
 # helpers
 
 
-def _plot(name, *args):
+def plot(name, *args):
     from danlu.evaluate import plots
 
     return getattr(plots, name)(*args)
 
 
-def _metric_figures(metrics, plots_dir, name):
+def metric_figures(metrics, plots_dir, name):
     if "confusion_matrix" not in metrics:
         return {}
     return {
-        "confusion": _plot("plot_confusion", metrics["confusion_matrix"], metrics["labels"],
+        "confusion": plot("plot_confusion", metrics["confusion_matrix"], metrics["labels"],
                            os.path.join(plots_dir, "confusion_matrix.png"), f"confusion matrix ({name})"),
-        "per_class": _plot("plot_per_class", metrics["per_class"], os.path.join(plots_dir, "per_class_f1.png")),
+        "per_class": plot("plot_per_class", metrics["per_class"], os.path.join(plots_dir, "per_class_f1.png")),
     }
 
 
@@ -479,7 +479,7 @@ def _char_limit(run):
     return tokenizer.max_length if tokenizer.kind == "char" else 0
 
 
-def _read_history(run_dir):
+def read_history(run_dir):
     path = os.path.join(run_dir, "history.jsonl")
     if not os.path.exists(path):
         return []

@@ -20,7 +20,7 @@ import torch
 
 from danlu import config as config_mod
 from danlu.data.image_transforms import ImagePreprocess
-from danlu.data.images import encode_images, image_spec, read_images
+from danlu.data.images import clip_text, encode_images, image_spec, looks_like_image_file, read_images
 from danlu.data.sources import DataError
 from danlu.files import load_tensors, load_weights, read_json
 from danlu.models import build_model
@@ -29,16 +29,9 @@ from danlu.runs import layout
 from danlu.runs.compressed import load_compressed, read_record
 from danlu.runs.run import Run
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
 def is_image_run(path):
     """Whether a run directory holds an image classifier (it has preprocess.json)."""
     return os.path.exists(os.path.join(os.fspath(path), layout.PREPROCESS))
-
-
-def looks_like_image_file(text):
-    return isinstance(text, str) and text.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(text)
 
 
 class ImageRun(Run):
@@ -58,7 +51,7 @@ class ImageRun(Run):
         arrays = []
         for i, image in enumerate(images):
             if isinstance(image, str) and not os.path.exists(image) and not looks_like_image_file(image):
-                raise DataError(f"{self.path} classifies images (model.kind {self.cfg.model.kind}); {_clip(image)!r} "
+                raise DataError(f"{self.path} classifies images (model.kind {self.cfg.model.kind}); {clip_text(image)!r} "
                                 f"is not an image file. Give image files (PNG, JPEG, BMP, GIF ...)")
             where = image if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"
             arrays.append(torch.from_numpy(self.preprocess.decode(image, where)))
@@ -121,16 +114,3 @@ def load_image_run(path, device="cpu") -> ImageRun:
     metrics_file = os.path.join(path, "metrics.json")
     metrics = read_json(metrics_file) if os.path.exists(metrics_file) else {}
     return ImageRun(path, cfg, model, preprocess, labels, metrics)
-
-
-def refuse_images_for_text_run(run, items):
-    """A text run given image files (or bytes): a clear error instead of classifying a file name as text."""
-    images = [x for x in items if not isinstance(x, str) or looks_like_image_file(x)]
-    if images:
-        first = images[0] if isinstance(images[0], str) else "image data"
-        raise DataError(f"{run.path} classifies text (model.kind {run.cfg.model.kind}); {first} is an image. "
-                        f"Images need an image run (model.kind cnn or vit)")
-
-
-def _clip(text, limit=60):
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -52,7 +52,7 @@ class Run:
     def dataset(self, texts, labels=None):
         """Texts (and labels) encoded with the run's own tokenizer and label map."""
         if not all(isinstance(t, str) for t in texts):  # bytes, PIL images, arrays: images, not texts
-            from danlu.runs.image import refuse_images_for_text_run
+            from danlu.data.images import refuse_images_for_text_run
 
             refuse_images_for_text_run(self, texts)
         labels = list(labels) if labels is not None else [None] * len(texts)

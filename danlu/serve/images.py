@@ -97,7 +97,7 @@ class ImageUploadMiddleware:
         content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
         if content_type.split(b";")[0].strip().lower() != b"multipart/form-data":
             return await self.app(scope, receive, send)
-        from danlu.serve.middleware import _send_json, error_body
+        from danlu.serve.middleware import send_json, error_body
 
         message = await receive()  # the guard has read the whole body (and answered 413 past the limit)
         try:
@@ -110,9 +110,9 @@ class ImageUploadMiddleware:
                                          model=fields.get("model"), top_k=int(top_k) if top_k else None)
             payload = await self.answer(request)
         except self.api_error as e:
-            return await _send_json(send, e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
+            return await send_json(send, e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
         except ValueError as e:  # a malformed form field (top_k)
-            return await _send_json(send, 400, error_body(f"invalid form field: {e}", code="invalid_request"))
+            return await send_json(send, 400, error_body(f"invalid form field: {e}", code="invalid_request"))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})

@@ -20,7 +20,7 @@ def error_body(message, type="invalid_request_error", param=None, code=None):
 
 
 
-async def _send_json(send, status, body, headers=None):
+async def send_json(send, status, body, headers=None):
     payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # as Starlette's JSONResponse
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -45,22 +45,22 @@ class GuardMiddleware:
             host = headers.get("host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name not in self.options.allowed_hosts:
-                return await _send_json(send, 400, error_body("unknown Host header", code="invalid_host"))
+                return await send_json(send, 400, error_body("unknown Host header", code="invalid_host"))
         if self.key is not None and scope["path"].startswith("/v1"):
             given = headers.get("authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 message = "missing API key: send Authorization: Bearer KEY" if not given else "invalid API key"
-                return await _send_json(send, 401, error_body(message, "authentication_error", code="invalid_api_key"),
+                return await send_json(send, 401, error_body(message, "authentication_error", code="invalid_api_key"),
                                         {"WWW-Authenticate": "Bearer"})
         if scope["method"] in ("POST", "PUT", "PATCH"):
             limit = self.options.max_body_bytes
             try:
                 declared = int(headers.get("content-length", b"0") or 0)
             except ValueError:
-                return await _send_json(send, 400, error_body("invalid Content-Length", code="invalid_header"))
+                return await send_json(send, 400, error_body("invalid Content-Length", code="invalid_header"))
             if declared > limit:
-                return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes",
+                return await send_json(send, 413, error_body(f"request body larger than {limit} bytes",
                                                               code="body_too_large"))
             body, more = [], True
             size = 0
@@ -72,7 +72,7 @@ class GuardMiddleware:
                 size += len(body[-1])
                 more = message.get("more_body", False)
                 if size > limit:
-                    return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes",
+                    return await send_json(send, 413, error_body(f"request body larger than {limit} bytes",
                                                                   code="body_too_large"))
             receive = _replay(b"".join(body), receive)
         return await self.app(scope, receive, send)
@@ -157,10 +157,10 @@ class LeanPredictMiddleware:
         try:
             payload = await self.answer(request)
         except self.api_error as e:
-            return await _send_json(send, e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
+            return await send_json(send, e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
         except Exception:  # as the app's handler: logged here, a generic 500 for the client
             log.exception("internal error on POST /v1/predict")
-            return await _send_json(send, 500, error_body("internal server error; the server log has the details",
+            return await send_json(send, 500, error_body("internal server error; the server log has the details",
                                                           "server_error", code="internal_error"), {"Connection": "close"})
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
