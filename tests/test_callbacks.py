@@ -9,7 +9,7 @@ from danlu.config import DataConfig, EarlyStopping, TokenizerConfig, TrainConfig
 from danlu.registry import ConfigError
 from danlu.training import allocator
 from danlu.training.callbacks import Callback
-from danlu.training.tasks import ALL_TASKS, CausalLMTask, ClassificationTask, RegressionTask
+from danlu.training.tasks import TASKS, CausalLMTask, ClassificationTask, RegressionTask
 from danlu.training.trainer import LoopState, Trainer
 
 from test_flops import Windows, tiny_gpt
@@ -78,7 +78,7 @@ def test_each_task_declares_which_way_its_metrics_are_better():
     assert RegressionTask().monitors() == {"val_loss": False, "val_r2": True, "val_mae": False, "train_loss": False}
     assert CausalLMTask().monitors() == {"val_loss": False, "val_perplexity": False, "val_accuracy": True,
                                          "train_loss": False, "train_perplexity": False, "train_accuracy": True}
-    for name, task in ALL_TASKS.items():  # every train_ column the loop writes has a declared direction
+    for name, task in TASKS.items():  # every train_ column the loop writes has a declared direction
         assert set(task(("a", "b")).train_metrics(1.0, 2, 1)) <= set(task(("a", "b")).monitors()), name
 
 
