@@ -35,7 +35,8 @@ def cmd_evaluate(args):
     from danlu.training.tasks import LM_TASKS
 
     run = load_run(args.run, device=args.device)
-    overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v}
+    overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column),
+                                   ("source_column", args.source_column), ("target_column", args.target_column)) if v}
     metrics = run.evaluate(args.data, **overrides)
     out_dir = os.path.join(run.path, "eval", _stem(args.data))
     os.makedirs(out_dir, exist_ok=True)
@@ -44,7 +45,11 @@ def cmd_evaluate(args):
         from danlu.evaluate.report import write_eval_report
     except ImportError:
         write_eval_report = None
-    if write_eval_report is not None and run.cfg.task not in LM_TASKS:  # a language model: metrics.json only
+    if run.cfg.task == "seq2seq":  # scores beside the baselines, example tables
+        from danlu.seq2seq_job import write_report
+
+        write_report(run, run.last_examples, [], out_dir, {_stem(args.data): metrics}, split=_stem(args.data))
+    elif write_eval_report is not None and run.cfg.task not in LM_TASKS:  # a language model: metrics.json only
         write_eval_report(run, args.data, metrics, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
     print(f"written to {out_dir}")
@@ -58,6 +63,11 @@ def cmd_predict(args):
         return _predict_file(run, args)
     if not args.texts:
         raise ConfigError("predict: give texts to classify, or --file FILE (CSV / TSV / JSONL with a text column)")
+    if run.cfg.task == "seq2seq":  # generated text, one line per source
+        options = {"beam_size": args.beam_size} if args.beam_size else {}
+        for result in run.predict(args.texts, **options):
+            print(result["text"])
+        return
     for text, result in zip(args.texts, run.predict(args.texts, top_k=args.top_k)):
         if "value" in result:
             print(f"{result['value']:.4f}\t{text}")
@@ -215,6 +225,9 @@ def cmd_chat(args):
 def _metrics_line(name, m):
     keys = [k for k in ("accuracy", "loss", "mse", "mae", "r2", "perplexity") if k in m]
     parts = [f"{k} {m[k]:.4f}" for k in keys]
+    parts += [f"{k} {m[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL") if k in m]  # seq2seq
+    if "bleu" in (m.get("baselines") or {}).get("copy_source", {}):
+        parts.append(f"(copy-the-source bleu {m['baselines']['copy_source']['bleu']:.2f})")
     if "macro" in m:
         parts.append(f"macro_f1 {m['macro']['f1']:.4f}")
     unit = "tokens" if "perplexity" in m else "examples"  # a language model counts predicted tokens
@@ -288,6 +301,8 @@ def _evaluate_args(p):
     p.add_argument("--data", required=True, help="labelled CSV / TSV / JSONL file or class folder")
     p.add_argument("--text-column", help="text column (default: the run's data.text_column)")
     p.add_argument("--label-column", help="label column (default: the run's data.label_column)")
+    p.add_argument("--source-column", help="seq2seq: source column (default: the run's data.source_column)")
+    p.add_argument("--target-column", help="seq2seq: target column (default: the run's data.target_column)")
 
 
 def _predict_args(p):
@@ -297,6 +312,7 @@ def _predict_args(p):
     p.add_argument("--out", help="write JSON lines here (default: print them)")
     p.add_argument("--text-column", help="text column of --file (default: the run's data.text_column)")
     p.add_argument("--top-k", type=int, default=None, help="list only the k most probable labels")
+    p.add_argument("--beam-size", type=int, default=None, help="seq2seq: beam size (default: the run's seq2seq.beam_size)")
 
 
 def _compare_args(p):

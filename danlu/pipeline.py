@@ -54,6 +54,10 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
         from danlu.registry import ConfigError
 
         raise ConfigError(f"task: {cfg.task!r} runs with `danlu pretrain`; `danlu train` takes: {', '.join(TASKS)}")
+    if cfg.task == "seq2seq":  # text to text: pairs, two-sided tokenizers, decoding and BLEU (danlu.seq2seq_job)
+        from danlu.seq2seq_job import train_seq2seq
+
+        return train_seq2seq(cfg, resume=resume, overwrite=overwrite, loggers=_loggers(cfg, loggers))
     main = dist.is_main()  # only rank 0 logs and writes the run directory
     run_dir = prepare_run_dir(cfg.run.dir, overwrite=overwrite, resume=resume) if main else cfg.run.dir
     seed_everything(cfg.run.seed)

@@ -165,6 +165,10 @@ def load_run(path, device="cpu") -> Run:
                               (f" (an interrupted run resumes with: danlu {'pretrain' if _is_lm(path) else 'train'} RUN --resume)"
                                if name == "model.safetensors" else ""))
     cfg = config_mod.load(os.path.join(path, "config.yaml"))
+    if cfg.task == "seq2seq":  # text to text: its own run class (target tokenizer, decoding)
+        from danlu.seq2seq_job import load_seq2seq_run
+
+        return load_seq2seq_run(path, cfg, device)
     tokenizer = TextTokenizer.load(os.path.join(path, "tokenizer.json"))
     labels_file = os.path.join(path, "labels.json")
     labels = read_json(labels_file) if os.path.exists(labels_file) else []

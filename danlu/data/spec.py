@@ -12,3 +12,4 @@ class DataSpec:
     mask_id: int | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    target_vocab_size: int = 0  # seq2seq with a target tokenizer of its own (0: the one vocabulary)

@@ -7,6 +7,7 @@ from danlu.models.bert import BERT, BERTConfig
 from danlu.models.gpt import GPT, GPTConfig
 from danlu.models.lstm import LSTMClassifier, LSTMConfig
 from danlu.models.mlp import MLPClassifier, MLPConfig
+from danlu.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
 from danlu.registry import resolve
@@ -18,6 +19,7 @@ MODELS = {
     "transformer": (TransformerConfig, TransformerClassifier),
     "gpt": (GPTConfig, GPT),
     "bert": (BERTConfig, BERT),
+    "seq2seq": (Seq2SeqConfig, Seq2Seq),
 }
 
 

@@ -228,7 +228,34 @@ class MaskedLMTask(_LanguageModelTask):
         return loss, logits
 
 
-TASKS = {"classification": ClassificationTask, "regression": RegressionTask}
+# ---------------------------------------------------------------------------------------------
+# text to text
+
+
+class Seq2SeqTask(_LanguageModelTask):
+    """Cross-entropy of the target tokens (labels: target + EOS, IGNORE on padding) given the source and the
+    target prefix, with label smoothing (Szegedy et al. 2016) in training; evaluation reports the plain
+    cross-entropy, perplexity and token accuracy (BLEU and ROUGE need decoding: danlu.seq2seq_job)."""
+
+    name = "seq2seq"
+
+    def __init__(self, labels=(), label_smoothing=0.0):
+        super().__init__(labels)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, V)
+        smoothing = self.label_smoothing if torch.is_grad_enabled() else 0.0
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                               label_smoothing=smoothing)
+        return loss, logits
+
+    def counts(self, outputs, batch):
+        count, correct, _ = super().counts(outputs, batch)
+        return count, correct, batch["attention_mask"].sum().item() + count  # source + target tokens
+
+
+TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "seq2seq": Seq2SeqTask}
 """Supervised tasks, run by `danlu train`."""
 LM_TASKS = {"causal_lm": CausalLMTask, "masked_lm": MaskedLMTask}
 """Language-modelling objectives, run by `danlu pretrain`."""
