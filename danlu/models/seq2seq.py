@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from danlu.models.blocks import (Attention, Block, FeedForward, KVCache, init_weights, make_norm, padding_mask,
-                                 sinusoidal_table)
+from danlu.models.blocks import (Attention, Block, FeedForward, KVCache, init_weights, lm_head_loss, make_norm,
+                                 padding_mask, sinusoidal_table)
 from danlu.registry import ConfigError
 
 
@@ -211,6 +211,10 @@ class Seq2Seq(nn.Module):
         """Next-token logits (B, T, V) of target prefixes (B, T) (right padding needs no mask: under
         causality real tokens never see it). Without `cache`, over `memory` (B, S, C) with source mask
         `attention_mask` (B, S); with it, decoder_input_ids are the T tokens after those cached."""
+        return self.head(self.decoder_states(decoder_input_ids, memory, attention_mask, cache))  # (B, T, V)
+
+    def decoder_states(self, decoder_input_ids, memory=None, attention_mask=None, cache=None):
+        """The decoder's final (normed) hidden states (B, T, C); `decode` without the head."""
         if cache is None:
             mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
             memory_kv, start, kv = [layer.cross.memory_kv(memory) for layer in self.decoder], 0, None
@@ -226,11 +230,13 @@ class Seq2Seq(nn.Module):
             x = layer(x, memory_kv[i], mask, kv, start)  # (B, T, C)
         if cache is not None:
             cache.self_cache.length = start + decoder_input_ids.shape[1]
-        return self.head(self.decoder_norm(x))  # (B, T, V)
+        return self.decoder_norm(x)  # (B, T, C)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
         """Logits (B, T, target vocab) for the target prefixes decoder_input_ids (B, T) given the source
-        input_ids (B, S); a classifier (spec.num_classes > 0): logits (B, num_classes) of the source."""
+        input_ids (B, S); a classifier (spec.num_classes > 0): logits (B, num_classes) of the source.
+        With `labels` (B, T) (training), (mean loss, correct, count) from `lm_head_loss` instead, which
+        never holds the (B, T, V) logits."""
         memory = self.encode(input_ids, attention_mask)  # (B, S, C)
         if self.num_classes > 0:
             if attention_mask is None:
@@ -239,6 +245,8 @@ class Seq2Seq(nn.Module):
             return self.head((memory * weights).sum(1) / weights.sum(1).clamp(min=1.0))  # (B, num_classes)
         if decoder_input_ids is None:
             raise ValueError("a seq2seq model needs decoder_input_ids (the target shifted right, BOS first)")
+        if labels is not None:
+            return lm_head_loss(self.decoder_states(decoder_input_ids, memory, attention_mask), self.head.weight, labels)
         return self.decode(decoder_input_ids, memory, attention_mask)
 
     def new_cache(self, memory, attention_mask, max_length):

@@ -168,16 +168,19 @@ class Counted(NamedTuple):
     correct: int
 
 
-def _fused_head(model):
-    """Whether `model` (under DDP / FSDP / torch.compile wrappers) is a language-model GPT whose head is a
-    plain linear layer, so that its forward computes the loss itself (`labels=`, blocks.lm_head_loss)."""
+def _fused_head(model, kind="GPT"):
+    """Whether `model` (under DDP / FSDP / torch.compile wrappers) is a language-model GPT (or `kind`
+    Seq2Seq) whose head is a plain linear layer, so that its forward computes the loss itself (`labels=`,
+    blocks.lm_head_loss)."""
     from torch import nn
 
     from danlu.models.gpt import GPT
+    from danlu.models.seq2seq import Seq2Seq
 
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    return isinstance(model, GPT) and model.num_classes == 0 and type(model.head) is nn.Linear and model.head.bias is None
+    cls = {"GPT": GPT, "Seq2Seq": Seq2Seq}[kind]
+    return isinstance(model, cls) and model.num_classes == 0 and type(model.head) is nn.Linear and model.head.bias is None
 
 
 def mask_tokens(input_ids, mask_id, vocab_size, num_special=7, rate=0.15, attention_mask=None, generator=None):
@@ -244,15 +247,19 @@ class Seq2SeqTask(_LanguageModelTask):
         self.label_smoothing = label_smoothing
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, V)
         smoothing = self.label_smoothing if torch.is_grad_enabled() else 0.0
+        if not smoothing and torch.is_grad_enabled() and model.training and _fused_head(model, "Seq2Seq"):
+            loss, correct, count = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                                         labels=batch["labels"])
+            return loss, Counted(count, correct)
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
                                label_smoothing=smoothing)
         return loss, logits
 
     def counts(self, outputs, batch):
         count, correct, _ = super().counts(outputs, batch)
-        return count, correct, batch["attention_mask"].sum().item() + count  # source + target tokens
+        return count, correct, int(batch["attention_mask"].sum()) + count  # source + target tokens
 
 
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "seq2seq": Seq2SeqTask}
