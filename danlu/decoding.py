@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from danlu.generation import sample
+from danlu.generation import decode_layout, sample
 from danlu.registry import ConfigError
 
 
@@ -60,7 +60,6 @@ def pad(rows, pad_id):
     return ids, mask
 
 
-@torch.inference_mode()
 def decode_ids(model, input_ids, attention_mask=None, *, bos_id, eos_id, max_new_tokens=128, beam_size=1,
                length_penalty=1.0, no_repeat_ngram=0, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                seed=None, use_cache=True) -> list[list[int]]:
@@ -74,14 +73,17 @@ def decode_ids(model, input_ids, attention_mask=None, *, bos_id, eos_id, max_new
     was_training = model.training
     model.eval()
     try:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        memory = model.encode(input_ids, attention_mask)  # (B, S, C)
-        if beam_size == 1:
-            return _greedy(model, memory, attention_mask, bos_id, eos_id, max_new_tokens, no_repeat_ngram, temperature,
-                           top_k, top_p, repetition_penalty, seed, use_cache)
-        return _beam(model, memory, attention_mask, bos_id, eos_id, max_new_tokens, beam_size, length_penalty,
-                     no_repeat_ngram, use_cache)
+        # fp32 weights transposed in memory while decoding on CPU (danlu.generation.decode_layout); entered
+        # outside inference mode, so that the weights it puts back are ordinary tensors that can train again
+        with decode_layout(model), torch.inference_mode():
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            memory = model.encode(input_ids, attention_mask)  # (B, S, C)
+            if beam_size == 1:
+                return _greedy(model, memory, attention_mask, bos_id, eos_id, max_new_tokens, no_repeat_ngram,
+                               temperature, top_k, top_p, repetition_penalty, seed, use_cache)
+            return _beam(model, memory, attention_mask, bos_id, eos_id, max_new_tokens, beam_size, length_penalty,
+                         no_repeat_ngram, use_cache)
     finally:
         model.train(was_training)
 
@@ -103,10 +105,10 @@ class _Steps:
 
     def push(self, next_ids, rows=None):
         """Append next_ids (N,) to the prefixes `rows` (N,) (beam search's survivors; None: all, in order)."""
-        if rows is not None:
+        if rows is not None:  # beam search: rows stay within their source's group of beams
             self.tokens = self.tokens[rows]
             if self.use_cache:
-                self.cache.reorder(rows)
+                self.cache.reorder(rows, memory=False)
             else:
                 self.memory, self.mask = self.memory[rows], self.mask[rows]
         self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)

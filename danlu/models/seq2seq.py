@@ -144,7 +144,7 @@ class DecoderLayer(nn.Module):
 
 class Seq2SeqCache:
     """What decoding keeps per row: the decoder's self-attention KVCache, every layer's memory keys and
-    values, and the memory's key mask. `reorder(index)` keeps rows `index` (B',) (beam search)."""
+    values, and the memory's key mask. `reorder(index)` keeps rows `index` (B,) (beam search)."""
 
     def __init__(self, self_cache: KVCache, memory_kv, memory_mask):
         self.self_cache, self.memory_kv, self.memory_mask = self_cache, memory_kv, memory_mask
@@ -153,12 +153,17 @@ class Seq2SeqCache:
     def length(self):
         return self.self_cache.length
 
-    def reorder(self, index):
-        c = self.self_cache
-        c.keys, c.values, c.mask = c.keys[:, index], c.values[:, index], c.mask[index]  # (L, B', K, S, D)
-        self.memory_kv = [(k[index], v[index]) for k, v in self.memory_kv]
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask[index]
+    def reorder(self, index, memory=True):
+        """Keep rows `index` (B,) of the filled slots, in place. memory=False: the memory's keys and values
+        stay, because every row moves within its own source's group (beam search)."""
+        c, n = self.self_cache, self.self_cache.length
+        c.keys[:, :, :, :n] = c.keys[:, index, :, :n]  # (L, B, K, n, D)
+        c.values[:, :, :, :n] = c.values[:, index, :, :n]
+        c.mask[:, :n] = c.mask[index, :n]
+        if memory:
+            self.memory_kv = [(k[index], v[index]) for k, v in self.memory_kv]
+            if self.memory_mask is not None:
+                self.memory_mask = self.memory_mask[index]
 
 
 class Seq2Seq(nn.Module):
