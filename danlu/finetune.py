@@ -197,6 +197,10 @@ def finetune(config=None, *overrides, overwrite=False, loggers=(), **sections):
     model = trainer.model  # under FSDP, the gathered full model
     trainer.cfg = dataclasses.replace(trainer.cfg, eval_batches=0)  # the final numbers use every held-out example
     metrics = {name: trainer.evaluate(data[name]) for name in ("test", "val") if data.get(name) is not None}
+    if template is not None and getattr(data.get("test"), "pairs", False):  # answers generated, scored (seq2seq_job)
+        from danlu.seq2seq_job import score_chat_test
+
+        score_chat_test(metrics, model, tokenizer, template, data["test"].conversations, cfg)
     metrics.update({
         "epochs_run": len(history), "parameters": total, "trainable_parameters": trainable,
         "trainable_fraction": trainable / total, "train_seconds": sum(r["seconds"] for r in history),
@@ -243,7 +247,8 @@ def chat_data(cfg, tokenizer, template):
 
     tokenizer.tokenizer_.no_truncation()
     tokenizer.max_length = 0
-    read = lambda p: read_chat(p, cfg.finetune.system, cfg.data.encoding)
+    pairs = (cfg.data.source_column, cfg.data.target_column)  # seq2seq pair files read as conversations too
+    read = lambda p: read_chat(p, cfg.finetune.system, cfg.data.encoding, pairs)  # noqa: E731
     train = read(cfg.data.train)
     splits = {"train": train}
     order = np.random.default_rng(cfg.run.seed).permutation(len(train))
@@ -260,7 +265,12 @@ def chat_data(cfg, tokenizer, template):
         splits["train"] = [c for i, c in enumerate(train) if i not in held]
     if cfg.data.limit:
         splits = {k: v[: cfg.data.limit] for k, v in splits.items()}
-    return {k: encode_chat(v, tokenizer, template, cfg.data.block_size) for k, v in splits.items()}
+    data = {k: encode_chat(v, tokenizer, template, cfg.data.block_size) for k, v in splits.items()}
+    from danlu.data.chat import is_pair_file
+
+    for name, dataset in data.items():  # seq2seq pairs: their test answers are generated and scored
+        dataset.pairs = is_pair_file(getattr(cfg.data, name) or cfg.data.train, pairs)
+    return data
 
 
 def export_merged(run_path, out):

@@ -128,6 +128,13 @@ class Run:
         import dataclasses
 
         data_cfg = dataclasses.replace(self.cfg.data, **data_overrides)
+        if self.cfg.task == "causal_lm" and os.path.exists(os.path.join(self.path, "chat_template.jinja")):
+            from danlu.data.chat import is_pair_file
+
+            if is_pair_file(path, (data_cfg.source_column, data_cfg.target_column)):  # a chat run on seq2seq pairs
+                from danlu.seq2seq_job import evaluate_chat_pairs
+
+                return evaluate_chat_pairs(self, path, data_cfg)
         if self.cfg.task in LM_TASKS:
             import tempfile
 

@@ -133,6 +133,72 @@ def write_report(run, examples, history, out_dir=None, metrics=None, split="test
 
 
 # ---------------------------------------------------------------------------------------------
+# the decoder-only way: a causal LM fine-tuned on pairs as chat (danlu.finetune), scored the same way
+
+
+def chat_answers(model, tokenizer, template, conversations, options):
+    """(generated answers, references, sources) for conversations whose last turn is the reference answer:
+    the turns before it are rendered with the chat template and continued greedily (temperature 0; the
+    `seq2seq` section's temperature / top_k / top_p / max_new_tokens apply; beam search is for seq2seq)."""
+    from danlu.chat_template import render_chat, stop_sequences
+    from danlu.generation import generate
+
+    names = {"bos_token": "<s>", "eos_token": "</s>"}
+    variables = {k: tokenizer.tokenizer_.id_to_token(tokenizer.token_id(v)) or "" for k, v in names.items()}
+    prompts = [render_chat(template, c[:-1], add_generation_prompt=True, **variables) for c in conversations]
+    references = [c[-1]["content"] for c in conversations]
+    sources = [next((m["content"] for m in c if m["role"] == "user"), "") for c in conversations]
+    answers = []
+    for start in range(0, len(prompts), options.batch_size):
+        answers += generate(model, tokenizer, prompts[start : start + options.batch_size],
+                            max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                            top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
+                            stop=list(stop_sequences(template)), seed=0)
+    return [a.strip() for a in answers], references, sources
+
+
+def score_answers(answers, references, sources):
+    """(scores, baselines, report examples) of generated answers, as score_pairs gives them."""
+    from danlu.evaluate.text_metrics import TextMetrics, lead_sentence
+
+    metrics, copy, lead = TextMetrics(), TextMetrics(keep=0), TextMetrics(keep=0)
+    metrics.update(answers, references, sources)
+    copy.update(sources, references)
+    lead.update([lead_sentence(s) for s in sources], references)
+    return metrics.compute(), {"copy_source": copy.compute(), "lead_sentence": lead.compute()}, metrics.examples()
+
+
+def score_chat_test(metrics, model, tokenizer, template, conversations, cfg):
+    """Add BLEU / chrF / ROUGE of the generated test answers, and the baselines', to a fine-tuning run's metrics."""
+    limit = cfg.seq2seq.eval_limit or len(conversations)
+    answers, references, sources = chat_answers(model, tokenizer, template, conversations[:limit], cfg.seq2seq)
+    scores, baselines, examples = score_answers(answers, references, sources)
+    metrics["test"] = merge_scores(metrics.get("test", {}), scores)
+    metrics["baselines"] = baselines
+    if dist.is_main():  # the report: scores beside the baselines, and example answers
+        from danlu.evaluate.seq2seq_report import report_lines
+
+        lines = report_lines(cfg.run.dir, metrics, examples)
+        atomic_write_text(os.path.join(cfg.run.dir, "report.md"), "\n".join(lines) + "\n")
+    print(f"test: ROUGE-L {scores['rougeL']:.2f} (lead-sentence baseline {baselines['lead_sentence']['rougeL']:.2f}), "
+          f"BLEU {scores['bleu']:.2f} on {scores['count']} pairs", file=sys.stderr, flush=True)
+    return metrics
+
+
+def evaluate_chat_pairs(run, path, data_cfg):
+    """`danlu evaluate` of a causal-LM chat run on a file of seq2seq pairs: answers generated and scored."""
+    from danlu.chat_template import load_template
+    from danlu.data.chat import read_chat
+
+    conversations = read_chat(path, run.cfg.finetune.system, data_cfg.encoding,
+                              (data_cfg.source_column, data_cfg.target_column))
+    answers, references, sources = chat_answers(run.model, run.tokenizer, load_template(run.path), conversations,
+                                                run.cfg.seq2seq)
+    scores, baselines, _ = score_answers(answers, references, sources)
+    return {**{k: v for k, v in scores.items() if k != "count"}, "pairs": scores["count"], "baselines": baselines}
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 
 

@@ -316,3 +316,65 @@ def test_summarize_config_reads_the_sample():
     cfg = load("configs/summarize.yaml", ["data.limit=50"])
     splits = read_seq2seq_splits(cfg.data)
     assert len(splits["train"].texts) == 50 and all(s.endswith(".") for s in splits["train"].labels)
+
+
+# ------------------------------------------------------------------------------------------ the decoder-only way
+
+
+def test_chat_finetune_reads_pairs_and_scores_its_answers(tmp_path, capsys):
+    """Plumbing: a tiny causal LM LoRA-tuned on source / summary pairs as chat, scored with the same metrics."""
+    from danlu.cli import main
+    from danlu.data.chat import is_pair_file, read_chat
+    from danlu.finetune import finetune
+    from danlu.serve.tiny_runs import language_model_run
+
+    torch.set_num_threads(1)
+    sample = "configs/data/summarize_sample.jsonl"
+    rows = [json.loads(line) for line in open(sample, encoding="utf-8")][:40]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    columns = ("document", "summary")
+    assert is_pair_file(pairs, columns) and not is_pair_file("configs/data/answer_format.jsonl", columns)
+    chat = read_chat(pairs, "Summarize in one sentence.", pair_columns=columns)
+    assert chat[0] == [{"role": "system", "content": "Summarize in one sentence."},
+                       {"role": "user", "content": rows[0]["document"]},
+                       {"role": "assistant", "content": rows[0]["summary"]}]
+    base = tmp_path / "base"
+    language_model_run(str(base), steps=5)
+    run = finetune({"task": "causal_lm", "run": {"dir": str(tmp_path / "lora")},
+                    "finetune": {"base": str(base), "method": "lora", "lora_r": 2, "system": "Summarize.",
+                                 "max_length": 200},
+                    "data": {"train": str(pairs), "source_column": "document", "target_column": "summary",
+                             "val_fraction": 0.1, "test_fraction": 0.1},
+                    "seq2seq": {"max_new_tokens": 8},
+                    "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "optimizer": "adamw", "device": "cpu"}})
+    test = run.metrics["test"]
+    assert test["pairs"] == 4 and {"bleu", "rougeL", "perplexity"} <= set(test)
+    lead = run.metrics["baselines"]["lead_sentence"]["rougeL"]
+    assert lead > 10  # the sample's summaries reuse words of the lead sentence
+    assert "baseline: lead sentence of the source" in (tmp_path / "lora" / "report.md").read_text()
+    assert main(["evaluate", run.path, "--data", str(pairs)]) == 0
+    assert "rougeL" in capsys.readouterr().out
+
+
+def test_serve_predict_and_completions(trained_seq2seq):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from danlu.serve.app import create_app
+    from danlu.serve.predictor import Predictor
+
+    _, run = trained_seq2seq
+    predictor = Predictor.from_run(run.path)
+    assert predictor.kind == "seq2seq"
+    expected = [r["text"] for r in run.predict(["red cat", "one dog"])]
+    with TestClient(create_app(predictor)) as client:
+        answer = client.post("/v1/predict", json={"texts": ["red cat", "one dog"]}).json()
+        assert [d["text"] for d in answer["data"]] == expected
+        done = client.post("/v1/completions", json={"model": predictor.name, "prompt": "red cat", "temperature": 0,
+                                                     "max_tokens": 24}).json()
+        assert done["choices"][0]["text"] == expected[0] and done["choices"][0]["finish_reason"] in ("stop", "length")
+        assert done["usage"]["completion_tokens"] >= 1
+        sampled = client.post("/v1/completions", json={"model": predictor.name, "prompt": "red cat", "temperature": 1.0,
+                                                        "seed": 1, "max_tokens": 24}).json()
+        assert isinstance(sampled["choices"][0]["text"], str)

@@ -81,6 +81,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     options = options or ServeOptions()
     state = _State(predictor, options)
     classifier = predictor.kind == "classifier"
+    seq2seq = predictor.kind == "seq2seq"  # text to text: /v1/predict returns text, and the completion routes work
 
     async def lifespan(app):
         yield
@@ -164,7 +165,7 @@ def create_app(predictor, options: ServeOptions | None = None):
         return state.card()
 
     # -- classifiers ------------------------------------------------------------------------------
-    if classifier:
+    if classifier or seq2seq:
         async def predict_json(body: s.PredictRequest) -> bytes:
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
@@ -175,6 +176,10 @@ def create_app(predictor, options: ServeOptions | None = None):
             if len(texts) > options.max_texts:
                 raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
                                param="texts", code="too_many_texts")
+            if seq2seq:  # decoded as the run's seq2seq section says (beam search by default)
+                results = await state.run([(t, {}) for t in texts])
+                data = [s.Prediction(index=i, text=text) for i, (text, _, _) in enumerate(results)]
+                return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
             results = await state.run(texts)
             data = []
             for i, r in enumerate(results):
@@ -195,7 +200,7 @@ def create_app(predictor, options: ServeOptions | None = None):
             return Response(await predict_json(body), media_type="application/json")
 
     # -- language models --------------------------------------------------------------------------
-    else:
+    if not classifier:
         stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                             "description": "JSON, or server-sent events with `stream: true`"}, **errors}
 
