@@ -378,3 +378,27 @@ def test_serve_predict_and_completions(trained_seq2seq):
         sampled = client.post("/v1/completions", json={"model": predictor.name, "prompt": "red cat", "temperature": 1.0,
                                                         "seed": 1, "max_tokens": 24}).json()
         assert isinstance(sampled["choices"][0]["text"], str)
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    from danlu.files import load_tensors
+    from danlu.pipeline import train
+
+    torch.set_num_threads(1)
+    data = write_csv(tmp_path / "pairs.csv", copy_pairs(60, seed=2), header=("source", "target"))
+
+    def config(run_dir, epochs):
+        return {"task": "seq2seq", "run": {"dir": str(run_dir), "seed": 0},
+                "data": {"train": data, "tokenizer": {"kind": "char", "vocab_size": 100, "max_length": 24}},
+                "model": {"kind": "seq2seq", "size": "tiny", "dropout": 0.1},  # masks resume too
+                "seq2seq": {"beam_size": 1, "max_new_tokens": 8},
+                "train": {"epochs": epochs, "batch_size": 16, "lr": 0.003, "optimizer": "adamw", "restore_best": False}}
+
+    straight = train(config(tmp_path / "straight", 2))
+    train(config(tmp_path / "resumed", 1))
+    resumed = train(config(tmp_path / "resumed", 2), resume=True)
+    assert resumed.metrics["epochs_run"] == 2
+    a, _ = load_tensors(tmp_path / "straight" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.predict(["red cat"]) == resumed.predict(["red cat"])
