@@ -79,10 +79,12 @@ def _predict_file(run, args):
     from danlu.data.sources import read_examples
     from danlu.files import atomic_write_text
 
-    column = args.text_column or run.cfg.data.text_column
+    seq2seq = run.cfg.task == "seq2seq"  # {"source": ..., "text": generated} lines
+    column = args.text_column or (run.cfg.data.source_column if seq2seq else run.cfg.data.text_column)
     examples = read_examples(args.file, column, need_labels=False, on_bad_rows="error")
     results = run.predict(examples.texts, top_k=args.top_k)
-    lines = [json.dumps({"text": t, **r}, ensure_ascii=False) for t, r in zip(examples.texts, results)]
+    lines = [json.dumps({"source" if seq2seq else "text": t, **r}, ensure_ascii=False)
+             for t, r in zip(examples.texts, results)]
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"{len(lines)} predictions written to {args.out}")

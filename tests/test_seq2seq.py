@@ -402,3 +402,16 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     b, _ = load_tensors(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.predict(["red cat"]) == resumed.predict(["red cat"])
+
+
+def test_predict_file_and_info(trained_seq2seq, tmp_path, capsys):
+    from danlu.cli import main
+
+    _, run = trained_seq2seq
+    inbox = write_csv(tmp_path / "inbox.csv", [("red cat",), ("one dog",)], header=("en",))
+    assert main(["predict", run.path, "--file", inbox, "--out", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["red cat", "one dog"]
+    assert [r["text"] for r in rows] == [r["text"] for r in run.predict(["red cat", "one dog"])]
+    assert main(["info", run.path]) == 0
+    assert "tokenizer_target.json" in capsys.readouterr().out
