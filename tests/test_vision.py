@@ -15,7 +15,7 @@ from danlu import config as config_mod
 from danlu.data import DataError
 from danlu.data.image_transforms import ImagePreprocess
 from danlu.data.images import build_image_data, digits, read_images
-from danlu.pipeline import train
+from danlu.jobs.train import train
 from danlu.runs import load_run
 from danlu.runs.image import ImageRun
 

@@ -26,17 +26,58 @@ from danlu.data.sources import DataError, jsonl_records
 from danlu.data.spec import IGNORE
 
 
-def read_chat(path, system="", encoding="auto"):
-    """A JSONL file -> list of conversations ([{role, content}]); `system` is prepended where none is given."""
-    conversations = [to_messages(row, f"{path}:{number}", system)
+def read_chat(path, system="", encoding="auto", pair_columns=None):
+    """A JSONL file -> list of conversations ([{role, content}]); `system` is prepended where none is given.
+
+    With pair_columns = (source column, target column), rows holding those two fields (JSONL), or a CSV /
+    TSV table with those columns, are seq2seq pairs: the source is the user turn, the target the answer
+    (and `system`, e.g. "Summarize the text in one sentence.", the instruction)."""
+    if pair_columns and not str(path).lower().endswith((".jsonl", ".json", ".ndjson")):
+        from danlu.data.sources import read_examples
+
+        pairs = read_examples(path, pair_columns[0], pair_columns[1], encoding=encoding)
+        return [pair_messages(s, t, system) for s, t in zip(pairs.texts, pairs.labels)]
+    conversations = [to_messages(row, f"{path}:{number}", system, pair_columns)
                      for number, row in jsonl_records(path, encoding=encoding)]
     if not conversations:
         raise DataError(f"{path}: no conversations")
     return conversations
 
 
-def to_messages(row, where="row", system=""):
-    """One JSONL row (messages, or Alpaca's instruction / input / output) -> [{role, content}]."""
+def is_pair_file(path, pair_columns):
+    """Whether a chat-data file holds seq2seq pairs: a CSV / TSV table with the two `pair_columns`, or JSONL
+    whose first row has them and neither messages nor an instruction."""
+    if str(path).lower().endswith((".csv", ".tsv")):
+        import csv
+
+        from danlu.data.sources import text_lines
+
+        for _, line in text_lines(path):
+            header = next(csv.reader([line], delimiter="\t" if str(path).lower().endswith(".tsv") else ","))
+            return set(pair_columns) <= {h.strip() for h in header}
+        return False
+    if not str(path).lower().endswith((".jsonl", ".json", ".ndjson")):
+        return False
+    for _, row in jsonl_records(path, errors="replace"):
+        return isinstance(row, dict) and "messages" not in row and "instruction" not in row and set(pair_columns) <= set(row)
+    return False
+
+
+def pair_messages(source, target, system=""):
+    """A seq2seq pair as a conversation: [system], user = source, assistant = target."""
+    messages = [{"role": "user", "content": str(source)}, {"role": "assistant", "content": str(target)}]
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def to_messages(row, where="row", system="", pair_columns=None):
+    """One JSONL row (messages, Alpaca's instruction / input / output, or the two `pair_columns` of a
+    seq2seq pair) -> [{role, content}]."""
+    if pair_columns and isinstance(row, dict) and "messages" not in row and "instruction" not in row:
+        source, target = pair_columns
+        for column, key in ((source, "source_column"), (target, "target_column")):
+            if not isinstance(row.get(column), str) or not row[column].strip():
+                raise DataError(f"{where}: no text in {column!r} (data.{key}); fields found: {', '.join(row) or 'none'}")
+        return pair_messages(row[source], row[target], system)
     if isinstance(row, dict) and "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
@@ -91,6 +132,7 @@ def encode_chat(conversations, tokenizer, template, max_length=512) -> ChatDatas
         lost += bool(target[1:].any()) and not target[1:max_length].any()
     dataset = ChatDataset(ids, targets, tokenizer.pad_id or 0)
     dataset.answers, dataset.lost = answers, lost
+    dataset.conversations = list(conversations)  # the texts, for scoring generated answers (seq2seq pairs)
     return dataset
 
 

@@ -17,3 +17,4 @@ class DataSpec:
     eos_id: int | None = None
     channels: int = 0  # images: channels of a model input (0 for text)
     image_size: tuple = ()  # images: (height, width) of a model input
+    target_vocab_size: int = 0  # seq2seq with a target tokenizer of its own (0: the one vocabulary)

@@ -22,6 +22,10 @@ REGRESSION_COLUMNS = (("test mse", ("test", "mse")), ("test mae", ("test", "mae"
                       ("val r2", ("val", "r2")))
 LM_COLUMNS = (("val loss", ("val", "loss")), ("val perplexity", ("val", "perplexity")),
               ("val token acc", ("val", "accuracy")), ("test perplexity", ("test", "perplexity")))
+SEQ2SEQ_COLUMNS = (("test BLEU", ("test", "bleu")), ("test chrF", ("test", "chrf")), ("test ROUGE-L", ("test", "rougeL")),
+                   ("copy BLEU", ("baselines", "copy_source", "bleu")), ("lead ROUGE-L", ("baselines", "lead_sentence", "rougeL")),
+                   ("test loss", ("test", "loss")))
+"""Text to text: the test scores, and the baselines' on the same pairs (copy the source, its lead sentence)."""
 
 
 def read_run_summary(path):
@@ -55,6 +59,8 @@ def compare_runs(paths, out="compare.png"):
     regression = all(r["task"] == "regression" for r in runs)
     language_models = all(r["task"] in TASKS and TASKS[r["task"]].language_model for r in runs)  # trained in steps over windows
     columns = LM_COLUMNS if language_models else REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    if any("bleu" in (r["metrics"].get("test") or {}) for r in runs):  # seq2seq runs (or LMs scored on pairs)
+        columns = SEQ2SEQ_COLUMNS
     extra = ["steps", "train s", "tokens/s", "MFU"] if language_models else ["best epoch", "epochs", "train s", "samples/s"]
     header = ["run", "model", "params"] + [c for c, _ in columns] + extra
     rows = []

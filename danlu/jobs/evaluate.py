@@ -37,6 +37,8 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
             del stream  # the memory map, before its folder goes
         _save(out_dir, path, metrics)
         return metrics
+    if run.cfg.task == "seq2seq" or (run.cfg.task == "causal_lm" and _pair_file(run, path, data_cfg)):
+        return _evaluate_text_to_text(run, path, data_cfg, out_dir)
     if hasattr(run, "preprocess"):  # an image run: a labelled folder or table of images
         return _evaluate_images(run, path, out_dir, device, **data_overrides)
     regression = run.cfg.task == "regression"
@@ -52,6 +54,28 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
         from danlu.evaluate.report import write_eval_report
 
         write_eval_report(run, path, metrics, out_dir, examples, dataset, mistakes, seconds)
+    return metrics
+
+
+def _pair_file(run, path, data_cfg):
+    """A chat run given a file of seq2seq pairs: its answers are generated and scored."""
+    from danlu.data.chat import is_pair_file
+
+    return run.cfg.finetune.base and is_pair_file(path, (data_cfg.source_column, data_cfg.target_column))
+
+
+def _evaluate_text_to_text(run, path, data_cfg, out_dir):
+    from danlu.jobs.seq2seq import evaluate_chat_pairs, evaluate_seq2seq, write_report
+
+    if run.cfg.task == "causal_lm":
+        metrics = evaluate_chat_pairs(run, path, data_cfg)
+        _save(out_dir, path, metrics)
+        return metrics
+    metrics, examples = evaluate_seq2seq(run, path, data_cfg)
+    _save(out_dir, path, metrics)
+    if out_dir:  # scores beside the baselines, example tables
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        write_report(run, examples, [], out_dir, {name: metrics}, split=name)
     return metrics
 
 

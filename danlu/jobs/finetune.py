@@ -27,6 +27,7 @@ import sys
 
 from danlu.chat_template import DEFAULT_TEMPLATE
 from danlu.data import DataError, encode_splits, read_splits
+from danlu.data.chat import encode_chat, is_pair_file, read_chat
 from danlu.files import atomic_write_json, atomic_write_text
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models.lora import count_trainable, merge_lora
@@ -62,10 +63,25 @@ class FinetuneJob(Job):
         return Plan(cfg, model, task, splits["train"], splits.get("val"), splits.get("test"), tokenizer, labels,
                     files=files, checkpoints=not adapter_only, data=data)
 
-    def summarize(self, plan, history, trainer):
+    def summarize(self, plan, history, trainer, metrics):
         trainable, total = count_trainable(trainer.model)
-        return {"epochs_run": len(history), "trainable_parameters": trainable, "trainable_fraction": trainable / total,
-                "method": plan.cfg.finetune.method, "base": plan.cfg.finetune.base}
+        out = {"epochs_run": len(history), "trainable_parameters": trainable, "trainable_fraction": trainable / total,
+               "method": plan.cfg.finetune.method, "base": plan.cfg.finetune.base}
+        self.examples = None
+        if getattr(plan.test, "pairs", False):  # seq2seq pairs as chat: the test answers are generated and scored
+            from danlu.jobs.seq2seq import score_chat_test
+
+            scores, self.examples = score_chat_test(trainer.model, plan.tokenizer, plan.files[layout.TEMPLATE],
+                                                    plan.test.conversations, plan.cfg, metrics.get("test"))
+            out.update(scores)
+        return out
+
+    def report(self, run, plan, history, trainer, collector, eval_seconds, command):
+        if self.examples is None:
+            return super().report(run, plan, history, trainer, collector, eval_seconds, command)
+        from danlu.evaluate.seq2seq_report import report_lines  # scores beside the baselines, example answers
+
+        atomic_write_text(os.path.join(run.path, layout.REPORT), "\n".join(report_lines(run.path, run.metrics, self.examples)) + "\n")
 
     def save(self, run, plan, history):
         cfg = run.cfg
@@ -115,11 +131,10 @@ def chat_data(cfg, tokenizer, template):
     """Chat / Alpaca JSONL -> ChatDatasets (train, and val / test from their files or split off train)."""
     import numpy as np
 
-    from danlu.data.chat import encode_chat, read_chat
-
     tokenizer.tokenizer_.no_truncation()
     tokenizer.max_length = 0
-    read = lambda p: read_chat(p, cfg.finetune.system, cfg.data.encoding)
+    pairs = (cfg.data.source_column, cfg.data.target_column)  # seq2seq pair files read as conversations too
+    read = lambda p: read_chat(p, cfg.finetune.system, cfg.data.encoding, pairs)  # noqa: E731
     train = read(cfg.data.train)
     splits = {"train": train}
     order = np.random.default_rng(cfg.run.seed).permutation(len(train))
@@ -137,6 +152,8 @@ def chat_data(cfg, tokenizer, template):
     if cfg.data.limit:
         splits = {k: v[: cfg.data.limit] for k, v in splits.items()}
     encoded = {k: encode_chat(v, tokenizer, template, cfg.data.block_size) for k, v in splits.items()}
+    for name, dataset in encoded.items():  # seq2seq pairs: their test answers are generated and scored
+        dataset.pairs = is_pair_file(getattr(cfg.data, name) or cfg.data.train, pairs)
     train = encoded["train"]
     if train.supervised_tokens == 0:
         raise DataError(f"{cfg.data.train}: none of the {len(train)} training conversations keeps an answer token "

@@ -40,7 +40,7 @@ class ImageTrainJob(Job):
         return Plan(cfg, model, TASKS[cfg.task](data.labels), data.train, data.val, data.test, None, data.labels,
                     files={layout.PREPROCESS: json.dumps(pre.to_dict(), indent=2) + "\n"}, data=data)
 
-    def summarize(self, plan, history, trainer):
+    def summarize(self, plan, history, trainer, metrics):
         data = plan.data
         return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),

@@ -52,7 +52,7 @@ class PretrainJob(Job):
         return Plan(cfg, model, make_task(cfg.task, corpus.spec), corpus.train, corpus.val, None, corpus.tokenizer,
                     data=corpus)
 
-    def summarize(self, plan, history, trainer):
+    def summarize(self, plan, history, trainer, metrics):
         cfg, rows = plan.cfg, list(history)
         steps = rows[-1]["step"] if rows else 0
         return {"steps": steps,

@@ -58,8 +58,8 @@ class Job:
     def plan(self, cfg, run_dir, resume, say) -> Plan:
         raise NotImplementedError
 
-    def summarize(self, plan, history, trainer) -> dict:
-        """Job-specific entries of metrics.json."""
+    def summarize(self, plan, history, trainer, metrics) -> dict:
+        """Job-specific entries of metrics.json (`metrics`: the final test / validation numbers so far)."""
         return {}
 
     def save(self, run, plan, history):
@@ -171,7 +171,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         "train_seconds": sum(r["seconds"] for r in rows),
         "total_seconds": time.perf_counter() - started,
         unit: _mean([r.get(unit) for r in rows]),
-        **job.summarize(plan, history, trainer),
+        **job.summarize(plan, history, trainer, metrics),
     })
     run = job.make_run(cfg, trainer.model, plan, metrics)
     if main:

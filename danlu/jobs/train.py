@@ -30,7 +30,7 @@ class TrainJob(Job):
         return Plan(cfg, model, TASKS[cfg.task](data.labels), data.train, data.val, data.test, data.tokenizer,
                     data.labels, data=data)
 
-    def summarize(self, plan, history, trainer):
+    def summarize(self, plan, history, trainer, metrics):
         data = plan.data
         return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
@@ -47,6 +47,10 @@ def choose_job(cfg):
     """The job for a `danlu train` config: images for an image model (cnn, vit), else labelled text."""
     from danlu.models import IMAGE_MODELS
 
+    if cfg.task == "seq2seq":  # text to text: pairs, tokenizers per side, decoding and BLEU
+        from danlu.jobs.seq2seq import Seq2SeqTrainJob
+
+        return Seq2SeqTrainJob()
     if cfg.model.kind in IMAGE_MODELS:
         from danlu.jobs.images import ImageTrainJob
 

@@ -9,6 +9,7 @@ from danlu.models.cnn import CNN, CNNConfig
 from danlu.models.gpt import GPT, GPTConfig
 from danlu.models.lstm import LSTMClassifier, LSTMConfig
 from danlu.models.mlp import MLPClassifier, MLPConfig
+from danlu.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
 from danlu.models.vit import ViT, ViTConfig
@@ -23,6 +24,7 @@ MODELS = {
     "bert": (BERTConfig, BERT),
     "cnn": (CNNConfig, CNN),
     "vit": (ViTConfig, ViT),
+    "seq2seq": (Seq2SeqConfig, Seq2Seq),
 }
 IMAGE_MODELS = frozenset({"cnn", "vit"})  # kinds that read images: danlu.jobs.images trains them
 

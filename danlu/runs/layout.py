@@ -4,6 +4,7 @@
       config.yaml         the resolved config that produced the run
       tokenizer.json      the fitted (or imported) tokenizer
       preprocess.json     image runs, in its place: the fitted image preprocessing (danlu.runs.image)
+      tokenizer_target.json  seq2seq runs with a tokenizer per side: the target's (danlu.runs.seq2seq)
       labels.json         class names, in class-id order ([] for language models and regression)
       model.safetensors   the weights (a plain or a compressed run)
       adapter.safetensors LoRA runs saved as an adapter: the weights on top of `finetune.base`
@@ -24,6 +25,7 @@ from danlu.registry import ConfigError
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 PREPROCESS = "preprocess.json"
+TARGET_TOKENIZER = "tokenizer_target.json"
 LABELS = "labels.json"
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"

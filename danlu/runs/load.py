@@ -28,6 +28,7 @@ from danlu.runs import layout
 from danlu.runs.adapter import build_finetune_model, load_adapter, resolve_base
 from danlu.runs.compressed import load_compressed, read_record
 from danlu.runs.image import is_image_run, load_image_run
+from danlu.runs.seq2seq import load_seq2seq_run
 from danlu.runs.import_checkpoint import import_checkpoint, is_checkpoint
 from danlu.runs.run import Run, read_chat_template, run_spec
 
@@ -46,6 +47,8 @@ def load_run(path, device="cpu") -> Run:
                               (f" (an interrupted run resumes with: danlu {_verb(path)} RUN --resume)"
                                if name == layout.WEIGHTS else ""))
     cfg = config_mod.load(os.path.join(path, layout.CONFIG))
+    if cfg.task == "seq2seq":  # text to text: a target tokenizer, decoding
+        return load_seq2seq_run(path, cfg, device)
     tokenizer = TextTokenizer.load(os.path.join(path, layout.TOKENIZER))
     labels_file = os.path.join(path, layout.LABELS)
     labels = read_json(labels_file) if os.path.exists(labels_file) else []

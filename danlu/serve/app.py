@@ -103,6 +103,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     options = options or ServeOptions()
     state = _State(predictor, options)
     classifier = predictor.kind == "classifier"
+    seq2seq = predictor.kind == "seq2seq"  # text to text: /v1/predict returns text, and the completion routes work
 
     async def lifespan(app):
         yield
@@ -195,7 +196,7 @@ def create_app(predictor, options: ServeOptions | None = None):
         return state.card()
 
     # -- classifiers ------------------------------------------------------------------------------
-    if classifier:
+    if classifier or seq2seq:
         async def predict_json(body: s.PredictRequest) -> bytes:
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
@@ -213,6 +214,10 @@ def create_app(predictor, options: ServeOptions | None = None):
             if len(texts) > options.max_texts:
                 raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
                                param="texts", code="too_many_texts")
+            if seq2seq:  # decoded as the run's seq2seq section says (beam search by default)
+                results = await state.run([(t, {}) for t in texts], state.deadline())
+                data = [s.Prediction(index=i, text=text) for i, (text, _, _) in enumerate(results)]
+                return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
             results = await state.run(texts, state.deadline())
             data = []
             for i, r in enumerate(results):
@@ -233,7 +238,7 @@ def create_app(predictor, options: ServeOptions | None = None):
             return Response(await predict_json(body), media_type="application/json")
 
     # -- language models --------------------------------------------------------------------------
-    else:
+    if not classifier:
         event = {"type": "object", "required": ["data"], "properties": {  # one server-sent event
             "data": {"type": "string", "description": "a JSON chunk, or [DONE]"}, "event": {"type": "string"}}}
         stream_doc = {200: {"content": {"text/event-stream": {"schema": event}},

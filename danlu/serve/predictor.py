@@ -35,7 +35,7 @@ class Predictor:
         self.run = run
         self.name = name or os.path.basename(os.path.normpath(run.path)) or "model"
         self.task = run.cfg.task
-        self.kind = "language_model" if self.task == "causal_lm" else "classifier"  # a masked LM was refused above
+        self.kind = "language_model" if self.task == "causal_lm" else "seq2seq" if self.task == "seq2seq" else "classifier"
         self.labels = tuple(run.labels)
         self.created = int(os.path.getmtime(layout.weights_file(run.path)))  # a LoRA run: its adapter
         self.chat_template = run.chat_template if self.kind == "language_model" else None
@@ -67,6 +67,8 @@ class Predictor:
         """Most tokens (prompt + completion) the model can attend to."""
         from danlu.generation import context_length
 
+        if self.kind == "seq2seq":  # source tokens (the output has as many positions of its own)
+            return self.run.model.position_table.shape[0]
         return context_length(self.run.model)
 
     def complete(self, prompts, cancelled=None, **sampling):
@@ -74,6 +76,9 @@ class Predictor:
         keywords). `cancelled()` is asked before each decoding step: once it says True, decoding stops and
         the answer is None."""
         from danlu.generation import generate
+
+        if self.kind == "seq2seq":
+            return self._translate(prompts, **sampling)
 
         recorder = _StepRecorder(self.run.model, cancelled)
         try:
@@ -87,8 +92,30 @@ class Predictor:
         """An iterator of text deltas; once exhausted, `.result()` is (completion_tokens, finish_reason)."""
         from danlu.generation import stream_generate
 
+        if self.kind == "seq2seq":  # decoded whole (beam search needs the end), sent as one delta
+            (text, used, finish), = self._translate([prompt], **sampling)
+            return _Stream(iter([text] if text else []), _StepRecorder(self.run.model), lambda *_: (used, finish))
+
         it = stream_generate(self.run.model, self.run.tokenizer, prompt, **sampling)
         return _Stream(it, _StepRecorder(self.run.model), lambda rec, text: self._finish(rec, 0, text, sampling))
+
+    def _translate(self, prompts, max_new_tokens=None, temperature=None, stop=(), **sampling):
+        """A seq2seq run's outputs as complete() gives them. Without request options the run's `seq2seq`
+        section decodes (beam search); a temperature > 0 samples, as generate does."""
+        options = {k: v for k, v in sampling.items() if v is not None and k in ("top_k", "top_p", "repetition_penalty",
+                                                                                "seed")}
+        if temperature:
+            options.update(temperature=temperature, beam_size=1)
+        if max_new_tokens:
+            options["max_new_tokens"] = max_new_tokens
+        limit = options.get("max_new_tokens", self.run.cfg.seq2seq.max_new_tokens)
+        out = []
+        for text in self.run.generate(list(prompts), **options):
+            cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+            text = text[:cut] if cut >= 0 else text
+            used = len(self.run.target.encode([text])[0]) + 1  # + the end-of-text token
+            out.append((text, min(used, limit), "length" if used > limit else "stop"))
+        return out
 
     def _finish(self, recorder, row, text, sampling):
         """(completion tokens, "stop" or "length") of one row, from the tokens fed back to the model."""
@@ -107,7 +134,10 @@ class Predictor:
         return used, "length"
 
     def chat_prompt(self, messages, time_limit=None):
-        """The prompt string for a list of {role, content} messages, with the run's chat template."""
+        """The prompt string for a list of {role, content} messages, with the run's chat template (a seq2seq
+        run: the last user message, its source)."""
+        if self.kind == "seq2seq":
+            return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         return render_chat(self.chat_template, messages, add_generation_prompt=True, time_limit=time_limit,
                            bos_token="<s>", eos_token="</s>")
 

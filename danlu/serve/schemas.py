@@ -89,6 +89,7 @@ class Prediction(BaseModel):
     score: float | None = None
     probabilities: dict[str, float] | None = None
     value: float | None = Field(default=None, description="Regression runs: the predicted value.")
+    text: str | None = Field(default=None, description="Seq2seq runs: the generated text.")
 
 
 class PredictResponse(BaseModel):

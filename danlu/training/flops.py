@@ -59,8 +59,10 @@ def _matmul(n, input_grad, weight_grad):
 
 def measure_peak_flops(device, dtype=torch.float32, size=2048, repeats=10):
     """Best FLOP/s of a size x size matmul in `dtype` on `device` (the dense-math ceiling the model can reach)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # a generator of its own: drawing from the global one would shift a resumed run's dropout masks
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first call warms up kernels and caches
         _sync(device)

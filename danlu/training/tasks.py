@@ -224,6 +224,38 @@ class MaskedLMTask(_LanguageModelTask):
         return loss, logits
 
 
+# ---------------------------------------------------------------------------------------------
+# text to text
+
+
+class Seq2SeqTask(_LanguageModelTask):
+    """Cross-entropy of the target tokens (labels: target + EOS, IGNORE on padding) given the source and the
+    target prefix, with label smoothing (Szegedy et al. 2016) in training; evaluation reports the plain
+    cross-entropy, perplexity and token accuracy (BLEU and ROUGE need decoding: danlu.jobs.seq2seq)."""
+
+    name = "seq2seq"
+
+    def __init__(self, labels=(), label_smoothing=0.0):
+        super().__init__(labels)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model, batch):
+        smoothing = self.label_smoothing if torch.is_grad_enabled() else 0.0
+        head = getattr(model, "lm_head", None)
+        if not smoothing and head is not None and torch.is_grad_enabled() and model.training:  # logits never held
+            hidden = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], return_hidden=True)
+            loss, correct, count = lm_head_loss(hidden, head.weight, batch["labels"], IGNORE)
+            return loss, Counted(count, correct)
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                               label_smoothing=smoothing)
+        return loss, logits
+
+    def counts(self, outputs, batch):
+        count, correct, _ = super().counts(outputs, batch)
+        return count, correct, int(batch["attention_mask"].sum()) + count  # source + target tokens
+
+
 TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask,
-         "masked_lm": MaskedLMTask}
+         "masked_lm": MaskedLMTask, "seq2seq": Seq2SeqTask}
 """The implementation of each task named in danlu.registry.TASKS (tests/test_layering.py checks they match)."""

@@ -1,0 +1,268 @@
+"""Seq2Seq: the encoder-decoder Transformer of Vaswani et al. 2017 ("Attention Is All You Need"), pre-norm.
+
+Source tokens -> embedding (x sqrt(C), §3.4) + sinusoidal positions (§3.5) -> bidirectional blocks ->
+memory. Target tokens (shifted right: BOS first) -> embedding + positions -> decoder layers, each a
+causal self-attention (KV-cached while decoding), a cross-attention over the memory and a
+feed-forward, every sub-layer pre-norm (Xiong et al. 2020) -> final norm -> head over the target
+vocabulary. The encoder blocks and the decoder's self-attention and feed-forward are the zoo's own
+(`blocks.Block`, `blocks.Attention`, `blocks.FeedForward`); only cross-attention is new here.
+
+Tied embeddings (Press & Wolf 2017): the decoder's embedding is the output head; with one tokenizer for
+both sides (`spec.target_vocab_size` 0) the encoder shares that matrix too, as Vaswani et al. §3.4 do.
+
+With `spec.num_classes > 0` the encoder alone is a sequence classifier (mean of its states), so the
+model fits every task of the zoo; with 0 it maps (source, target prefix) to next-token logits.
+
+Incremental decoding: `memory = model.encode(ids, mask)`, `cache = model.new_cache(memory, mask, max_length)`,
+then `model.decode(next_ids, cache=cache)` once per step; `cache.reorder(index)` follows beam search.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from danlu.models.blocks import (Attention, Block, FeedForward, KVCache, init_weights, make_norm,
+                                 padding_mask, sinusoidal_table)
+from danlu.registry import ConfigError
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    kind: str = "seq2seq"
+    size: str = ""
+    """A preset of SIZE_PRESETS below (tiny, small, base) whose values fill the keys this section leaves out."""
+    embed_dim: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 0
+    """Key/value heads of the attentions (0: num_heads)."""
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    num_layers: int = 0
+    """Both encoder_layers and decoder_layers when not 0 (a shorthand; the conformance sizes use it)."""
+    intermediate_dim: int = 0
+    """Feed-forward width (0: 4 x embed_dim)."""
+    dropout: float = 0.1
+    max_positions: int = 512
+    """Rows of the sinusoidal position table; the data's max_length + 2 is used when it is larger."""
+    norm: str = "layernorm"
+    """layernorm or rmsnorm."""
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    """gelu, gelu_tanh or swiglu."""
+    bias: bool = True
+    tie_embeddings: bool = True
+    """The output head is the decoder's embedding (and the encoder's, when both sides share a tokenizer)."""
+
+    def __post_init__(self):
+        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
+                                  + ", ".join(allowed))
+        if self.embed_dim % self.num_heads or self.num_heads % self.kv_heads:
+            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads "
+                              f"({self.num_heads}), and num_heads by model.num_kv_heads ({self.kv_heads})")
+        if min(self.layers) < 1:
+            raise ConfigError(f"model.encoder_layers and model.decoder_layers must be at least 1, got {self.layers}")
+
+    @property
+    def layers(self):
+        """(encoder layers, decoder layers)."""
+        return (self.num_layers, self.num_layers) if self.num_layers else (self.encoder_layers, self.decoder_layers)
+
+    @property
+    def kv_heads(self):
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self):
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_dim(self):
+        return self.intermediate_dim or 4 * self.embed_dim
+
+
+# Presets are data: field overrides for Seq2SeqConfig.
+SIZE_PRESETS = {
+    "tiny": dict(embed_dim=64, num_heads=2, encoder_layers=2, decoder_layers=2, max_positions=256),  # for tests
+    "small": dict(embed_dim=256, num_heads=4, encoder_layers=3, decoder_layers=3, intermediate_dim=1024),
+    "base": dict(embed_dim=512, num_heads=8, encoder_layers=6, decoder_layers=6, intermediate_dim=2048),  # Vaswani base
+}
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder memory (Vaswani et al. §3.2.3). The memory's keys and values are
+    computed once per source (`memory_kv`) and reused at every decoding step."""
+
+    def __init__(self, embed_dim, num_heads, num_kv_heads, bias=True, dropout=0.0):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, embed_dim // num_heads
+        self.dropout = dropout
+        self.q = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv = nn.Linear(embed_dim, 2 * num_kv_heads * self.head_dim, bias=bias)
+        self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_dropout = nn.Dropout(dropout)
+
+    def memory_kv(self, memory):
+        """memory (B, S, C) -> keys, values (B, K, S, D) each."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2 * self.num_kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        return k, v  # (B, K, S, D) each
+
+    def forward(self, x, kv, mask=None):
+        """x (B, T, C); kv = memory_kv(memory); mask bool (B, 1, 1, S), True = a real source token."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
+
+
+class DecoderLayer(nn.Module):
+    """x + self_attn(norm(x)) (causal), x + cross_attn(norm(x), memory), x + ffn(norm(x))."""
+
+    def __init__(self, c: Seq2SeqConfig):
+        super().__init__()
+        C = c.embed_dim
+        self.attn_norm = make_norm(c.norm, C, c.norm_eps, c.bias)
+        self.attn = Attention(C, c.num_heads, c.kv_heads, c.bias, c.dropout, causal=True)
+        self.cross_norm = make_norm(c.norm, C, c.norm_eps, c.bias)
+        self.cross = CrossAttention(C, c.num_heads, c.kv_heads, c.bias, c.dropout)
+        self.ffn_norm = make_norm(c.norm, C, c.norm_eps, c.bias)
+        self.ffn = FeedForward(C, c.ffn_dim, c.mlp, c.bias, c.dropout)
+
+    def forward(self, x, memory_kv, memory_mask, kv=None, start=0):
+        x = x + self.attn(self.attn_norm(x), None, None, kv, start)  # (B, T, C)
+        x = x + self.cross(self.cross_norm(x), memory_kv, memory_mask)  # (B, T, C)
+        return x + self.ffn(self.ffn_norm(x))  # (B, T, C)
+
+
+class Seq2SeqCache:
+    """What decoding keeps per row: the decoder's self-attention KVCache, every layer's memory keys and
+    values, and the memory's key mask. `reorder(index)` keeps rows `index` (B,) (beam search)."""
+
+    def __init__(self, self_cache: KVCache, memory_kv, memory_mask):
+        self.self_cache, self.memory_kv, self.memory_mask = self_cache, memory_kv, memory_mask
+
+    @property
+    def length(self):
+        return self.self_cache.length
+
+    def reorder(self, index, memory=True):
+        """Keep rows `index` (B,) of the filled slots, in place. memory=False: the memory's keys and values
+        stay, because every row moves within its own source's group (beam search)."""
+        c, n = self.self_cache, self.self_cache.length
+        c.keys[:, :, :, :n] = c.keys[:, index, :, :n]  # (L, B, K, n, D)
+        c.values[:, :, :, :n] = c.values[:, index, :, :n]
+        c.mask[:, :n] = c.mask[index, :n]
+        if memory:
+            self.memory_kv = [(k[index], v[index]) for k, v in self.memory_kv]
+            if self.memory_mask is not None:
+                self.memory_mask = self.memory_mask[index]
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, config: Seq2SeqConfig, spec):
+        super().__init__()
+        self.config = config
+        self.num_classes = spec.num_classes
+        c, C = config, config.embed_dim
+        target_vocab = getattr(spec, "target_vocab_size", 0) or spec.vocab_size
+        self.shared_vocab = target_vocab == spec.vocab_size and not getattr(spec, "target_vocab_size", 0)
+        self.embed = nn.Embedding(spec.vocab_size, C)  # the encoder's (source) embedding
+        self.register_buffer("position_table", sinusoidal_table(max(c.max_positions, spec.max_length + 2), C),
+                             persistent=False)  # (P, C): fixed, recomputed on load
+        self.dropout = nn.Dropout(c.dropout)
+        encoder_layers, decoder_layers = c.layers
+        self.encoder = nn.ModuleList(Block(C, c.num_heads, c.kv_heads, c.ffn_dim, c.mlp, c.norm, c.norm_eps, c.bias,
+                                           c.dropout) for _ in range(encoder_layers))
+        self.encoder_norm = make_norm(c.norm, C, c.norm_eps, c.bias)
+        if spec.num_classes > 0:  # an encoder classifier: no decoder at all
+            self.head = nn.Linear(C, spec.num_classes)
+            init_weights(self, num_layers=encoder_layers)
+            return
+        self.target_embed = nn.Embedding(target_vocab, C)
+        self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(decoder_layers))
+        self.decoder_norm = make_norm(c.norm, C, c.norm_eps, c.bias)
+        self.head = nn.Linear(C, target_vocab, bias=False)
+        init_weights(self, num_layers=encoder_layers + decoder_layers)
+        if c.tie_embeddings:
+            self.head.weight = self.target_embed.weight
+            if self.shared_vocab:
+                self.embed.weight = self.target_embed.weight
+
+    def _embed(self, table, ids, start=0):
+        T = ids.shape[1]
+        if start + T > self.position_table.shape[0]:
+            raise ValueError(f"{start + T} positions needed; the model has {self.position_table.shape[0]} "
+                             f"(model.max_positions)")
+        x = table(ids) * math.sqrt(self.config.embed_dim) + self.position_table[start : start + T]  # (B, T, C)
+        return self.dropout(x)
+
+    def encode(self, input_ids, attention_mask=None):
+        """Source ids (B, S), mask (B, S) bool (True = real token) -> memory (B, S, C)."""
+        mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
+        x = self._embed(self.embed, input_ids)  # (B, S, C)
+        for block in self.encoder:
+            x = block(x, mask)  # (B, S, C)
+        return self.encoder_norm(x)
+
+    def decode(self, decoder_input_ids, memory=None, attention_mask=None, cache=None):
+        """Next-token logits (B, T, V) of target prefixes (B, T) (right padding needs no mask: under
+        causality real tokens never see it). Without `cache`, over `memory` (B, S, C) with source mask
+        `attention_mask` (B, S); with it, decoder_input_ids are the T tokens after those cached."""
+        return self.head(self.decoder_states(decoder_input_ids, memory, attention_mask, cache))  # (B, T, V)
+
+    def decoder_states(self, decoder_input_ids, memory=None, attention_mask=None, cache=None):
+        """The decoder's final (normed) hidden states (B, T, C); `decode` without the head."""
+        if cache is None:
+            mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
+            memory_kv, start, kv = [layer.cross.memory_kv(memory) for layer in self.decoder], 0, None
+        else:
+            memory_kv, mask, start = cache.memory_kv, cache.memory_mask, cache.length
+            if start and decoder_input_ids.shape[1] > 1:  # SDPA's is_causal would align the queries to key 0
+                raise ValueError("after the first step, decode one token at a time with the cache")
+            if start + decoder_input_ids.shape[1] > cache.self_cache.max_length:
+                raise ValueError(f"KV cache holds {cache.self_cache.max_length} tokens; more needed")
+        x = self._embed(self.target_embed, decoder_input_ids, start)  # (B, T, C)
+        for i, layer in enumerate(self.decoder):
+            kv = cache.self_cache.layer(i) if cache is not None else None
+            x = layer(x, memory_kv[i], mask, kv, start)  # (B, T, C)
+        if cache is not None:
+            cache.self_cache.length = start + decoder_input_ids.shape[1]
+        return self.decoder_norm(x)  # (B, T, C)
+
+    @property
+    def lm_head(self):
+        """The output layer when it is one plain bias-free linear map, so that `hidden @ lm_head.weight.T` are the
+        logits of `forward(..., return_hidden=True)`'s states (Seq2SeqTask's loss reads it); None otherwise."""
+        head = self.head
+        return head if self.num_classes == 0 and type(head) is nn.Linear and head.bias is None else None
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, return_hidden=False):
+        """Logits (B, T, target vocab) for the target prefixes decoder_input_ids (B, T) given the source
+        input_ids (B, S); a classifier (spec.num_classes > 0): logits (B, num_classes) of the source.
+        With `return_hidden`, the decoder's final (normed) states (B, T, C) that the head maps to logits."""
+        memory = self.encode(input_ids, attention_mask)  # (B, S, C)
+        if self.num_classes > 0:
+            if attention_mask is None:
+                return self.head(memory.mean(1))  # (B, num_classes)
+            weights = attention_mask.unsqueeze(-1).to(memory.dtype)  # (B, S, 1)
+            return self.head((memory * weights).sum(1) / weights.sum(1).clamp(min=1.0))  # (B, num_classes)
+        if decoder_input_ids is None:
+            raise ValueError("a seq2seq model needs decoder_input_ids (the target shifted right, BOS first)")
+        if return_hidden:
+            return self.decoder_states(decoder_input_ids, memory, attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask)
+
+    def new_cache(self, memory, attention_mask, max_length):
+        """A Seq2SeqCache for decoding up to `max_length` target tokens after the source memory (B, S, C)."""
+        c, B = self.config, memory.shape[0]
+        self_cache = KVCache(len(self.decoder), B, c.kv_heads, max_length, c.head_dim, memory.dtype, memory.device)
+        mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
+        return Seq2SeqCache(self_cache, [layer.cross.memory_kv(memory) for layer in self.decoder], mask)
