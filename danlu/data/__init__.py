@@ -101,7 +101,7 @@ def read_splits(cfg, seed, numeric=False):
         splits = {"train": train}
         missing = [name for name in ("val", "test") if not getattr(cfg, name)]
         if missing:
-            splits.update(_split(train, seed, cfg.val_fraction if "val" in missing else 0.0,
+            splits.update(split_examples(train, seed, cfg.val_fraction if "val" in missing else 0.0,
                                  cfg.test_fraction if "test" in missing else 0.0))
     for name in ("val", "test"):
         if getattr(cfg, name):
@@ -124,7 +124,8 @@ def split_indices(n, origins, seed, val_fraction, test_fraction):
     return {name: idx for name, idx in parts.items() if name == "train" or len(idx)}
 
 
-def _split(ex, seed, val_fraction, test_fraction):
+def split_examples(ex, seed, val_fraction, test_fraction):
+    """train / val / test Examples cut from `ex` by a seeded shuffle (a fraction of 0 leaves that split out)."""
     out = {}
     for name, idx in split_indices(len(ex.texts), ex.origins, seed, val_fraction, test_fraction).items():
         out[name] = Examples([ex.texts[i] for i in idx], [ex.labels[i] for i in idx], [ex.origins[i] for i in idx],

@@ -94,7 +94,7 @@ SEQ2SEQ_DATASETS = {"bible_en_de": dict(source="4", target="e")}
 
 def read_seq2seq_splits(cfg, seed=0):
     """{train, val, test} Examples (texts = sources, labels = targets) from files or a built-in set."""
-    from danlu.data import _split
+    from danlu.data import split_examples
 
     if cfg.train in SEQ2SEQ_DATASETS and not os.path.exists(cfg.train):
         if cfg.split_by not in ("chapter", "book"):
@@ -104,7 +104,7 @@ def read_seq2seq_splits(cfg, seed=0):
         splits = {"train": read_pairs(cfg.train, cfg)}
         missing = [name for name in ("val", "test") if not getattr(cfg, name)]
         if missing:
-            splits.update(_split(splits["train"], seed, cfg.val_fraction if "val" in missing else 0.0,
+            splits.update(split_examples(splits["train"], seed, cfg.val_fraction if "val" in missing else 0.0,
                                  cfg.test_fraction if "test" in missing else 0.0))
         for name in ("val", "test"):
             if getattr(cfg, name):
