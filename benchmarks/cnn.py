@@ -52,7 +52,7 @@ class DanluSide:
     def __init__(self, cfg, data, run_dir):
         import danlu
         from danlu.models import build_model
-        from danlu.pipeline import seed_everything
+        from danlu.jobs.skeleton import seed_everything
         from danlu.training.tasks import ClassificationTask
         from danlu.training.trainer import Trainer
 

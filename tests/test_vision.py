@@ -213,7 +213,7 @@ def test_predict_errors(cnn_run, tmp_path):
 
 def test_a_text_run_refuses_images(tmp_path, bars, capsys):
     from danlu.cli import main
-    from danlu.serve.tiny_runs import classifier_run
+    from danlu.testing import classifier_run
 
     text_run = classifier_run(str(tmp_path / "text"), rows=20)
     with pytest.raises(DataError, match="classifies text.*is an image"):
@@ -280,7 +280,7 @@ def test_serve_images_as_base64_and_multipart(cnn_run, bars, tmp_path):
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.predictor import Predictor
     from danlu.serve.server import ServerThread
-    from danlu.serve.tiny_runs import classifier_run
+    from danlu.testing import classifier_run
 
     png = open(os.path.join(bars, "v", "3.png"), "rb").read()
     expected = cnn_run.predict([os.path.join(bars, "v", "3.png")])[0]
