@@ -215,7 +215,7 @@ def create_app(predictor, options: ServeOptions | None = None):
                 raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
                                param="texts", code="too_many_texts")
             if seq2seq:  # decoded as the run's seq2seq section says (beam search by default)
-                results = await state.run([(t, {}) for t in texts], state.deadline())
+                results = await state.run(Job([(t, {}) for t in texts]), state.deadline())
                 data = [s.Prediction(index=i, text=text) for i, (text, _, _) in enumerate(results)]
                 return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
             results = await state.run(texts, state.deadline())
