@@ -332,7 +332,7 @@ def test_chat_finetune_reads_pairs_and_scores_its_answers(tmp_path, capsys):
     sample = "configs/data/summarize_sample.jsonl"
     rows = [json.loads(line) for line in open(sample, encoding="utf-8")][:40]
     for row in rows:  # short documents, so that each answer fits the tiny base's 256 positions (a cut answer trains nothing)
-        row["document"] = row["document"][:120]
+        row["document"] = row["document"][:100]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     columns = ("document", "summary")
@@ -345,7 +345,7 @@ def test_chat_finetune_reads_pairs_and_scores_its_answers(tmp_path, capsys):
     language_model_run(str(base), steps=5)
     run = finetune({"task": "causal_lm", "run": {"dir": str(tmp_path / "lora")},
                     "finetune": {"base": str(base), "method": "lora", "lora_r": 2, "system": "Summarize.",
-                                 "max_length": 200},
+                                 "max_length": 256},
                     "data": {"train": str(pairs), "source_column": "document", "target_column": "summary",
                              "val_fraction": 0.1, "test_fraction": 0.1},
                     "seq2seq": {"max_new_tokens": 8},

@@ -26,6 +26,8 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
     """Metrics of `run` on `path`; with `out_dir`, also metrics.json and (classifiers) a report there."""
     data_cfg = dataclasses.replace(run.cfg.data, **data_overrides)
     device = str(next(run.model.parameters()).device)
+    if run.cfg.task == "seq2seq" or (run.cfg.task == "causal_lm" and _pair_file(run, path, data_cfg)):
+        return _evaluate_text_to_text(run, path, data_cfg, out_dir)
     if TASKS[run.cfg.task].language_model:
         from danlu.data.corpus import held_out_stream
 
@@ -37,8 +39,6 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
             del stream  # the memory map, before its folder goes
         _save(out_dir, path, metrics)
         return metrics
-    if run.cfg.task == "seq2seq" or (run.cfg.task == "causal_lm" and _pair_file(run, path, data_cfg)):
-        return _evaluate_text_to_text(run, path, data_cfg, out_dir)
     if hasattr(run, "preprocess"):  # an image run: a labelled folder or table of images
         return _evaluate_images(run, path, out_dir, device, **data_overrides)
     regression = run.cfg.task == "regression"
