@@ -260,6 +260,9 @@ def _build(raw) -> RunConfig:
         presets = getattr(sys.modules[cls.__module__], "SIZE_PRESETS", {})
         model_raw = {**resolve(model_raw["size"], presets, "model.size"), **model_raw}
     model = _make(cls, model_raw, "model")
+    from danlu.training.tasks import ALL_TASKS  # the task names its history columns and their directions
+
+    ALL_TASKS[task](()).higher_is_better(sections["train"].early_stopping.metric)
     return RunConfig(model=model, task=task, **sections)
 
 
