@@ -365,6 +365,11 @@ def _build(raw) -> RunConfig:
     if sections["data"].tokenizer.kind == "imported" and not sections["finetune"].base:
         raise ConfigError("data.tokenizer.kind: imported means the tokenizer of finetune.base, which is not set; "
                           "to train a tokenizer use char, bpe or wordpiece")
+    stopping = sections["train"].early_stopping.metric  # a history column of this task, checked before any data
+    monitors = dict(TASKS[task].monitors)
+    if stopping not in monitors:
+        raise ConfigError(f"train.early_stopping.metric: unknown metric {stopping!r} for task {task}; "
+                          f"expected one of: {', '.join(monitors)}")
     return RunConfig(model=model, task=task, **sections)
 
 

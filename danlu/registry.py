@@ -33,15 +33,25 @@ class TaskKind:
     finetune: bool = False
     """`danlu finetune` can start it from a pretrained base."""
     description: str = ""
+    monitors: tuple = ()
+    """(history column, higher is better) for every column early stopping and restore_best can watch."""
 
+
+_CLASSIFIER = (("val_loss", False), ("val_accuracy", True), ("train_loss", False), ("train_accuracy", True))
+_TOKENS = (("val_loss", False), ("val_perplexity", False), ("val_accuracy", True), ("train_loss", False),
+           ("train_perplexity", False), ("train_accuracy", True))  # accuracy: of the next (or masked) token
 
 TASKS = {t.name: t for t in (
-    TaskKind("classification", "train", finetune=True, description="texts -> one of several classes (cross-entropy)"),
-    TaskKind("regression", "train", description="texts -> a number (mean squared error)"),
+    TaskKind("classification", "train", finetune=True, description="texts -> one of several classes (cross-entropy)",
+             monitors=_CLASSIFIER),
+    TaskKind("regression", "train", description="texts -> a number (mean squared error)",
+             monitors=(("val_loss", False), ("val_r2", True), ("val_mae", False), ("train_loss", False))),
     TaskKind("causal_lm", "pretrain", language_model=True, finetune=True,
-             description="next-token prediction (GPT); chat fine-tuning"),
-    TaskKind("masked_lm", "pretrain", language_model=True, description="masked-token prediction (BERT)"),
-    TaskKind("seq2seq", "train", description="text -> text: translation, summarization (encoder-decoder)"),
+             description="next-token prediction (GPT); chat fine-tuning", monitors=_TOKENS),
+    TaskKind("masked_lm", "pretrain", language_model=True, description="masked-token prediction (BERT)",
+             monitors=_TOKENS),
+    TaskKind("seq2seq", "train", description="text -> text: translation, summarization (encoder-decoder)",
+             monitors=_TOKENS),
 )}
 """Every task by name: the config, the jobs, the CLI, compare and serve read this one table."""
 

@@ -74,6 +74,17 @@ def test_an_unknown_early_stopping_metric_fails_before_training(data):
     assert events.seen == [] and trainer.optimizer is None
 
 
+def test_a_config_with_an_unknown_metric_fails_at_load():
+    from danlu.config import load
+
+    with pytest.raises(ConfigError, match=r"train.early_stopping.metric: unknown metric 'val_perplexity' for task "
+                                          r"classification; expected one of: val_loss, val_accuracy"):
+        load({"train": {"early_stopping": {"metric": "val_perplexity"}}}, fresh_dir=False)
+    cfg = load({"task": "causal_lm", "model": {"kind": "gpt"}}, ["train.early_stopping.metric=val_perplexity"],
+               fresh_dir=False)
+    assert cfg.train.early_stopping.metric == "val_perplexity"
+
+
 def test_each_task_declares_which_way_its_metrics_are_better():
     assert RegressionTask().monitors() == {"val_loss": False, "val_r2": True, "val_mae": False, "train_loss": False}
     assert CausalLMTask().monitors() == {"val_loss": False, "val_perplexity": False, "val_accuracy": True,

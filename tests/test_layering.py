@@ -152,6 +152,8 @@ def test_every_task_has_one_implementation():
     assert set(TASKS) == set(IMPLEMENTATIONS)
     for name, cls in IMPLEMENTATIONS.items():
         assert cls.name == name
+        # the config checks train.early_stopping.metric against the registry; the loop reads the task's own
+        assert dict(TASKS[name].monitors) == cls(()).monitors(), name
 
 
 @pytest.mark.parametrize("verb", ["train", "pretrain", "finetune"])

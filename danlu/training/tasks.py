@@ -49,6 +49,17 @@ class Task:
             out[column] = self.metrics[column.removeprefix("train_")] == "max"
         return out
 
+    def higher_is_better(self, column, where="train.early_stopping.metric"):
+        """Whether higher values of a history column are better; a ConfigError listing the valid columns when
+        this task's rows have no such column."""
+        monitors = self.monitors()
+        if column not in monitors:
+            from danlu.registry import ConfigError
+
+            raise ConfigError(f"{where}: unknown metric {column!r} for task {self.name}; "
+                              f"expected one of: {', '.join(monitors)}")
+        return monitors[column]
+
     def counts(self, outputs, batch):
         """(count, correct, processed): the batch loss is a mean over `count` targets, `correct` of them
         predicted right; `processed` units (examples or tokens) went through the model."""

@@ -135,7 +135,7 @@ class Trainer:
         directory's last checkpoint. epochs / batch_size, when given, replace the config's."""
         given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v}
         self.cfg = cfg = dataclasses.replace(self.cfg, **given)
-        higher_is_better = self._monitor_direction()  # a misspelt metric fails here, before any work
+        higher_is_better = self.task.higher_is_better(cfg.early_stopping.metric)  # misspelt: fails before any work
         with kept_freed_memory(cfg.keep_freed_memory and self.device.type == "cpu"):
             callbacks = self._begin(train, resume)
             state, every = self.state, cfg.eval_every  # every 0: a row per epoch; N: a row every N optimizer steps
@@ -261,15 +261,6 @@ class Trainer:
         state.track(row.get(self.cfg.early_stopping.metric), higher_is_better)
         self._call(callbacks, "on_epoch_end", row)
         state.units, state.started = 0, time.perf_counter()
-
-    def _monitor_direction(self):
-        """Whether higher is better for train.early_stopping.metric, from the task; a ConfigError naming the
-        valid columns when the task's history rows have no such column."""
-        monitors, metric = self.task.monitors(), self.cfg.early_stopping.metric
-        if metric not in monitors:
-            raise ConfigError(f"train.early_stopping.metric: unknown metric {metric!r} for task {self.task.name}; "
-                              f"expected one of: {', '.join(monitors)}")
-        return monitors[metric]
 
     def _call(self, callbacks, event, *args):
         for callback in callbacks:
