@@ -117,7 +117,9 @@ class ImageRun(Run):
         cannot be read is a DataError naming it (its path, or its position in the list)."""
         arrays = []
         for i, image in enumerate(images):
-            if isinstance(image, str) and not os.path.exists(image) and not looks_like_image_file(image):
+            if isinstance(image, str) and not os.path.exists(image):
+                if image.lower().endswith(IMAGE_SUFFIXES):
+                    raise DataError(f"{image}: file not found")
                 raise DataError(f"{self.path} classifies images (model.kind {self.cfg.model.kind}); {_clip(image)!r} "
                                 f"is not an image file. Give image files (PNG, JPEG, BMP, GIF ...)")
             where = image if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"
