@@ -211,7 +211,11 @@ def read_images(path, cfg, need_labels=True) -> ImageExamples:
             raise DataError(f"{path}: unknown file type {ext or '(none)'!r} for images; expected a folder of class "
                             f"sub-folders, or a table: {', '.join(TABLES + RECORDS)}")
     if not out.sources:
-        raise DataError(f"{path}: no images found" + (f" ({out.skipped} bad rows skipped)" if out.skipped else ""))
+        nested = os.path.isdir(path) and any(os.path.isdir(os.path.join(path, d, e)) for d in os.listdir(path)
+                                             if os.path.isdir(os.path.join(path, d)) for e in os.listdir(os.path.join(path, d)))
+        hint = (" (its sub-folders hold folders, not images: split folders such as train/ and test/ go to "
+                "data.train and data.test one each)") if nested else ""
+        raise DataError(f"{path}: no images found" + (f" ({out.skipped} bad rows skipped)" if out.skipped else "") + hint)
     return out
 
 
