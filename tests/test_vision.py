@@ -118,6 +118,8 @@ def test_tables_of_paths_relative_to_the_file_and_jsonl(tmp_path):
     assert len(ex.sources) == 8 and all(os.path.isfile(s) for s in ex.sources) and ex.labels[0] == "h"
     (tmp_path / "list.jsonl").write_text("".join(json.dumps({"file": p, "class": lab}) + "\n" for p, lab in rows))
     assert read_images(tmp_path / "list.jsonl", cfg).sources == ex.sources
+    with pytest.raises(DataError, match="'file' holds image paths; set data.image_column=file"):
+        read_images(tmp_path / "list.csv", config_mod.load({"data": {"label_column": "class"}, "model": {"kind": "cnn"}}).data)
     with pytest.raises(DataError, match="no 'label' column"):
         read_images(tmp_path / "list.csv", config_mod.load({"data": {"image_column": "file"}, "model": {"kind": "cnn"}}).data)
 

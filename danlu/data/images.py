@@ -33,6 +33,7 @@ from danlu.data.sources import DataError, decode
 from danlu.data.spec import DataSpec
 
 TABLES = (".csv", ".tsv", ".txt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 RECORDS = (".jsonl", ".json", ".ndjson")
 
 
@@ -210,7 +211,11 @@ def read_images(path, cfg, need_labels=True) -> ImageExamples:
             raise DataError(f"{path}: unknown file type {ext or '(none)'!r} for images; expected a folder of class "
                             f"sub-folders, or a table: {', '.join(TABLES + RECORDS)}")
     if not out.sources:
-        raise DataError(f"{path}: no images found" + (f" ({out.skipped} bad rows skipped)" if out.skipped else ""))
+        nested = os.path.isdir(path) and any(os.path.isdir(os.path.join(path, d, e)) for d in os.listdir(path)
+                                             if os.path.isdir(os.path.join(path, d)) for e in os.listdir(os.path.join(path, d)))
+        hint = (" (its sub-folders hold folders, not images: split folders such as train/ and test/ go to "
+                "data.train and data.test one each)") if nested else ""
+        raise DataError(f"{path}: no images found" + (f" ({out.skipped} bad rows skipped)" if out.skipped else "") + hint)
     return out
 
 
@@ -327,6 +332,11 @@ def _pixel_rows(path, cfg, header, body, first_line, need_labels):
                         f"(data.image_column) or pixel columns and a label column {cfg.label_column!r} "
                         f"(data.label_column); columns: {', '.join(header[:8])}{' ...' if len(header) > 8 else ''}")
     pixel_at = [i for i in range(len(header)) if i != label_at]
+    first = next((row for row in body if any(cell.strip() for cell in row)), [])
+    for i in pixel_at:  # a table of paths whose column is not data.image_column
+        if i < len(first) and first[i].strip().lower().endswith(IMAGE_SUFFIXES):
+            raise DataError(f"{path}: the column {header[i]!r} holds image paths; set data.image_column={header[i]} "
+                            f"(it is {cfg.image_column!r})")
     shape = _pixel_shape(path, cfg, len(pixel_at))
     out = ImageExamples([], [], [])
     for n, row in enumerate(body, first_line):
@@ -408,9 +418,6 @@ def digits():
 
 # name -> function returning {"train": ImageExamples, "val": ImageExamples, "test": ImageExamples}
 IMAGE_DATASETS = {"digits": digits}
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def looks_like_image_file(text):

@@ -153,7 +153,7 @@ def write_image_eval_report(run, data_path, metrics, out_dir, dataset, examples,
 
 def _config_blocks(run):
     cfg, pre = run.cfg, run.preprocess
-    model = ", ".join(f"{k} {v}" for k, v in vars(cfg.model).items() if k != "kind")
+    model = ", ".join(f"{k} {v}" for k, v in vars(cfg.model).items() if k != "kind" and v != "")
     augment = [x for x in (f"pad-and-crop {pre.pad_crop} px" if pre.pad_crop else "",
                            "random crop" if pre.crop else "", "left-right flip" if pre.flip else "") if x]
     rows = [["task", cfg.task], ["data", f"`{cfg.data.train}`"], ["model", f"{cfg.model.kind} ({model})"],

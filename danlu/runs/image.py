@@ -20,7 +20,7 @@ import torch
 
 from danlu import config as config_mod
 from danlu.data.image_transforms import ImagePreprocess
-from danlu.data.images import clip_text, encode_images, image_spec, looks_like_image_file, read_images
+from danlu.data.images import IMAGE_SUFFIXES, clip_text, encode_images, image_spec, read_images
 from danlu.data.sources import DataError
 from danlu.files import load_tensors, load_weights, read_json
 from danlu.models import build_model
@@ -50,7 +50,9 @@ class ImageRun(Run):
         cannot be read is a DataError naming it (its path, or its position in the list)."""
         arrays = []
         for i, image in enumerate(images):
-            if isinstance(image, str) and not os.path.exists(image) and not looks_like_image_file(image):
+            if isinstance(image, str) and not os.path.exists(image):
+                if image.lower().endswith(IMAGE_SUFFIXES):
+                    raise DataError(f"{image}: file not found")
                 raise DataError(f"{self.path} classifies images (model.kind {self.cfg.model.kind}); {clip_text(image)!r} "
                                 f"is not an image file. Give image files (PNG, JPEG, BMP, GIF ...)")
             where = image if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"
