@@ -197,7 +197,11 @@ def test_every_shipped_config_loads_and_names_data_that_exists(name, monkeypatch
 
     monkeypatch.chdir(ROOT)
     cfg = config.load(name, fresh_dir=False)
+    from danlu.data.images import IMAGE_DATASETS
+    from danlu.data.seq2seq import SEQ2SEQ_DATASETS
+
     builtin = CORPORA if cfg.task in ("causal_lm", "masked_lm") and not cfg.finetune.base else CLASSIFICATION_DATASETS
+    builtin = {**builtin, **IMAGE_DATASETS, **SEQ2SEQ_DATASETS}
     for split in ("train", "val", "test"):
         source = getattr(cfg.data, split)
         assert not source or source in builtin or (ROOT / source).exists(), f"{name}: data.{split}={source}"

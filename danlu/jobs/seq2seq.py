@@ -20,7 +20,6 @@ from danlu.jobs.skeleton import Job, Plan
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
 from danlu.runs.seq2seq import Seq2SeqRun, load_tokenizers
-from danlu.training import distributed as dist
 from danlu.training.tasks import Seq2SeqTask
 from danlu.training.trainer import Trainer
 
