@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
@@ -144,6 +145,9 @@ def test_one_place_for_sampling_defaults():
     http = Sampling(model="m")
     for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         assert getattr(http, name) == getattr(SAMPLING, name), name
+    from danlu.generation import DECODE_PRECISIONS, DecodePrecision
+
+    assert typing.get_args(DecodePrecision) == tuple(DECODE_PRECISIONS)  # --precision's choices are the table's
 
 
 def test_flags_check_choices_and_ranges_like_the_config(capsys):
