@@ -158,7 +158,8 @@ def cmd_pretrain(args):
 
 
 def cmd_generate(args):
-    from danlu.generation import SamplingConfig, generate, set_decode_precision, stream_generate
+    from danlu.generation import generate, set_decode_precision, stream_generate
+    from danlu.sampling import SamplingConfig
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
@@ -196,8 +197,9 @@ def cmd_finetune(args):
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
     from danlu.chat_template import load_template, render_chat, stop_sequences
-    from danlu.generation import SamplingConfig, set_decode_precision, stream_generate
+    from danlu.generation import set_decode_precision, stream_generate
     from danlu.runs import load_run
+    from danlu.sampling import SamplingConfig
 
     run = load_run(args.run, device=args.device)
     if run.cfg.task != "causal_lm":
@@ -375,7 +377,7 @@ def _info_args(p):
 
 
 def _generate_args(p):
-    from danlu.generation import SamplingConfig
+    from danlu.sampling import SamplingConfig
 
     _add_run_arg(p)
     p.add_argument("prompts", nargs="*", help="texts to continue (each is streamed in turn)")
@@ -385,7 +387,7 @@ def _generate_args(p):
 
 
 def _add_precision_arg(p, what="weights while decoding"):
-    from danlu.generation import DecodePrecision
+    from danlu.sampling import DecodePrecision
 
     p.add_argument("--precision", default="fp32", choices=typing.get_args(DecodePrecision),
                    help=f"{what} (default fp32); bf16 reads half the bytes: faster on GPUs, and on CPUs with "
@@ -401,7 +403,7 @@ def _finetune_args(p):
 
 def _chat_args(p):
     _add_run_arg(p)
-    from danlu.generation import CHAT_SAMPLING, SamplingConfig
+    from danlu.sampling import CHAT_SAMPLING, SamplingConfig
 
     p.add_argument("--system", default="", help="system prompt at the start of the conversation")
     add_field_flags(p, SamplingConfig, defaults=CHAT_SAMPLING, skip=("stop",))  # replies stop where the template says

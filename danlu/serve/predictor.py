@@ -15,8 +15,8 @@ import os
 import torch
 
 from danlu.chat_template import load_template, render_chat, stop_sequences
-from danlu.generation import SAMPLING
 from danlu.registry import ConfigError
+from danlu.sampling import SAMPLING
 
 LM_TASKS = ("causal_lm",)
 

@@ -3,7 +3,7 @@
 Fields OpenAI defines but danlu does not use (user, logit_bias, presence_penalty, ...) are accepted
 and ignored, as OpenAI-compatible servers do, so that existing clients work unchanged; unknown
 fields are ignored too. Values out of range are refused with 400 and the name of the field. The sampling
-defaults are danlu.generation.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
+defaults are danlu.sampling.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from danlu.generation import SAMPLING
+from danlu.sampling import SAMPLING
 
 # -------------------------------------------------------------------------------------- errors
 
