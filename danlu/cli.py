@@ -12,11 +12,9 @@ defaults, checks and help are those of the dataclasses.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 import warnings
 
 from danlu import __version__
@@ -309,6 +307,9 @@ def add_field_flags(p, cls, defaults=None, skip=(), names=None, shown=None):
     checked by the field's type (Literal choices, Range bounds: danlu.schema), its help the field's
     docstring, its default the field's value in `defaults` (an instance of cls; cls() when None), which
     the help shows unless `shown[field]` says otherwise."""
+    import dataclasses
+    import typing
+
     from danlu.schema import choices, field_docs, flag_type
 
     defaults = cls() if defaults is None else defaults
@@ -336,7 +337,10 @@ def add_field_flags(p, cls, defaults=None, skip=(), names=None, shown=None):
 
 def _not_none(tp):
     """X for `X | None`."""
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp
@@ -344,6 +348,8 @@ def _not_none(tp):
 
 def _fields_of(args, cls):
     """The parsed values of the flags that add_field_flags made for `cls`, by field name."""
+    import dataclasses
+
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
@@ -387,6 +393,8 @@ def _generate_args(p):
 
 
 def _add_precision_arg(p, what="weights while decoding"):
+    import typing
+
     from danlu.sampling import DecodePrecision
 
     p.add_argument("--precision", default="fp32", choices=typing.get_args(DecodePrecision),
