@@ -12,11 +12,9 @@ defaults, checks and help are those of the dataclasses.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 import warnings
 
 from danlu import __version__
@@ -167,7 +165,8 @@ def cmd_pretrain(args):
 
 
 def cmd_generate(args):
-    from danlu.generation import SamplingConfig, generate, set_decode_precision, stream_generate
+    from danlu.generation import generate, set_decode_precision, stream_generate
+    from danlu.sampling import SamplingConfig
     from danlu.runs import load_run
 
     run = load_run(args.run, device=args.device)
@@ -206,8 +205,9 @@ def cmd_finetune(args):
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
     from danlu.chat_template import render_chat, stop_sequences
-    from danlu.generation import SamplingConfig, set_decode_precision, stream_generate
+    from danlu.generation import set_decode_precision, stream_generate
     from danlu.runs import load_run
+    from danlu.sampling import SamplingConfig
 
     run = load_run(args.run, device=args.device)
     if run.cfg.task != "causal_lm":
@@ -320,6 +320,9 @@ def add_field_flags(p, cls, defaults=None, skip=(), names=None, shown=None):
     checked by the field's type (Literal choices, Range bounds: danlu.schema), its help the field's
     docstring, its default the field's value in `defaults` (an instance of cls; cls() when None), which
     the help shows unless `shown[field]` says otherwise."""
+    import dataclasses
+    import typing
+
     from danlu.schema import choices, field_docs, flag_type
 
     defaults = cls() if defaults is None else defaults
@@ -347,7 +350,10 @@ def add_field_flags(p, cls, defaults=None, skip=(), names=None, shown=None):
 
 def _not_none(tp):
     """X for `X | None`."""
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp
@@ -355,6 +361,8 @@ def _not_none(tp):
 
 def _fields_of(args, cls):
     """The parsed values of the flags that add_field_flags made for `cls`, by field name."""
+    import dataclasses
+
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
@@ -393,7 +401,7 @@ def _info_args(p):
 
 
 def _generate_args(p):
-    from danlu.generation import SamplingConfig
+    from danlu.sampling import SamplingConfig
 
     _add_run_arg(p)
     p.add_argument("prompts", nargs="*", help="texts to continue (each is streamed in turn)")
@@ -403,7 +411,9 @@ def _generate_args(p):
 
 
 def _add_precision_arg(p, what="weights while decoding"):
-    from danlu.generation import DecodePrecision
+    import typing
+
+    from danlu.sampling import DecodePrecision
 
     p.add_argument("--precision", default="fp32", choices=typing.get_args(DecodePrecision),
                    help=f"{what} (default fp32); bf16 reads half the bytes: faster on GPUs, and on CPUs with "
@@ -419,7 +429,7 @@ def _finetune_args(p):
 
 def _chat_args(p):
     _add_run_arg(p)
-    from danlu.generation import CHAT_SAMPLING, SamplingConfig
+    from danlu.sampling import CHAT_SAMPLING, SamplingConfig
 
     p.add_argument("--system", default="", help="system prompt at the start of the conversation")
     add_field_flags(p, SamplingConfig, defaults=CHAT_SAMPLING, skip=("stop",))  # replies stop where the template says

@@ -8,49 +8,20 @@ at any of the `stop` strings (which are cut from the result).
 >>> generate(run.model, run.tokenizer, ["中国", "今天"], max_new_tokens=32, temperature=0.8)  # doctest: +SKIP
 >>> for delta in stream_generate(run.model, run.tokenizer, "中国"): print(delta, end="")   # doctest: +SKIP
 
-The defaults live in one place, `SamplingConfig`: `generate`, `stream_generate`, `danlu generate`, the
-HTTP API (`danlu serve`) take theirs from `SamplingConfig()`, and `danlu chat` from `CHAT_SAMPLING`.
+The sampling defaults live in one place, danlu.sampling.SamplingConfig (SAMPLING here).
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from danlu.registry import ConfigError
-from danlu.schema import Annotated, Literal, NonNegative, Positive, Range
+from danlu.sampling import SAMPLING
 
 REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How each next token is picked; `danlu generate` has one flag per field, with these defaults."""
-
-    max_new_tokens: Positive = 64
-    """Most tokens to generate (fewer where the model's context ends)."""
-    temperature: Annotated[float, Range(ge=0)] = 1.0
-    """Divides the logits; 0 picks the most likely token (greedy)."""
-    top_k: NonNegative = 0
-    """Sample among the k most likely tokens (0: all)."""
-    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
-    """Nucleus sampling: among the smallest set of tokens whose probability reaches p (1: all)."""
-    repetition_penalty: Annotated[float, Range(gt=0)] = 1.0
-    """Above 1 discourages tokens already seen (CTRL, Keskar et al. 2019)."""
-    stop: tuple[str, ...] = ()
-    """Stop at this text, which is cut from the result (repeatable)."""
-    seed: int | None = None
-    """Seed of the sampler, for repeatable samples (none: a fresh sample each time)."""
-
-
-SAMPLING = SamplingConfig()
-CHAT_SAMPLING = SamplingConfig(max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1)
-"""`danlu chat`'s defaults: a little cooler, with a mild repetition penalty, as chat models are usually run."""
-
-DecodePrecision = Literal["fp32", "bf16", "fp16"]
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=SAMPLING.max_new_tokens,
@@ -176,7 +147,7 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=SAMPLI
         model.train(was_training)
 
 
-DECODE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # DecodePrecision's
+DECODE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # sampling.DecodePrecision
 
 
 def set_decode_precision(model, precision):

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
@@ -103,7 +104,7 @@ def _parsed_defaults(verb):
 def test_every_field_has_a_flag_with_the_field_default(verb):
     import dataclasses
 
-    from danlu.generation import CHAT_SAMPLING, SAMPLING, SamplingConfig
+    from danlu.sampling import CHAT_SAMPLING, SAMPLING, SamplingConfig
     from danlu.serve.app import ServeOptions
 
     cls, defaults, skipped = {"generate": (SamplingConfig, SAMPLING, ()),
@@ -134,7 +135,8 @@ def test_serve_flags_match_the_server_function():
 def test_one_place_for_sampling_defaults():
     import inspect
 
-    from danlu.generation import SAMPLING, generate, generate_ids, sample, stream_generate
+    from danlu.generation import generate, generate_ids, sample, stream_generate
+    from danlu.sampling import SAMPLING
     from danlu.serve.schemas import Sampling
 
     for fn in (generate, stream_generate, generate_ids, sample):
@@ -144,6 +146,10 @@ def test_one_place_for_sampling_defaults():
     http = Sampling(model="m")
     for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         assert getattr(http, name) == getattr(SAMPLING, name), name
+    from danlu.generation import DECODE_PRECISIONS
+    from danlu.sampling import DecodePrecision
+
+    assert typing.get_args(DecodePrecision) == tuple(DECODE_PRECISIONS)  # --precision's choices are the table's
 
 
 def test_flags_check_choices_and_ranges_like_the_config(capsys):
@@ -167,7 +173,7 @@ def test_generate_chat_and_serve_pass_every_field_on(monkeypatch, capsys):
     import danlu.generation
     import danlu.runs
     import danlu.serve.server
-    from danlu.generation import CHAT_SAMPLING
+    from danlu.sampling import CHAT_SAMPLING
     from danlu.serve.app import ServeOptions
 
     seen = {}

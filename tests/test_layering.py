@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # bottom to top
-    ("foundation", ["danlu.registry", "danlu.files", "danlu.schema"]),
+    ("foundation", ["danlu.registry", "danlu.files", "danlu.schema", "danlu.sampling"]),
     ("kernels", ["danlu.kernels"]),
     ("data and models", ["danlu.data", "danlu.models", "danlu.chat_template", "danlu.generation", "danlu.decoding",
                          "danlu.evaluate.metrics", "danlu.evaluate.fonts", "danlu.evaluate.plots"]),

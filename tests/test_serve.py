@@ -585,7 +585,7 @@ def test_cli_serve_binds_loopback_and_takes_the_key_from_the_environment(cls_run
 
 def test_the_playground_chats_with_danlu_chats_defaults(lm_url):
     """The playground's sampling settings come from CHAT_SAMPLING, not from numbers in the page."""
-    from danlu.generation import CHAT_SAMPLING
+    from danlu.sampling import CHAT_SAMPLING
 
     page = httpx.get(lm_url + "/").text
     config = json.loads(page.split('<script id="danlu-config" type="application/json">', 1)[1].split("</script>", 1)[0])

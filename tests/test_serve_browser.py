@@ -94,7 +94,11 @@ def test_chat_page_streams_the_reply(tmp_path, page):
         done = page.wait_for_selector(".msg.assistant[data-done=true]", timeout=30000)
         chunks = int(done.get_attribute("data-chunks"))
         reply = shown = page.locator(".msg.assistant .content").last.text_content()
-        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 16}
+        from danlu.sampling import CHAT_SAMPLING  # the playground samples as `danlu chat` does
+
+        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 16,
+                "repetition_penalty": CHAT_SAMPLING.repetition_penalty, "top_k": CHAT_SAMPLING.top_k,
+                "top_p": CHAT_SAMPLING.top_p}
         expected = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert reply == shown == expected
         assert chunks > 1  # it arrived in pieces, as a stream

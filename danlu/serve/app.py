@@ -567,7 +567,7 @@ class _State:
     def playground_html(self):
         if self._html is None:
             page = resources.files("danlu.serve").joinpath("playground.html").read_text(encoding="utf-8")
-            from danlu.generation import CHAT_SAMPLING  # the playground chats as `danlu chat` does
+            from danlu.sampling import CHAT_SAMPLING  # the playground chats as `danlu chat` does
 
             config = {**self.predictor.describe(), "auth": bool(self.options.api_key),
                       "max_tokens": self.options.max_tokens,

@@ -21,9 +21,9 @@ import uuid
 import torch
 
 from danlu.chat_template import render_chat, stop_sequences
-from danlu.generation import SAMPLING
 from danlu.registry import ConfigError
 from danlu.runs import layout
+from danlu.sampling import SAMPLING
 
 
 class Predictor:

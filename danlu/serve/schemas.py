@@ -10,7 +10,7 @@ only with their neutral value (absent, null, false, empty, 1 or 0) and otherwise
 Text is repaired, not refused, in one case: a lone UTF-16 surrogate (half of an emoji cut by a
 browser or a client, which JSON's `\\ud83d` escape can carry) becomes U+FFFD, the replacement
 character, as a UTF-8 decoder does with a broken byte sequence; the rest of the text is kept. The sampling
-defaults are danlu.generation.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
+defaults are danlu.sampling.SAMPLING's (OpenAI's own: temperature 1, top_p 1, all tokens).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ UNSUPPORTED = {
 }
 """Fields accepted only with a neutral value; anything else answers 400 `unsupported_parameter`."""
 
-from danlu.generation import SAMPLING
+from danlu.sampling import SAMPLING
 
 # -------------------------------------------------------------------------------------- errors
 
