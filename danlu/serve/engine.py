@@ -107,6 +107,7 @@ class Engine:
         self.eos = tokenizer.token_id("</s>")
         self._queue = queue.SimpleQueue()
         self._thread, self._lock, self._closed, self._paused = None, threading.Lock(), False, paused
+        self.cache, self._rows, self._pending = None, [], []
         self.active = 0  # rows decoding now (read by metrics from other threads)
 
     @property
@@ -153,17 +154,18 @@ class Engine:
                             return
                     finally:
                         self.model.train(was_training)
-            except Exception as e:  # noqa: BLE001  a failure of the batch: every row in it answers 500
-                for row in getattr(self, "_failed_rows", ()):
-                    row.request.emit("error", e)
-                self._failed_rows = ()
+            except Exception as e:  # noqa: BLE001  a failure of the batch: every request in it answers 500
+                for request in [row.request for row in self._rows] + self._pending:
+                    request.emit("error", e)
+            finally:
+                self.cache, self._rows, self._pending, self.active = None, [], [], 0
 
     def _decode(self, first):
         """Decode until no row is left and nobody waits; False once the engine is closed."""
         device = self.model.embed.weight.device
         self.cache = self.model.new_cache(1, 64)  # grows (rows, columns) as requests join: _room
         rows, column, pending, open_ = [], 0, [first], True
-        self._failed_rows = rows
+        self._rows, self._pending = rows, pending  # what a failure must answer
         while rows or pending:
             while open_ and len(rows) + len(pending) < self.max_batch:  # whoever arrived joins now
                 try:
@@ -175,11 +177,14 @@ class Engine:
                     self._closed = True
                 else:
                     pending.append(entry)
-            for request in pending:
+            while pending:
+                request = pending.pop(0)
                 if request.cancelled.is_set():
                     continue
-                column = self._join(request, rows, column, device)
-            pending = []
+                try:
+                    column = self._join(request, rows, column, device)
+                except Exception as e:  # noqa: BLE001  this prompt's prefill failed: only this request answers 500
+                    request.emit("error", e)
             self.active = len(rows)
             if not rows:
                 break
