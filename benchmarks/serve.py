@@ -78,24 +78,28 @@ def run(args):
 def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, share=0.1):
     """16 closed-loop clients, 10% of whose requests are streamed chats (16 tokens) and the rest 16-token
     completions, against the same clients sending streams only: the streams' p50 (whole stream) in the mix
-    over their p50 alone. With continuous batching both kinds share every decoding step."""
+    over their p50 alone (the same 16 clients streaming only, and one client streaming on an idle server).
+    With continuous batching both kinds share every decoding step."""
     stream = [{"model": "gpt", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0,
                "stream": True} for p in prompts]
     plain = [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts]
-    results = {"mix": [], "streams alone": []}
+    runs = {"mix": (clients, share), "streams alone": (clients, 1.0), "one stream alone": (1, 1.0)}
+    results = {name: [] for name in runs}
     with _Server(run_dir, device, "--threads", str(threads), "--max-batch", "32") as url:
         for _ in range(rounds):
-            results["mix"].append(_run_loop(_mixed(url, stream, plain, clients, seconds, share)))
-            results["streams alone"].append(_run_loop(_mixed(url, stream, plain, clients, seconds, 1.0)))
+            for name, (n, part) in runs.items():
+                results[name].append(_run_loop(_mixed(url, stream, plain, n, seconds, part)))
     alone = statistics.median(r["stream_p50"] for r in results["streams alone"])
+    one = statistics.median(r["stream_p50"] for r in results["one stream alone"])
     rows = []
     for name, rs in results.items():
         p50 = statistics.median(r["stream_p50"] for r in rs)
-        rows.append({"model": f"gpt, {clients} clients, streams {'10%' if name == 'mix' else '100%'}",
-                     "batching": "continuous", "clients": clients,
+        n, part = runs[name]
+        rows.append({"model": f"gpt 16-token chats, streams {part:.0%}", "batching": "continuous", "clients": n,
                      "requests": sum(r["ok"] for r in rs), "errors": sum(r["errors"] for r in rs),
                      "throughput_rps": round(statistics.median(r["throughput"] for r in rs), 1),
                      "stream_p50_ms": round(p50, 1), "stream_p50_vs_alone": round(p50 / alone, 2),
+                     "stream_p50_vs_one": round(p50 / one, 2),
                      "completion_p50_ms": round(statistics.median(r["plain_p50"] for r in rs), 1)
                      if name == "mix" else None})
     return rows
