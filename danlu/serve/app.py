@@ -292,11 +292,16 @@ def create_app(predictor, options: ServeOptions | None = None):
             if body.max_completion_tokens is not None and body.max_tokens is None:
                 body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
             limit = min(options.template_time_s, max(0.0, deadline - time.monotonic()))
-            prompt = await state.prepare(deadline, predictor.chat_ids, messages, limit)  # token ids
-            sampling = state.sampling(body, [len(prompt)], default_max=options.chat_max_tokens,
+            if state.engine is not None:  # token ids: the messages' text encoded as plain text
+                prompt = await state.prepare(deadline, predictor.chat_ids, messages, limit)
+                count = len(prompt)
+            else:  # a predictor without an engine takes the prompt as a string
+                prompt = await state.prepare(deadline, predictor.chat_prompt, messages, limit)
+                count = await state.prepare(deadline, predictor.count_tokens, prompt)
+            sampling = state.sampling(body, [count], default_max=options.chat_max_tokens,
                                       extra_stop=predictor.chat_stop)
             if body.stream:
-                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", len(prompt),
+                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", count,
                                                       body.stream_options, deadline),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
             results = await state.generate([prompt] * body.n, sampling, deadline, request.receive)
@@ -304,7 +309,7 @@ def create_app(predictor, options: ServeOptions | None = None):
             for i, (text, used, finish) in enumerate(results):
                 completion_tokens += used
                 choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish))
-            usage = state.usage(len(prompt), completion_tokens)  # the prompt once, however many choices
+            usage = state.usage(count, completion_tokens)  # the prompt once, however many choices
             return s.ChatCompletionResponse(id=_new_id("chatcmpl"), created=int(time.time()), model=predictor.name,
                                             choices=choices, usage=usage)
 
