@@ -131,3 +131,17 @@ def test_a_short_request_is_not_stuck_behind_a_long_one_and_streams_keep_the_bat
     assert short_steps < 60, short_steps
     assert len(chunks) >= 3 and stream_steps < 80, stream_steps
     assert box["r"].status_code == 200 and box["r"].json()["usage"]["completion_tokens"] == 200
+
+
+def test_a_prompt_the_model_cannot_read_fails_only_its_own_request(lm_run):
+    predictor = Predictor(lm_run)
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=4, paused=True)
+    greedy = {"max_new_tokens": 8, "temperature": 0}
+    good = [collect(engine, predictor.encode(p), greedy) for p in ("你好", "丹炉")]
+    bad = collect(engine, [10 ** 6], greedy)  # no such token: the embedding lookup fails
+    engine.resume()
+    assert bad[2].wait(30) and isinstance(bad[1]["error"], IndexError)
+    for (_, out, finished), prompt in zip(good, ("你好", "丹炉")):
+        assert finished.wait(30)
+        assert out["done"][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
+    engine.close()
