@@ -67,11 +67,92 @@ def run(args):
             prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
             rows += _measure(lm.path, device, seconds, rounds, threads, "gpt completions, 16 tokens", "/v1/completions",
                              [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts])
+            rows += _streams(lm.path, device, seconds, rounds, threads, prompts)
         hostile = getattr(args, "serve_hostile", None)
         hostile = (300 if quick else 2000) if hostile is None else hostile
         if hostile and not getattr(args, "serve_no_lm", False):
             rows.append(_hostile(os.path.join(tmp, "gpt-hostile"), device, threads, hostile))
     return rows
+
+
+def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, share=0.1):
+    """16 closed-loop clients, 10% of whose requests are streamed chats (16 tokens) and the rest 16-token
+    completions, against the same clients sending streams only: the streams' p50 (whole stream) in the mix
+    over their p50 alone (the same 16 clients streaming only, and one client streaming on an idle server).
+    With continuous batching both kinds share every decoding step."""
+    stream = [{"model": "gpt", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0,
+               "stream": True} for p in prompts]
+    plain = [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts]
+    runs = {"mix": (clients, share), "streams alone": (clients, 1.0), "one stream alone": (1, 1.0)}
+    results = {name: [] for name in runs}
+    with _Server(run_dir, device, "--threads", str(threads), "--max-batch", "32") as url:
+        for _ in range(rounds):
+            for name, (n, part) in runs.items():
+                results[name].append(_run_loop(_mixed(url, stream, plain, n, seconds, part)))
+    alone = statistics.median(r["stream_p50"] for r in results["streams alone"])
+    one = statistics.median(r["stream_p50"] for r in results["one stream alone"])
+    rows = []
+    for name, rs in results.items():
+        p50 = statistics.median(r["stream_p50"] for r in rs)
+        n, part = runs[name]
+        rows.append({"model": f"gpt 16-token chats, streams {part:.0%}", "batching": "continuous", "clients": n,
+                     "requests": sum(r["ok"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                     "throughput_rps": round(statistics.median(r["throughput"] for r in rs), 1),
+                     "stream_p50_ms": round(p50, 1), "stream_p50_vs_alone": round(p50 / alone, 2),
+                     "stream_p50_vs_one": round(p50 / one, 2),
+                     "completion_p50_ms": round(statistics.median(r["plain_p50"] for r in rs), 1)
+                     if name == "mix" else None})
+    return rows
+
+
+async def _mixed(url, stream_bodies, plain_bodies, clients, seconds, share, warmup=0.5):
+    host, port = url.split("//", 1)[1].split(":")
+    streams = [_request(host, "/v1/chat/completions", b) for b in stream_bodies]
+    plain = [_request(host, "/v1/completions", b) for b in plain_bodies]
+    rng = random.Random(1)
+    latencies, errors = {"stream": [], "plain": []}, 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def worker():
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                kind = "stream" if rng.random() < share else "plain"
+                if kind == "stream":
+                    status = await _post_stream(reader, writer, rng.choice(streams))
+                else:
+                    status = await _post(reader, writer, rng.choice(plain))
+                if sent >= measure_from:
+                    if status == 200:
+                        latencies[kind].append(time.perf_counter() - sent)
+                    else:
+                        errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    median = lambda xs: statistics.median(xs) * 1000 if xs else float("nan")  # noqa: E731
+    ok = len(latencies["stream"]) + len(latencies["plain"])
+    return {"ok": ok, "errors": errors, "throughput": ok / seconds, "stream_p50": median(latencies["stream"]),
+            "plain_p50": median(latencies["plain"])}
+
+
+async def _post_stream(reader, writer, request):
+    """Send one streamed request; read its chunked server-sent events to the end -> the status code."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        await reader.readexactly(length)
+        return status
+    body = await reader.readuntil(b"\r\n0\r\n\r\n")  # the last chunk of a chunked body
+    return status if b"data: [DONE]" in body and b'"error"' not in body else -1
 
 
 def _hostile(run_dir, device, threads, n):
@@ -193,6 +274,8 @@ async def _post(reader, writer, request):
 
 
 class _Server:
+    """`danlu serve` in a subprocess; `with _Server(...) as url:`."""
+
     def __init__(self, run_dir, device, *flags):
         self.command = [sys.executable, "-m", "danlu", "serve", run_dir, "--port", "0", "--api-key", KEY,
                         "--device", device, "--no-access-log", *flags]

@@ -222,15 +222,13 @@ def context_length(model):
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_tokens):
-    """Left-padded ids (B, T) and mask (B, T) of prompts given as strings or as lists of token ids; an
-    empty prompt starts after the end-of-text token (the start of a document), and a prompt longer than
-    max_prompt_tokens keeps its last tokens."""
+    """Left-padded ids (B, T) and mask (B, T); an empty prompt starts after the end-of-text token (the
+    start of a document), and a prompt longer than max_prompt_tokens keeps its last tokens."""
     eos, pad = tokenizer.token_id("</s>"), tokenizer.pad_id
-    texts = [p for p in prompts if isinstance(p, str)]
-    encoded = iter(tokenizer.tokenizer_.encode_batch(texts, add_special_tokens=False) if texts else ())
+    encoder = tokenizer.tokenizer_
     rows = []
-    for prompt in prompts:
-        ids = list(next(encoded).ids if isinstance(prompt, str) else prompt) or [eos]
+    for enc in encoder.encode_batch(list(prompts), add_special_tokens=False):
+        ids = list(enc.ids) or [eos]
         rows.append(ids[-max(1, max_prompt_tokens):])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

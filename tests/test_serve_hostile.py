@@ -197,9 +197,8 @@ def test_timed_out_or_abandoned_generation_stops_at_the_next_step(tmp_path, how)
             before, after = slow.settled()
             assert after == before and after < 40, (before, after)  # 200 steps would take 10 s
             quick = {**body, "max_tokens": 2}
-            started = time.monotonic()
             assert httpx.post(url + "/v1/completions", json=quick).status_code == 200  # the slot is free
-            assert time.monotonic() - started < 5
+            assert slow.calls - after <= 4  # only its own steps ran: the abandoned generation stays stopped
     finally:
         slow.handle.remove()
 
@@ -245,11 +244,10 @@ def test_a_looping_template_is_stopped_and_never_blocks_the_server(tmp_path):
                                                                                  timeout=60)))
         slow.start()
         time.sleep(0.3)  # the template is rendering now
-        started = time.monotonic()
         assert httpx.get(url + "/health", timeout=5).status_code == 200
         good = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}
         assert httpx.post(url + "/v1/chat/completions", json=good, timeout=5).status_code == 200
-        assert time.monotonic() - started < 1.5  # not behind the template's 2 s
+        assert slow.is_alive()  # answered while the looping template was still being stopped
         slow.join(30)
         assert "still rendering after 2 s" in error_of(answers["slow"], 400, "chat_template")["message"]
         slow = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json=body, timeout=60))

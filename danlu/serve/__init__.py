@@ -2,6 +2,7 @@
 
     predictor.py   Predictor.from_run(dir): classify / complete / stream, no HTTP in sight
     batching.py    MicroBatcher: bounded queue, batches of N items or T ms, model in one thread
+    engine.py      Engine: continuous batching of generation, one KV-cache row per request
     app.py         create_app(predictor, ServeOptions): FastAPI routes, errors, limits, streams
     middleware.py  Host check, API key, body size limit; request metrics (plain ASGI)
     schemas.py     request / response bodies (OpenAI's schema for completions)

@@ -259,14 +259,18 @@ def create_app(predictor, options: ServeOptions | None = None):
                 raise APIError(400, "stream: streaming takes one prompt and n=1", param="stream")
             for p in prompts:
                 state.check_chars(len(p), "prompt")
-            counts = await state.prepare(deadline, lambda: [predictor.count_tokens(p) for p in prompts])
+            if state.engine is not None:  # token ids, as the engine decodes them
+                inputs = await state.prepare(deadline, lambda: [predictor.encode(p) for p in prompts])
+                counts = [len(ids) for ids in inputs]
+            else:
+                inputs, counts = prompts, await state.prepare(deadline, lambda: [predictor.count_tokens(p) for p in prompts])
             sampling = state.sampling(body, counts, default_max=16)
             if body.stream:
-                return StreamingResponse(state.stream(prompts[0], sampling, "text_completion", counts[0],
-                                                      body.stream_options, deadline, echo=body.echo),
+                return StreamingResponse(state.stream(inputs[0], sampling, "text_completion", counts[0],
+                                                      body.stream_options, deadline, echo=prompts[0] if body.echo else None),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
-            results = await state.run(Job([(p, sampling) for p in prompts for _ in range(body.n)]), deadline,
-                                      request.receive)
+            results = await state.generate([p for p in inputs for _ in range(body.n)], sampling, deadline,
+                                           request.receive)
             choices, completion_tokens = [], 0
             for i, ((text, used, finish), prompt) in enumerate(zip(results, [p for p in prompts for _ in range(body.n)])):
                 completion_tokens += used
@@ -289,19 +293,24 @@ def create_app(predictor, options: ServeOptions | None = None):
             if body.max_completion_tokens is not None and body.max_tokens is None:
                 body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
             limit = min(options.template_time_s, max(0.0, deadline - time.monotonic()))
-            prompt = await state.prepare(deadline, predictor.chat_ids, messages, limit)  # token ids
-            sampling = state.sampling(body, [len(prompt)], default_max=options.chat_max_tokens,
+            if state.engine is not None:  # token ids: the messages' text encoded as plain text
+                prompt = await state.prepare(deadline, predictor.chat_ids, messages, limit)
+                count = len(prompt)
+            else:  # a predictor without an engine takes the prompt as a string
+                prompt = await state.prepare(deadline, predictor.chat_prompt, messages, limit)
+                count = await state.prepare(deadline, predictor.count_tokens, prompt)
+            sampling = state.sampling(body, [count], default_max=options.chat_max_tokens,
                                       extra_stop=predictor.chat_stop)
             if body.stream:
-                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", len(prompt),
+                return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", count,
                                                       body.stream_options, deadline),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
-            results = await state.run(Job([(prompt, sampling)] * body.n), deadline, request.receive)
+            results = await state.generate([prompt] * body.n, sampling, deadline, request.receive)
             choices, completion_tokens = [], 0
             for i, (text, used, finish) in enumerate(results):
                 completion_tokens += used
                 choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish))
-            usage = state.usage(len(prompt), completion_tokens)  # the prompt once, however many choices
+            usage = state.usage(count, completion_tokens)  # the prompt once, however many choices
             return s.ChatCompletionResponse(id=_new_id("chatcmpl"), created=int(time.time()), model=predictor.name,
                                             choices=choices, usage=usage)
 
@@ -371,6 +380,13 @@ class _State:
         self.predictor, self.options = predictor, options
         self.metrics = Metrics()
         kind = "predict" if predictor.kind == "classifier" else "generate"
+        # a language model's runs decode in the continuous-batching engine (its own model thread); a classifier,
+        # a seq2seq run (beam search decodes a whole batch at once) or a predictor without an engine goes
+        # through the micro-batcher
+        self.engine = None
+        if predictor.kind == "language_model" and hasattr(predictor, "engine"):
+            self.engine = predictor.engine(options.max_batch, options.max_queue,
+                                           on_step=lambda rows: self.metrics.observe_batch("generate", rows))
         fn = self._classify_batch if kind == "predict" else self._generate_batch
         self.batcher = MicroBatcher(fn, options.max_batch, options.max_wait_ms, options.max_queue, size=len,
                                     on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
@@ -384,10 +400,12 @@ class _State:
 
     @property
     def depth(self):
-        return self.batcher.depth
+        return self.batcher.depth + (self.engine.depth if self.engine is not None else 0)
 
     async def close(self):
         await self.batcher.close()
+        if self.engine is not None:
+            self.engine.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
 
     # -- model calls ------------------------------------------------------------------------------
@@ -426,6 +444,43 @@ class _State:
         if future in done:
             return future.result()
         _cancel(future, payload)
+        if gone is not None and gone in done:
+            raise APIError(499, "the client closed the connection", code="client_closed")
+        raise self.timed_out()
+
+    async def generate(self, prompts, sampling, deadline, receive=None):
+        """[(text, completion_tokens, finish_reason)] per prompt (token ids with the engine), decoded by the
+        engine (or the micro-batcher), until `deadline`; a disconnect or the deadline cancels them all."""
+        if self.engine is None:
+            return await self.run(Job([(p, sampling) for p in prompts]), deadline, receive)
+        from danlu.serve.engine import Request as Generation
+
+        loop = asyncio.get_running_loop()
+        futures, requests = [], []
+        try:
+            for ids in prompts:
+                future = loop.create_future()
+                requests.append(Generation(ids, dict(sampling), _emitter(loop, future)))
+                futures.append(future)
+                self.engine.submit(requests[-1])
+        except Overloaded as e:
+            for r in requests:
+                r.cancelled.set()
+            raise APIError(503, str(e), code="overloaded", headers={"Retry-After": str(e.retry_after)}) from None
+        gone = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
+        together = asyncio.gather(*futures)
+        try:
+            done, _ = await asyncio.wait([together] + ([gone] if gone else []), return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            if gone is not None:
+                gone.cancel()
+            if not together.done():
+                for r in requests:
+                    r.cancelled.set()  # leaves the batch before the next decoding step
+                together.cancel()
+        if together in done:
+            return together.result()
         if gone is not None and gone in done:
             raise APIError(499, "the client closed the connection", code="client_closed")
         raise self.timed_out()
@@ -497,12 +552,78 @@ class _State:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
-    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo=False):
-        """Server-sent events of one streamed completion, run step by step in the model thread."""
+    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo=None):
+        """Server-sent events of one streamed completion, decoded in the engine's batch (or step by step in the
+        model thread, without an engine). `echo`: text sent before the completion."""
         if self.streams + self.depth >= self.options.max_queue:
             raise APIError(503, "server overloaded: too many requests in flight", code="overloaded",
                            headers={"Retry-After": "1"})
+        if self.engine is not None:
+            return self._engine_events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo)
         return self._events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo)
+
+    def _chunker(self, object_name):
+        chat = object_name == "chat.completion.chunk"
+        ident, created, model = _new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self.predictor.name
+
+        def chunk(delta, finish=None):
+            if chat:
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+            return _sse({"id": ident, "object": object_name, "created": created, "model": model, "choices": [choice]})
+
+        def usage(value):
+            return _sse({"id": ident, "object": object_name, "created": created, "model": model, "choices": [],
+                         "usage": value.model_dump()})
+
+        return chat, chunk, usage
+
+    async def _engine_events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo):
+        from danlu.serve.engine import Request as Generation
+
+        loop = asyncio.get_running_loop()
+        chat, chunk, usage_event = self._chunker(object_name)
+        events = asyncio.Queue()
+        request = Generation(prompt, dict(sampling), _queue_emitter(loop, events), stream=True)
+        self.streams += 1  # counted here, not before: a generator that never starts never ends either
+        try:
+            self.engine.submit(request)
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            elif echo is not None:
+                yield chunk(echo)
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    yield _sse(error_body(f"the stream did not finish within {self.options.timeout_s:g} s",
+                                          "server_error", code="timeout"))
+                    break
+                if kind == "delta":
+                    if value:
+                        yield chunk({"content": value} if chat else value)
+                    continue
+                if kind == "error":
+                    raise value
+                _, used, finish = value
+                yield chunk({} if chat else "", finish)
+                usage = self.usage(prompt_tokens, used)
+                if stream_options is not None and stream_options.include_usage:
+                    yield usage_event(usage)
+                break
+            yield "data: [DONE]\n\n"
+        except Overloaded:
+            yield _sse(error_body("server overloaded: the request queue is full", "server_error", code="overloaded"))
+            yield "data: [DONE]\n\n"
+        except Exception:
+            log.exception("stream failed")
+            yield _sse(error_body("internal server error; the server log has the details", "server_error",
+                                  code="internal_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.streams -= 1
+            request.cancelled.set()  # a client gone, or a timeout: the row leaves the batch
 
     async def _events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo):
         loop = asyncio.get_running_loop()
@@ -522,12 +643,12 @@ class _State:
             it = await loop.run_in_executor(self.executor, lambda: self.predictor.stream(prompt, **sampling))
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
-            elif echo:
-                yield chunk(prompt)
+            elif echo is not None:
+                yield chunk(echo)
             while True:
                 if time.monotonic() > deadline:
                     yield _sse(error_body(f"the stream did not finish within {self.options.timeout_s:g} s",
-                                          "timeout_error", code="timeout"))
+                                          "server_error", code="timeout"))
                     break
                 delta = await loop.run_in_executor(self.executor, next, it, _END)
                 if delta is _END:
@@ -587,6 +708,36 @@ class Job(list):
     def __init__(self, items):
         super().__init__(items)
         self.cancelled = threading.Event()
+
+
+def _emitter(loop, future):
+    """The engine's emit for a plain completion: the final result (or error) settles `future` in the loop."""
+    def settle(kind, value):
+        if future.done():
+            return
+        if kind == "done":
+            future.set_result(value)
+        elif kind == "error":
+            future.set_exception(value)
+
+    def emit(kind, value):
+        if kind != "delta":
+            try:
+                loop.call_soon_threadsafe(settle, kind, value)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                pass
+
+    return emit
+
+
+def _queue_emitter(loop, events):
+    def emit(kind, value):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        except RuntimeError:
+            pass
+
+    return emit
 
 
 def _cancel(future, payload):

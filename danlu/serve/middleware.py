@@ -5,6 +5,7 @@ answering 400 / 401 / 413 in OpenAI's error shape itself; MetricsMiddleware coun
 including the guard's, by route template, method and status, with its latency; LeanPredictMiddleware
 answers valid /v1/predict requests without FastAPI's per-request machinery.
 """
+import asyncio
 import hmac
 import json
 import logging
@@ -13,6 +14,7 @@ import time
 from danlu.serve.metrics import Metrics
 
 log = logging.getLogger("danlu.serve")
+CLIENT_CLOSED = 499  # status counted for a request whose client left before it was answered
 
 
 def error_body(message, type="invalid_request_error", param=None, code=None):
@@ -111,7 +113,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500
+        started, status = time.perf_counter(), None
 
         async def record(message):
             nonlocal status
@@ -121,8 +123,15 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, record)
+        except asyncio.CancelledError:  # the server dropped the request (its client left, or shutdown)
+            status = status or CLIENT_CLOSED
+            raise
+        except Exception:
+            status = status or 500
+            raise
         finally:
-            self.metrics.observe_request(self.route(scope["path"]), scope["method"], status,
+            # nothing sent: the client left before an answer (nginx's 499), not a server error
+            self.metrics.observe_request(self.route(scope["path"]), scope["method"], status or CLIENT_CLOSED,
                                          time.perf_counter() - started)
 
 

@@ -1,0 +1,329 @@
+"""Continuous batching for generation: requests join and leave one shared decoding batch step by step.
+
+The engine owns the model thread of a language-model server. Each request (a streamed or a plain
+completion, one per prompt and choice) becomes a row of one shared KV cache; every decoding step runs
+the model once on the last token of every row, and between two steps finished or cancelled rows leave
+and waiting requests join (the iteration-level scheduling of Orca, Yu et al. 2022, with a slot per
+request in a preallocated cache rather than vLLM's pages). A short request is therefore never stuck
+behind a long one, and a stream gets its tokens at the batch's pace.
+
+The cache: rows × columns, all rows writing their next token into the same column. A request joins by
+running its prompt alone (a prefill of P tokens) and copying its keys and values into the P columns
+before the current one, its earlier columns masked out: to the model that is a left-padded row, whose
+positions count from its first real token (`GPT.forward` with a cache). When a prompt is longer than
+the columns behind the current one, every row moves right; when the columns run out, every row moves
+left by the padding all rows share. A row that leaves is filled by the last row, so that the model
+only ever runs the first n rows.
+
+Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
+a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
+on its neighbours.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from danlu.serve.batching import Overloaded
+
+
+@dataclass
+class Request:
+    """One generation: prompt token ids, generate()'s sampling keywords, and where its output goes.
+
+    `emit(kind, value)` is called in the engine thread: ("delta", text) for a stream's pieces (only with
+    `stream=True`), then ("done", (text, completion_tokens, finish_reason)) or ("error", exception).
+    Setting `cancelled` removes the row before the next decoding step."""
+
+    ids: list
+    sampling: dict
+    emit: object
+    stream: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _Row:
+    """A request inside the batch: its text so far, its decoder, its sampling state."""
+
+    def __init__(self, request, decoder, eos, vocab, device):
+        s = request.sampling
+        self.request, self.decoder, self.eos = request, decoder, eos
+        self.limit = s.get("max_new_tokens", 64)
+        self.stop = [t for t in ([s["stop"]] if isinstance(s.get("stop"), str) else s.get("stop") or ()) if t]
+        self.temperature, self.top_k = s.get("temperature", 1.0), s.get("top_k", 0)
+        self.top_p, self.penalty = s.get("top_p", 1.0), s.get("repetition_penalty", 1.0)
+        seed = s.get("seed")
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if self.penalty != 1.0 else None
+        if self.seen is not None:
+            self.seen[torch.tensor(request.ids, device=device)] = True
+        self.key = None if seed is not None else (self.temperature, self.top_k, self.top_p, self.penalty)
+        self.text, self.sent, self.used, self.last = "", 0, 0, None
+
+    def take(self, token):
+        """Feed one sampled token; returns the finish reason once the row is done, else None."""
+        if token == self.eos:
+            return "stop"
+        self.used += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        self.text, stopped = cut_at_stop(self.text + self.decoder.push(token), self.stop)
+        if stopped:
+            return "stop"
+        if self.used >= self.limit:
+            self.text, stopped = cut_at_stop(self.text + self.decoder.flush(), self.stop)
+            return "stop" if stopped else "length"
+        if self.request.stream:
+            safe = len(self.text) - held_back(self.text, self.stop)
+            if safe > self.sent:
+                self.request.emit("delta", self.text[self.sent : safe])
+                self.sent = safe
+        self.last = token
+        return None
+
+    def finish(self, reason):
+        if self.request.stream and len(self.text) > self.sent:
+            self.request.emit("delta", self.text[self.sent :])
+        self.request.emit("done", (self.text, self.used, reason))
+
+
+class Engine:
+    """The model thread of a language-model server, decoding every admitted request in one batch.
+
+    `submit(request)` queues a Request (Overloaded when `max_queue` are waiting); at most `max_batch` rows
+    decode at once. `on_step(rows)` is called after each decoding step (metrics). With `paused=True` the
+    thread starts only at `resume()`, so that requests queued before join the first batch together."""
+
+    def __init__(self, model, tokenizer, max_batch=32, max_queue=256, on_step=None, paused=False):
+        from danlu.generation import context_length
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.on_step = max(1, max_batch), max_queue, on_step
+        self.context = context_length(model)
+        self.eos = tokenizer.token_id("</s>")
+        self._queue = queue.SimpleQueue()
+        self._thread, self._lock, self._closed, self._paused = None, threading.Lock(), False, paused
+        self.cache, self._rows, self._pending = None, [], []
+        self.active = 0  # rows decoding now (read by metrics from other threads)
+
+    @property
+    def depth(self):
+        """Requests waiting to join the batch."""
+        return self._queue.qsize()
+
+    def submit(self, request: Request):
+        if self._closed:
+            raise Overloaded("server shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded()
+        self._queue.put(request)
+        if not self._paused:
+            self.resume()
+
+    def resume(self):
+        """Start the model thread (once)."""
+        self._paused = False
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._work, name="danlu-model", daemon=True)
+                    self._thread.start()
+
+    def close(self):
+        self._closed = True
+        self._queue.put(None)
+
+    # -- the model thread ---------------------------------------------------------------------------
+    def _work(self):
+        from danlu.generation import decode_layout
+
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            try:
+                with torch.inference_mode(), decode_layout(self.model):
+                    was_training = self.model.training
+                    self.model.eval()
+                    try:
+                        if not self._decode(first):
+                            return
+                    finally:
+                        self.model.train(was_training)
+            except Exception as e:  # noqa: BLE001  a failure of the batch: every request in it answers 500
+                for request in [row.request for row in self._rows] + self._pending:
+                    request.emit("error", e)
+            finally:
+                self.cache, self._rows, self._pending, self.active = None, [], [], 0
+
+    def _decode(self, first):
+        """Decode until no row is left and nobody waits; False once the engine is closed."""
+        device = self.model.embed.weight.device
+        self.cache = self.model.new_cache(1, 64)  # grows (rows, columns) as requests join: _room
+        rows, column, pending, open_ = [], 0, [first], True
+        self._rows, self._pending = rows, pending  # what a failure must answer
+        while rows or pending:
+            while open_ and len(rows) + len(pending) < self.max_batch:  # whoever arrived joins now
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is None:
+                    open_ = False
+                    self._closed = True
+                else:
+                    pending.append(entry)
+            while pending:
+                request = pending.pop(0)
+                if request.cancelled.is_set():
+                    continue
+                try:
+                    column = self._join(request, rows, column, device)
+                except Exception as e:  # noqa: BLE001  this prompt's prefill failed: only this request answers 500
+                    request.emit("error", e)
+            self.active = len(rows)
+            if not rows:
+                break
+            column = self._room(len(rows), column)
+            cache = self.cache
+            view = _view(cache, len(rows), column)
+            ids = torch.tensor([[row.last] for row in rows], device=device)  # (n, 1)
+            logits = self.model(ids, cache=view)[:, -1]  # (n, V)
+            column += 1
+            tokens = self._sample(rows, logits)
+            for i, row in enumerate(rows):
+                row.done = row.take(tokens[i])
+            if self.on_step is not None:
+                self.on_step(len(rows))
+            self._drop(rows, self.cache, lambda row: row.done is not None or row.request.cancelled.is_set())
+        self.active = 0
+        return open_
+
+    def _room(self, n, column, extra=1, rows=None, at_least=0):
+        """Make the cache hold `rows` rows (default n) and `needed` columns: first by moving every row left by
+        the padding they all share, then by a larger cache (columns at most twice the context: a row spans
+        at most the context, so after the move at least a context's worth is free). Returns the column."""
+        cache = self.cache
+        needed = max(column + extra, at_least)
+        if needed > cache.max_length and column > 0 and n > 0:
+            lead = int(cache.mask[:n, :column].float().argmax(-1).min())
+            if lead > 0:
+                keep = column - lead
+                cache.keys[:, :n, :, :keep] = cache.keys[:, :n, :, lead:column].clone()
+                cache.values[:, :n, :, :keep] = cache.values[:, :n, :, lead:column].clone()
+                cache.mask[:n, :keep] = cache.mask[:n, lead:column].clone()
+                cache.mask[:n, keep:] = False
+                column = keep
+                needed = max(column + extra, at_least)
+        rows = rows or n
+        if needed > cache.max_length or rows > cache.keys.shape[1]:
+            width = min(2 * self.context, max(cache.max_length, 2 * needed))
+            height = min(self.max_batch, max(cache.keys.shape[1], 2 * rows))
+            grown = self.model.new_cache(height, width)
+            grown.keys[:, :n, :, :column] = cache.keys[:, :n, :, :column]
+            grown.values[:, :n, :, :column] = cache.values[:, :n, :, :column]
+            grown.mask[:n, :column] = cache.mask[:n, :column]
+            self.cache = grown
+        return column
+
+    def _join(self, request, rows, column, device):
+        """Prefill `request` alone, copy its keys and values into a new row ending at `column`; its first
+        token is sampled from the prefill's logits. Returns the (possibly moved) current column."""
+        from danlu.generation import IncrementalDecoder, context_length
+
+        prompt = list(request.ids)[-(self.context - 1):] or [self.eos]
+        limit = min(request.sampling.get("max_new_tokens", 64), context_length(self.model) - len(prompt))
+        request.sampling = {**request.sampling, "max_new_tokens": max(1, limit)}
+        P = len(prompt)
+        single = self.model.new_cache(1, P)
+        logits = self.model(torch.tensor([prompt], device=device), cache=single)[:, -1]  # (1, V)
+        row = _Row(request, IncrementalDecoder(self.tokenizer), self.eos, logits.shape[-1], device)
+        token = int(self._sample([row], logits)[0])
+        done = row.take(token)
+        if done is not None or request.cancelled.is_set():
+            if done is not None:
+                row.finish(done)
+            return column
+        n = len(rows)
+        column = self._room(n, column, rows=n + 1, at_least=P + 1)
+        cache = self.cache
+        if column < P:  # move every row right, to make room for the prompt before the current column
+            shift = P - column
+            cache.keys[:, :n, :, shift : shift + column] = cache.keys[:, :n, :, :column].clone()
+            cache.values[:, :n, :, shift : shift + column] = cache.values[:, :n, :, :column].clone()
+            cache.mask[:n, shift : shift + column] = cache.mask[:n, :column].clone()
+            cache.mask[:n, :shift] = False
+            column = P
+        i = len(rows)
+        cache.keys[:, i, :, column - P : column] = single.keys[:, 0]
+        cache.values[:, i, :, column - P : column] = single.values[:, 0]
+        cache.mask[i, :column] = False
+        cache.mask[i, column - P : column] = True
+        row.done = None
+        rows.append(row)
+        return column
+
+    def _drop(self, rows, cache, leaving):
+        """Finish the rows that are done, forget the cancelled ones; the last row fills each gap."""
+        i = 0
+        while i < len(rows):
+            row = rows[i]
+            if not leaving(row):
+                i += 1
+                continue
+            if row.done is not None:
+                row.finish(row.done)
+            last = len(rows) - 1
+            if i != last:
+                cache.keys[:, i] = cache.keys[:, last]
+                cache.values[:, i] = cache.values[:, last]
+                cache.mask[i] = cache.mask[last]
+                rows[i] = rows[last]
+            rows.pop()
+
+    @staticmethod
+    def _sample(rows, logits):
+        """One token per row (a list of ints): rows with the same settings in one call, seeded rows alone."""
+        from danlu.generation import sample
+
+        out = [0] * len(rows)
+        groups = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.key if row.key is not None else ("seeded", i), []).append(i)
+        for members in groups.values():
+            row = rows[members[0]]
+            index = torch.tensor(members, device=logits.device)
+            seen = torch.stack([rows[i].seen for i in members]) if row.seen is not None else None
+            picked = sample(logits.index_select(0, index), row.temperature, row.top_k, row.top_p, row.penalty, seen,
+                            row.generator).tolist()
+            for i, token in zip(members, picked):
+                out[i] = int(token)
+        return out
+
+
+def _view(cache, n, column):
+    """The first n rows of `cache` as a cache whose next token goes to `column` (writes go through)."""
+    from danlu.models.blocks import KVCache
+
+    view = KVCache.__new__(KVCache)
+    view.keys, view.values, view.mask = cache.keys[:, :n], cache.values[:, :n], cache.mask[:n]
+    view.length, view.padded = column, True
+    return view
+
+
+def cut_at_stop(text, stop):
+    """(text up to the first stop string, whether one was found)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def held_back(text, stop):
+    """Length of the longest end of `text` that could be the start of a stop string (not yet sent)."""
+    for n in range(min(max((len(s) for s in stop), default=1) - 1, len(text)), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stop):
+            return n
+    return 0

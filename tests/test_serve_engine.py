@@ -1,0 +1,147 @@
+"""Continuous batching (danlu.serve.engine): requests join and leave one decoding batch step by step, and
+each decodes exactly as it would alone; over HTTP, a short request is not stuck behind a long one and a
+stream gets its tokens at the batch's pace.
+"""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from danlu.generation import generate
+from danlu.serve.app import ServeOptions, create_app
+from danlu.serve.engine import Engine, Request
+from danlu.serve.predictor import Predictor
+from danlu.serve.server import ServerThread
+from danlu.testing import CORPUS, language_model_run
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    return language_model_run(str(tmp_path_factory.mktemp("engine") / "lm"), steps=40)
+
+
+def collect(engine, ids, sampling, stream=False):
+    """Submit one request; returns (its Request, a dict that gets `deltas` and `result`, an Event set at the end)."""
+    out, finished = {"deltas": []}, threading.Event()
+
+    def emit(kind, value):
+        if kind == "delta":
+            out["deltas"].append(value)
+        else:
+            out[kind] = value
+            finished.set()
+
+    request = Request(list(ids), sampling, emit, stream=stream)
+    engine.submit(request)
+    return request, out, finished
+
+
+def test_requests_joining_and_leaving_decode_exactly_as_alone(lm_run):
+    """Staggered requests with prompts of 1 to 60 characters and 3 to 90 new tokens keep the batch busy past
+    the cache's width, so rows move right (long prompts), left (the width runs out) and fill gaps (leaving)."""
+    predictor = Predictor(lm_run)
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=6, max_queue=64, paused=True)
+    rng = random.Random(0)
+    text = "".join(CORPUS)
+    jobs = []
+    for i in range(40):
+        start = rng.randrange(len(text) - 60)
+        # the first two arrive together: a 1-token row, then a 60-token prompt that has to move it right
+        prompt = text[start : start + ({0: 1, 1: 60}.get(i) or rng.randint(1, 60))]
+        sampling = {"max_new_tokens": rng.randint(3, 90), "temperature": 0, "stop": ("。",) if i % 5 == 0 else ()}
+        jobs.append((prompt, sampling, collect(engine, predictor.encode(prompt), sampling, stream=i % 3 == 0)))
+        if i == 1:
+            engine.resume()
+        time.sleep(rng.random() * 0.01 if i else 0)
+    for prompt, sampling, (_, out, finished) in jobs:
+        assert finished.wait(60), prompt
+        want = generate(lm_run.model, lm_run.tokenizer, [prompt], **sampling)[0]
+        text_out, used, finish = out["done"]
+        assert text_out == want, (prompt, sampling)
+        if out["deltas"]:
+            assert "".join(out["deltas"]) == want
+        assert finish == ("length" if used == sampling["max_new_tokens"] and not sampling["stop"] else finish)
+    engine.close()
+
+
+def test_cancelled_rows_leave_and_seeded_rows_do_not_depend_on_neighbours(lm_run):
+    predictor = Predictor(lm_run)
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8)
+    seeded = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 11}
+    _, alone, done = collect(engine, predictor.encode("今天"), seeded)
+    assert done.wait(30)
+    long = collect(engine, predictor.encode("你好"), {"max_new_tokens": 200, "temperature": 1.0})
+    others = [collect(engine, predictor.encode("丹炉"), {"max_new_tokens": 30, "temperature": 0.7}) for _ in range(3)]
+    _, crowded, done = collect(engine, predictor.encode("今天"), seeded)
+    assert done.wait(30) and crowded["done"] == alone["done"]
+    long[0].cancelled.set()
+    for _, _, finished in others:
+        assert finished.wait(30)
+    time.sleep(0.2)
+    assert engine.active == 0 and "done" not in long[1]  # the cancelled row left without an answer
+    engine.close()
+
+
+class _SlowSteps:
+    def __init__(self, model, seconds):
+        self.seconds, self.calls = seconds, 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_one_and_streams_keep_the_batch_pace(tmp_path):
+    run = language_model_run(str(tmp_path / "lm"), steps=0)
+    slow = _SlowSteps(run.model, 0.02)  # every model call (a decoding step of the whole batch) takes 20 ms
+    options = ServeOptions(max_tokens=200, timeout_s=60)
+    try:
+        with ServerThread(create_app(Predictor(run), options)) as url:
+            long = {"model": "lm", "prompt": "你好", "max_tokens": 200, "temperature": 0}
+            box = {}
+            worker = threading.Thread(target=lambda: box.update(r=httpx.post(url + "/v1/completions", json=long,
+                                                                             timeout=60)))
+            worker.start()
+            while slow.calls < 10:  # the long request is decoding (200 steps: 4 s)
+                time.sleep(0.01)
+            before = slow.calls
+            short = httpx.post(url + "/v1/completions", json={**long, "max_tokens": 2}, timeout=60)
+            short_steps = slow.calls - before
+            before = slow.calls
+            body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 10,
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+            stream_steps = slow.calls - before
+            long_running = worker.is_alive()
+            worker.join(60)
+    finally:
+        slow.handle.remove()
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 2
+    assert long_running  # both finished while the long one was still decoding
+    # steps counted while each ran (the long one keeps decoding meanwhile); behind it, ~180 would pass
+    assert short_steps < 60, short_steps
+    assert len(chunks) >= 3 and stream_steps < 80, stream_steps
+    assert box["r"].status_code == 200 and box["r"].json()["usage"]["completion_tokens"] == 200
+
+
+def test_a_prompt_the_model_cannot_read_fails_only_its_own_request(lm_run):
+    predictor = Predictor(lm_run)
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=4, paused=True)
+    greedy = {"max_new_tokens": 8, "temperature": 0}
+    good = [collect(engine, predictor.encode(p), greedy) for p in ("你好", "丹炉")]
+    bad = collect(engine, [10 ** 6], greedy)  # no such token: the embedding lookup fails
+    engine.resume()
+    assert bad[2].wait(30) and isinstance(bad[1]["error"], IndexError)
+    for (_, out, finished), prompt in zip(good, ("你好", "丹炉")):
+        assert finished.wait(30)
+        assert out["done"][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
+    engine.close()
