@@ -144,7 +144,6 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
     started = time.perf_counter()
     directory = RunDirectory(cfg.run.dir, overwrite=overwrite, resume=resume) if main else None
     threads = set_threads(cfg.train.threads, dist.world_size())
-    say(f"threads: {threads} ({'train.threads' if cfg.train.threads else _auto_reason()})")
     try:
         seed_everything(cfg.run.seed)
         plan = job.plan(cfg, cfg.run.dir, resume, say)
@@ -157,6 +156,7 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         raise
     if directory is not None:
         directory.started()
+    say(f"threads: {threads} ({'train.threads' if cfg.train.threads else _auto_reason()})")
     if resume and _finished(cfg):
         say(f"{cfg.run.dir} finished already: nothing is left to train, so it is only evaluated again "
             f"(raise train.epochs or train.max_steps to train further)")
