@@ -107,6 +107,8 @@ def test_chat_page_streams_the_reply(tmp_path, page):
 
 
 def test_a_failed_chat_turn_leaves_the_history_as_it_was(tmp_path, page):
+    from danlu.sampling import CHAT_SAMPLING
+
     run = language_model_run(str(tmp_path / "lm"), steps=20)
     sent = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
@@ -125,7 +127,9 @@ def test_a_failed_chat_turn_leaves_the_history_as_it_was(tmp_path, page):
         page.keyboard.press("Enter")
         page.wait_for_selector(".msg.assistant[data-done=true]", timeout=30000)
         assert page.locator("#chat-error").text_content() == ""
-        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 8}
+        body = {"model": "lm", "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 8,
+                "repetition_penalty": CHAT_SAMPLING.repetition_penalty, "top_k": CHAT_SAMPLING.top_k,
+                "top_p": CHAT_SAMPLING.top_p}  # what the playground sends besides the fields on the page
         expected = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert page.locator(".msg.assistant .content").last.text_content() == expected
     assert sent[-1]["messages"] == [{"role": "user", "content": "你好"}]

@@ -74,7 +74,9 @@ class ErrorResponse(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # texts, or images for an image run: one of the two is required (the schema says so, for clients and fuzzers)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"anyOf": [{"required": ["texts"]}, {"required": ["images"]}]})
 
     texts: Text | list[Text] | None = Field(default=None, description="One text, or a list of texts to classify.")
     images: str | list[str] | None = Field(default=None, description="Image runs: one image, or a list, each "
