@@ -169,7 +169,7 @@ def create_app(predictor, options: ServeOptions | None = None):
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
-            if body.images is not None or hasattr(predictor.run, "preprocess"):  # images (danlu.serve.images)
+            if body.images is not None or getattr(predictor, "input", "text") == "image":  # danlu.serve.images
                 from danlu.serve.images import request_images
 
                 texts = request_images(body, predictor, options.max_texts)
@@ -290,7 +290,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     if classifier:
         inner = app.state.lean_predict = LeanPredictMiddleware(
             fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json, api_error=APIError)
-    if classifier and hasattr(predictor.run, "preprocess"):  # image runs also take multipart uploads
+    if classifier and getattr(predictor, "input", "text") == "image":  # image runs also take multipart uploads
         from danlu.serve.images import ImageUploadMiddleware
 
         inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=s.PredictRequest)

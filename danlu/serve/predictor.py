@@ -31,6 +31,7 @@ class Predictor:
         self.task = run.cfg.task
         self.kind = "language_model" if self.task in LM_TASKS else "classifier"
         self.labels = tuple(run.labels)
+        self.input = "image" if hasattr(run, "preprocess") else "text"  # image runs: danlu.vision
         weights = [os.path.join(run.path, n) for n in ("model.safetensors", "adapter.safetensors", "config.yaml")]
         self.created = int(os.path.getmtime(next(w for w in weights if os.path.exists(w))))  # a LoRA run: its adapter
         self.chat_template = load_template(run.path) if self.kind == "language_model" else None
@@ -119,7 +120,7 @@ class Predictor:
         info = {"id": self.name, "kind": self.kind, "task": self.task, "model": self.run.cfg.model.kind}
         if self.kind == "classifier":
             info["labels"] = list(self.labels)
-            info["input"] = "image" if hasattr(self.run, "preprocess") else "text"  # image runs: danlu.vision
+            info["input"] = self.input
         else:
             info["context_length"] = self.context_length
         return info
