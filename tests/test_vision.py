@@ -308,11 +308,13 @@ def test_serve_images_as_base64_and_multipart(cnn_run, bars, tmp_path):
         assert many.status_code == 413 and many.json()["error"]["code"] == "image_too_large"
         assert client.post("/v1/predict", json={"images": ["%%%not base64"]}).json()["error"]["code"] == "invalid_image"
         texts = client.post("/v1/predict", json={"texts": ["a review"]})
-        assert texts.status_code == 400 and "classifies images" in texts.json()["error"]["message"]
+        assert texts.status_code == 400 and "images" in texts.json()["error"]["message"]
         assert client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()] * 5}).status_code == 400
     text_run = classifier_run(str(tmp_path / "text"), rows=20)
     with ServerThread(create_app(Predictor(text_run), options)) as url, httpx.Client(base_url=url, timeout=30) as client:
         refused = client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()]})
+        assert refused.status_code == 400 and "texts" in refused.json()["error"]["message"]  # texts: required
+        refused = client.post("/v1/predict", json={"texts": ["很好"], "images": [base64.b64encode(png).decode()]})
         assert refused.status_code == 400 and "classifies text" in refused.json()["error"]["message"]
         assert client.post("/v1/predict", json={"texts": ["很好"]}).status_code == 200
 
