@@ -386,3 +386,25 @@ def test_playground_drop_zone_classifies_images(cnn_run, bars, tmp_path):
         assert "not an image" in page.locator("#image-error").text_content()
         browser.close()
         assert not errors, errors
+
+
+def test_cnn_benchmark_rows(tmp_path, capsys):
+    """benchmarks/cnn.py through the harness, danlu and the plain loop for one epoch (speed is not asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    threads = torch.get_num_threads()
+    try:
+        code = harness.main(["--only", "cnn", "--device", "cpu", "--threads", "1", "--results", str(tmp_path),
+                             "--cnn-epochs", "1", "--cnn-tools", "danlu,pytorch"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    rows = json.loads((tmp_path / "cnn.json").read_text(encoding="utf-8"))["rows"]
+    assert [r["tool"].split()[0] for r in rows] == ["danlu", "PyTorch"]
+    for row in rows:
+        assert row["examples"] == 1437 and row["samples_per_s"] > 0 and 0.5 < row["test_accuracy"] <= 1.0
+    assert "| tool |" in capsys.readouterr().out
