@@ -308,11 +308,13 @@ def test_serve_images_as_base64_and_multipart(cnn_run, bars, tmp_path):
         assert many.status_code == 413 and many.json()["error"]["code"] == "image_too_large"
         assert client.post("/v1/predict", json={"images": ["%%%not base64"]}).json()["error"]["code"] == "invalid_image"
         texts = client.post("/v1/predict", json={"texts": ["a review"]})
-        assert texts.status_code == 400 and "classifies images" in texts.json()["error"]["message"]
+        assert texts.status_code == 400 and "images" in texts.json()["error"]["message"]
         assert client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()] * 5}).status_code == 400
     text_run = classifier_run(str(tmp_path / "text"), rows=20)
     with ServerThread(create_app(Predictor(text_run), options)) as url, httpx.Client(base_url=url, timeout=30) as client:
         refused = client.post("/v1/predict", json={"images": [base64.b64encode(png).decode()]})
+        assert refused.status_code == 400 and "texts" in refused.json()["error"]["message"]  # texts: required
+        refused = client.post("/v1/predict", json={"texts": ["很好"], "images": [base64.b64encode(png).decode()]})
         assert refused.status_code == 400 and "classifies text" in refused.json()["error"]["message"]
         assert client.post("/v1/predict", json={"texts": ["很好"]}).status_code == 200
 
@@ -384,3 +386,25 @@ def test_playground_drop_zone_classifies_images(cnn_run, bars, tmp_path):
         assert "not an image" in page.locator("#image-error").text_content()
         browser.close()
         assert not errors, errors
+
+
+def test_cnn_benchmark_rows(tmp_path, capsys):
+    """benchmarks/cnn.py through the harness, danlu and the plain loop for one epoch (speed is not asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    threads = torch.get_num_threads()
+    try:
+        code = harness.main(["--only", "cnn", "--device", "cpu", "--threads", "1", "--results", str(tmp_path),
+                             "--cnn-epochs", "1", "--cnn-tools", "danlu,pytorch"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    rows = json.loads((tmp_path / "cnn.json").read_text(encoding="utf-8"))["rows"]
+    assert [r["tool"].split()[0] for r in rows] == ["danlu", "PyTorch"]
+    for row in rows:
+        assert row["examples"] == 1437 and row["samples_per_s"] > 0 and 0.5 < row["test_accuracy"] <= 1.0
+    assert "| tool |" in capsys.readouterr().out

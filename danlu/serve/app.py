@@ -103,7 +103,6 @@ def create_app(predictor, options: ServeOptions | None = None):
     options = options or ServeOptions()
     state = _State(predictor, options)
     classifier = predictor.kind == "classifier"
-    images = hasattr(getattr(predictor, "run", None), "preprocess")  # an image classifier (danlu.runs.image)
     seq2seq = predictor.kind == "seq2seq"  # text to text: /v1/predict returns text, and the completion routes work
 
     async def lifespan(app):
@@ -198,16 +197,17 @@ def create_app(predictor, options: ServeOptions | None = None):
 
     # -- classifiers ------------------------------------------------------------------------------
     if classifier or seq2seq:
-        async def predict_json(body: s.PredictRequest) -> bytes:
+        image_input = getattr(predictor, "input", "text") == "image"  # image runs: danlu.serve.images
+        Request = s.ImagePredictRequest if image_input else s.PredictRequest
+
+        async def predict_json(body: Request) -> bytes:
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
-            if body.images is not None or images:  # images (danlu.serve.images)
+            if body.images is not None or image_input:
                 from danlu.serve.images import request_images
 
                 texts = request_images(body, predictor, options.max_texts)
-            elif body.texts is None:
-                raise APIError(400, "texts: required: {\"texts\": [...]}", param="texts", code="missing")
             else:
                 texts = [body.texts] if isinstance(body.texts, str) else list(body.texts)
             if not texts:
@@ -233,7 +233,7 @@ def create_app(predictor, options: ServeOptions | None = None):
 
         @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
                   responses=errors, tags=["predict"])
-        async def predict(body: s.PredictRequest):
+        async def predict(body: Request):
             """Classify one or many texts: labels, scores and the probability of every label."""
             # serialized here: returning the model would have FastAPI validate and encode it a second time
             return Response(await predict_json(body), media_type="application/json")
@@ -357,11 +357,11 @@ def create_app(predictor, options: ServeOptions | None = None):
     inner = fastapi
     if classifier:
         inner = app.state.lean_predict = LeanPredictMiddleware(
-            fastapi, validate=s.PredictRequest.model_validate_json, answer=predict_json, api_error=APIError)
-    if classifier and images:  # image runs also take multipart uploads
+            fastapi, validate=Request.model_validate_json, answer=predict_json, api_error=APIError)
+    if classifier and image_input:  # image runs also take multipart uploads
         from danlu.serve.images import ImageUploadMiddleware
 
-        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=s.PredictRequest)
+        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=Request)
     app.front = MetricsMiddleware(GuardMiddleware(inner, options=options), state.metrics, _route_templates(app))
     return app
 

@@ -21,7 +21,7 @@ def request_images(body, predictor, max_images):
     (400 / 413) naming the image for anything else."""
     from danlu.serve.errors import APIError
 
-    image_run = hasattr(predictor.run, "preprocess")
+    image_run = getattr(predictor, "input", "text") == "image"
     if body.images is None:
         raise APIError(400, "this model classifies images: send {\"images\": [base64, ...]} or a multipart upload "
                             "(a file field named image)", param="texts", code="images_expected")

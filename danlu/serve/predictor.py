@@ -37,6 +37,7 @@ class Predictor:
         self.task = run.cfg.task
         self.kind = "language_model" if self.task == "causal_lm" else "seq2seq" if self.task == "seq2seq" else "classifier"
         self.labels = tuple(run.labels)
+        self.input = "image" if hasattr(run, "preprocess") else "text"  # image runs: danlu.runs.image
         self.created = int(os.path.getmtime(layout.weights_file(run.path)))  # a LoRA run: its adapter
         self.chat_template = run.chat_template if self.kind == "language_model" else None
         self._counter = self._plain = self._max_prompt_chars = None
@@ -212,7 +213,7 @@ class Predictor:
         info = {"id": self.name, "kind": self.kind, "task": self.task, "model": self.run.cfg.model.kind}
         if self.kind == "classifier":
             info["labels"] = list(self.labels)
-            info["input"] = "image" if hasattr(self.run, "preprocess") else "text"  # image runs: danlu.runs.image
+            info["input"] = self.input
         else:
             info["context_length"] = self.context_length
         return info

@@ -74,13 +74,22 @@ class ErrorResponse(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    # texts, or images for an image run: one of the two is required (the schema says so, for clients and fuzzers)
-    model_config = ConfigDict(extra="forbid", strict=True,
-                              json_schema_extra={"anyOf": [{"required": ["texts"]}, {"required": ["images"]}]})
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    texts: Text | list[Text] | None = Field(default=None, description="One text, or a list of texts to classify.")
-    images: str | list[str] | None = Field(default=None, description="Image runs: one image, or a list, each "
-                                           "the file's bytes (PNG, JPEG, BMP, GIF ...) base64-encoded or a data: URL.")
+    texts: Text | list[Text] = Field(description="One text, or a list of texts to classify.")
+    images: str | list[str] | None = Field(default=None, description="Image runs only (this one is refused).")
+    model: str | None = Field(default=None, description="The served model's id (optional).")
+    top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
+
+
+class ImagePredictRequest(BaseModel):
+    """/v1/predict of an image run (danlu.serve.images)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images: str | list[str] = Field(description="One image, or a list, each the file's bytes (PNG, JPEG, BMP, "
+                                                "GIF ...) base64-encoded or a data: URL.")
+    texts: str | list[str] | None = Field(default=None, description="Text runs only (this one is refused).")
     model: str | None = Field(default=None, description="The served model's id (optional).")
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
 
