@@ -79,9 +79,10 @@ class FinetuneJob(Job):
     def report(self, run, plan, history, trainer, collector, eval_seconds, command):
         if self.examples is None:
             return super().report(run, plan, history, trainer, collector, eval_seconds, command)
-        from danlu.evaluate.seq2seq_report import report_lines  # scores beside the baselines, example answers
+        from danlu.evaluate.report import write_blocks
+        from danlu.evaluate.seq2seq_report import report_blocks  # scores beside the baselines, example answers
 
-        atomic_write_text(os.path.join(run.path, layout.REPORT), "\n".join(report_lines(run.path, run.metrics, self.examples)) + "\n")
+        write_blocks(report_blocks(run.path, run.metrics, self.examples), run.path)
 
     def save(self, run, plan, history):
         cfg = run.cfg

@@ -15,7 +15,6 @@ import sys
 import time
 
 from danlu.data.seq2seq import build_seq2seq_data, encode_pairs, read_pairs
-from danlu.files import atomic_write_text
 from danlu.jobs.skeleton import Job, Plan
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
@@ -106,14 +105,11 @@ def _flush(metrics, pending, sources, references):
 
 
 def write_report(run, examples, history, out_dir=None, metrics=None, split="test"):
-    """report.md of the run (or of an evaluation, into out_dir with that evaluation's metrics)."""
-    from danlu.evaluate.seq2seq_report import report_lines
+    """report.md / report.html of the run (or of an evaluation, into out_dir with that evaluation's metrics)."""
+    from danlu.evaluate.report import write_blocks
+    from danlu.evaluate.seq2seq_report import report_blocks
 
-    out_dir = out_dir or run.path
-    path = os.path.join(out_dir, "report.md")
-    lines = report_lines(run.path, metrics or run.metrics, examples, history, run.cfg, split)
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return write_blocks(report_blocks(run.path, metrics or run.metrics, examples, history, run.cfg, split), out_dir or run.path)
 
 
 # ---------------------------------------------------------------------------------------------
