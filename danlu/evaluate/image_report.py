@@ -130,7 +130,7 @@ def write_image_run_report(run, data, history, predictions, eval_seconds):
     return write_blocks(blocks, run.path)
 
 
-def write_image_eval_report(run, data_path, metrics, out_dir, dataset, examples, predictions, eval_seconds):
+def write_image_eval_report(run, data_path, metrics, out_dir, examples, dataset, predictions, eval_seconds):
     """The report of an image run evaluated on a labelled folder or table (`dataset`, read from `examples`),
     into `out_dir`; `predictions` were gathered while `metrics` were computed."""
     plots = os.path.join(out_dir, "plots")

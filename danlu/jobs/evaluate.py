@@ -40,20 +40,24 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
         _save(out_dir, path, metrics)
         return metrics
     if hasattr(run, "preprocess"):  # an image run: a labelled folder or table of images
-        return _evaluate_images(run, path, out_dir, device, **data_overrides)
-    regression = run.cfg.task == "regression"
-    examples = read_split(path, data_cfg, numeric=regression)
-    dataset = encode_examples(examples, run.tokenizer, run.labels, regression)
+        from danlu.evaluate.image_report import ImagePredictions, write_image_eval_report
+
+        dataset, examples = run.read(path, **data_overrides)
+        collector = ImagePredictions(len(dataset)) if out_dir else None
+        write = write_image_eval_report
+    else:
+        regression = run.cfg.task == "regression"
+        examples = read_split(path, data_cfg, numeric=regression)
+        dataset = encode_examples(examples, run.tokenizer, run.labels, regression)
+        collector = _collector(run.cfg.task) if out_dir else None
+        write = _eval_report_writer()
     trainer = Trainer(run.model, TASK_CLASSES[run.cfg.task](run.labels), run.cfg.train, device=device)
-    mistakes = _collector(run.cfg.task) if out_dir else None
     started = time.perf_counter()
-    metrics = trainer.evaluate(dataset, on_batch=mistakes.update if mistakes else None)
+    metrics = trainer.evaluate(dataset, on_batch=collector.update if collector else None)
     seconds = time.perf_counter() - started
     _save(out_dir, path, metrics)
-    if mistakes is not None:
-        from danlu.evaluate.report import write_eval_report
-
-        write_eval_report(run, path, metrics, out_dir, examples, dataset, mistakes, seconds)
+    if collector is not None and write is not None:  # the report, from what the same pass gathered
+        write(run, path, metrics, out_dir, examples, dataset, collector, seconds)
     return metrics
 
 
@@ -79,29 +83,18 @@ def _evaluate_text_to_text(run, path, data_cfg, out_dir):
     return metrics
 
 
-def _evaluate_images(run, path, out_dir, device, **data_overrides):
-    dataset, examples = run.read(path, **data_overrides)
-    trainer = Trainer(run.model, TASK_CLASSES["classification"](run.labels), run.cfg.train, device=device)
-    predictions = None
-    if out_dir:
-        from danlu.evaluate.image_report import ImagePredictions
-
-        predictions = ImagePredictions(len(dataset))
-    started = time.perf_counter()
-    metrics = trainer.evaluate(dataset, on_batch=predictions.update if predictions else None)
-    seconds = time.perf_counter() - started
-    _save(out_dir, path, metrics)
-    if predictions is not None:
-        from danlu.evaluate.image_report import write_image_eval_report
-
-        write_image_eval_report(run, path, metrics, out_dir, dataset, examples, predictions, seconds)
-    return metrics
-
-
 def _save(out_dir, path, metrics):
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_json(os.path.join(out_dir, "metrics.json"), {"data": os.path.abspath(path), **metrics})
+
+
+def _eval_report_writer():
+    try:
+        from danlu.evaluate.report import write_eval_report
+    except ImportError:  # matplotlib missing: metrics.json only
+        return None
+    return write_eval_report
 
 
 def _collector(task):

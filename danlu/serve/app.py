@@ -618,10 +618,7 @@ class _State:
             yield _sse(error_body("server overloaded: the request queue is full", "server_error", code="overloaded"))
             yield "data: [DONE]\n\n"
         except Exception:
-            log.exception("stream failed")
-            yield _sse(error_body("internal server error; the server log has the details", "server_error",
-                                  code="internal_error"))
-            yield "data: [DONE]\n\n"
+            yield _stream_failed()
         finally:
             self.streams -= 1
             request.cancelled.set()  # a client gone, or a timeout: the row leaves the batch
@@ -666,10 +663,7 @@ class _State:
                                 "choices": [], "usage": usage.model_dump()})
             yield "data: [DONE]\n\n"
         except Exception:
-            log.exception("stream failed")
-            yield _sse(error_body("internal server error; the server log has the details", "server_error",
-                                  code="internal_error"))
-            yield "data: [DONE]\n\n"
+            yield _stream_failed()
         finally:
             self.streams -= 1
             if it is not None and not done:  # queued behind any step still running in the model thread
@@ -739,6 +733,13 @@ def _queue_emitter(loop, events):
             pass
 
     return emit
+
+
+def _stream_failed():
+    """The last events of a stream that failed: an error chunk (the details go to the server log) and [DONE]."""
+    log.exception("stream failed")
+    return _sse(error_body("internal server error; the server log has the details", "server_error",
+                           code="internal_error")) + "data: [DONE]\n\n"
 
 
 def _cancel(future, payload):

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from danlu.registry import ConfigError
-from danlu.serve.onnx_runtime import TOLERANCE, ExportError, median_ms_alternating, ort_session, quiet
+from danlu.serve.onnx_runtime import TOLERANCE, ExportError, finish_report, median_ms_alternating, ort_session, quiet
 
 FORMATS = ("onnx",)
 COPIED = ("tokenizer.json", "labels.json", "config.yaml", "chat_template.jinja")
@@ -112,13 +112,7 @@ def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeat
         report["threads"] = threads
         report["latency"] = compare_latency(reference, path, names, pad_id, run.tokenizer.vocab_size_, fixed_length,
                                             batch_sizes=batch_sizes, repeats=repeats, threads=threads)
-    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=2)
-    report["out"] = out
-    if check and not report["parity"]["passed"]:
-        raise ExportError(f"{out}: onnxruntime and PyTorch differ by {report['parity']['max_abs_diff']:.3g} "
-                          f"(tolerance {TOLERANCE:g}); the graph is in {path} for inspection")
-    return report
+    return finish_report(report, out, path, check)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class ImageGraph(nn.Module):
 
 
 def export_image_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeats=20) -> dict:
-    from danlu.serve.onnx_runtime import TOLERANCE, ExportError, median_ms_alternating, ort_session, quiet
+    from danlu.serve.onnx_runtime import TOLERANCE, ExportError, finish_report, median_ms_alternating, ort_session, quiet
 
     out = os.fspath(out or os.path.join(run.path, "export", "onnx"))
     os.makedirs(out, exist_ok=True)
@@ -110,13 +110,7 @@ def export_image_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), 
             rows.append({"batch": batch, "length": f"{H}x{W}", "torch_ms": round(torch_ms, 3),
                          "onnxruntime_ms": round(ort_ms, 3), "speedup": round(torch_ms / ort_ms, 2) if ort_ms else None})
         report["latency"] = rows
-    with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=2)
-    report["out"] = out
-    if check and not report["parity"]["passed"]:
-        raise ExportError(f"{out}: onnxruntime and PyTorch differ by {report['parity']['max_abs_diff']:.3g} "
-                          f"(tolerance {TOLERANCE:g}); the graph is in {path} for inspection")
-    return report
+    return finish_report(report, out, path, check)
 
 
 def _png_files(pre, n):

@@ -59,3 +59,15 @@ def median_ms_alternating(a, b, repeats, warmup=3):
             fn()
             out.append((time.perf_counter() - started) * 1000)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def finish_report(report, out, path, check):
+    """Write export.json (atomically) beside the graph; with `check`, an ExportError when the parity failed."""
+    from danlu.files import atomic_write_json
+
+    atomic_write_json(os.path.join(out, "export.json"), report)
+    report["out"] = out
+    if check and not report["parity"]["passed"]:
+        raise ExportError(f"{out}: onnxruntime and PyTorch differ by {report['parity']['max_abs_diff']:.3g} "
+                          f"(tolerance {TOLERANCE:g}); the graph is in {path} for inspection")
+    return report
