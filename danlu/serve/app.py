@@ -198,9 +198,9 @@ def create_app(predictor, options: ServeOptions | None = None):
     # -- classifiers ------------------------------------------------------------------------------
     if classifier or seq2seq:
         image_input = getattr(predictor, "input", "text") == "image"  # image runs: danlu.serve.images
-        Request = s.ImagePredictRequest if image_input else s.PredictRequest
+        PredictBody = s.ImagePredictRequest if image_input else s.PredictRequest
 
-        async def predict_json(body: Request) -> bytes:
+        async def predict_json(body: PredictBody) -> bytes:
             """The answer to a valid request, serialized (APIError for a request the model cannot take)."""
             if body.model is not None:
                 state.check_model(body.model)
@@ -233,7 +233,7 @@ def create_app(predictor, options: ServeOptions | None = None):
 
         @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
                   responses=errors, tags=["predict"])
-        async def predict(body: Request):
+        async def predict(body: PredictBody):
             """Classify one or many texts: labels, scores and the probability of every label."""
             # serialized here: returning the model would have FastAPI validate and encode it a second time
             return Response(await predict_json(body), media_type="application/json")
@@ -357,7 +357,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     inner = fastapi
     if classifier:
         inner = app.state.lean_predict = LeanPredictMiddleware(
-            fastapi, validate=Request.model_validate_json, answer=predict_json, api_error=APIError)
+            fastapi, validate=PredictBody.model_validate_json, answer=predict_json, api_error=APIError)
     if classifier and image_input:  # image runs also take multipart uploads
         from danlu.serve.images import ImageUploadMiddleware
 
