@@ -23,8 +23,7 @@ import torch
 
 from danlu import config as config_mod
 from danlu.data.image_transforms import ImageError, ImagePreprocess
-from danlu.data.images import build_image_data, encode_images, image_spec, read_images
-from danlu.data.images import IMAGE_SUFFIXES, ImageExamples
+from danlu.data.images import IMAGE_SUFFIXES, ImageExamples, build_image_data, encode_images, image_spec, read_images
 from danlu.data.sources import DataError
 from danlu.files import atomic_write_json, atomic_write_text, load_tensors, load_weights, read_json, save_weights
 from danlu.models import build_model, count_parameters
