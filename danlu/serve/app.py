@@ -361,7 +361,7 @@ def create_app(predictor, options: ServeOptions | None = None):
     if classifier and image_input:  # image runs also take multipart uploads
         from danlu.serve.images import ImageUploadMiddleware
 
-        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=Request)
+        inner = ImageUploadMiddleware(inner, answer=predict_json, api_error=APIError, request_class=PredictBody)
     app.front = MetricsMiddleware(GuardMiddleware(inner, options=options), state.metrics, _route_templates(app))
     return app
 
