@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -58,6 +59,23 @@ def test_regression_task(tmp_path):
     run = danlu.train(tiny_config(path, tmp_path / "run", task="regression", train={"epochs": 4}))
     assert {"mse", "mae", "r2"} <= set(run.metrics["test"]) and run.metrics["test"]["r2"] > 0.5
     assert "value" in danlu.load(run.path).predict(["很好"])[0]
+
+
+def test_regression_learns_targets_far_from_zero(tmp_path, capsys):
+    """Prices around 10,000 +- 2,000: trained on the raw numbers, the model's outputs (near 0 at the start) crawled
+    toward them and R2 stayed far below 0. The target is learned standardised, and the saved model (loaded
+    back, served, exported) predicts in the data's units."""
+    rows = [(t, str(10000.0 + (2000.0 if label == "正面" else -2000.0))) for t, label in make_reviews(300)]
+    path = write_csv(tmp_path / "prices.csv", rows)
+    run = danlu.train(tiny_config(path, tmp_path / "run", task="regression", train={"epochs": 4}))
+    assert re.search(r"targets: mean 1\.00\de\+04, standard deviation 199\d|targets: mean 1\.00\de\+04, standard deviation 2000",
+                     capsys.readouterr().err)
+    assert run.metrics["test"]["r2"] > 0.5 and run.metrics["test"]["mae"] < 1500
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] > 1000  # the MSE in the data's units, as val_loss is
+    good, bad = (p["value"] for p in danlu.load(run.path).predict(["很好喜欢推荐", "很差失望退货"]))
+    assert 9000 < good < 13000 and 7000 < bad < 11000 and good > bad
+    assert [p["value"] for p in run.predict(["很好"])] == pytest.approx([p["value"] for p in danlu.load(run.path).predict(["很好"])], rel=1e-5)
 
 
 def test_schedules():

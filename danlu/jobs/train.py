@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 
+from torch import nn
+
 from danlu.data import TextTokenizer, build_data, encode_examples, make_spec
 from danlu.jobs.skeleton import Job, Plan, run_job
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
-from danlu.training.tasks import TASKS
+from danlu.training.tasks import TASKS, RegressionTask, standardised_head, target_scale
 
 
 class TrainJob(Job):
@@ -27,8 +29,17 @@ class TrainJob(Job):
             f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
         model = build_model(cfg.model, data.spec)
         say(f"model: {cfg.model.kind}, {count_parameters(model):,} parameters; run directory: {run_dir}")
-        return Plan(cfg, model, TASKS[cfg.task](data.labels), data.train, data.val, data.test, data.tokenizer,
-                    data.labels, data=data)
+        task = TASKS[cfg.task](data.labels)
+        if cfg.task == "regression" and type(getattr(model, "head", None)) is nn.Linear:  # learn standardised targets
+            task = RegressionTask(target_mean=(scale := target_scale(data.train.targets))[0], target_std=scale[1])
+            say(f"targets: mean {scale[0]:.4g}, standard deviation {scale[1]:.4g} (learned standardised)")
+        return Plan(cfg, model, task, data.train, data.val, data.test, data.tokenizer, data.labels, data=data)
+
+    def save(self, run, plan, history):
+        task = plan.task
+        if getattr(task, "target_std", 1.0) != 1.0 or getattr(task, "target_mean", 0.0) != 0.0:
+            standardised_head(run.model, task.target_mean, task.target_std)  # the saved model predicts in the data's units
+        super().save(run, plan, history)
 
     def summarize(self, plan, history, trainer, metrics):
         data = plan.data

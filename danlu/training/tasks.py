@@ -92,18 +92,25 @@ class ClassificationTask(Task):
 
 
 class RegressionTask(Task):
-    """Mean squared error on one numeric output."""
+    """Mean squared error on one numeric output.
+
+    With `target_mean` / `target_std` (from the training split: danlu train sets them) the model learns the
+    standardised target (y - mean) / std, so that a target of 10,000 +- 2,000 trains as easily as one of
+    0 +- 1; outputs, metrics and the loss columns are given back in the data's units. `standardised_head`
+    folds the scale into the output layer, so a saved model predicts in those units itself."""
 
     name = "regression"
     monitor = "r2"
     metrics = {"loss": "min", "r2": "max", "mae": "min"}  # loss: the mean squared error
 
-    def __init__(self, labels=()):
+    def __init__(self, labels=(), target_mean=0.0, target_std=1.0):
         self.labels = ()
+        self.target_mean, self.target_std = float(target_mean), float(target_std)
 
     def loss(self, model, batch):
-        out = model(*model_inputs(batch)).squeeze(-1)  # (B,)
-        return F.mse_loss(out.float(), batch["labels"]), out
+        out = model(*model_inputs(batch)).squeeze(-1).float()  # (B,), standardised units
+        target = (batch["labels"] - self.target_mean) / self.target_std
+        return F.mse_loss(out, target), out * self.target_std + self.target_mean  # outputs in the data's units
 
     def new_metrics(self):
         return RegressionMetrics()
@@ -116,7 +123,24 @@ class RegressionTask(Task):
         return n, 0, n
 
     def train_metrics(self, loss_sum, count, correct):
-        return {"train_loss": loss_sum / max(count, 1)}
+        return {"train_loss": loss_sum / max(count, 1) * self.target_std ** 2}  # the MSE in the data's units
+
+
+def target_scale(targets):
+    """(mean, std) of a training split's numeric targets, for RegressionTask (std 1 when they do not vary)."""
+    import numpy as np
+
+    targets = np.asarray(targets, dtype=np.float64)
+    std = float(targets.std()) if len(targets) else 0.0
+    return (float(targets.mean()) if len(targets) else 0.0), (std if std > 1e-12 else 1.0)
+
+
+@torch.no_grad()
+def standardised_head(model, mean, std):
+    """Fold y = out * std + mean into the model's output layer (a plain nn.Linear `head`), in place."""
+    model.head.weight.mul_(std)
+    model.head.bias.mul_(std).add_(mean)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
