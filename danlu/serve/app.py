@@ -625,18 +625,9 @@ class _State:
 
     async def _events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo):
         loop = asyncio.get_running_loop()
-        chat = object_name == "chat.completion.chunk"
-        ident, created, model = _new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self.predictor.name
+        chat, chunk, usage_event = self._chunker(object_name)
         it, done = None, False
         self.streams += 1  # counted here, not before: a generator that never starts never ends either
-
-        def chunk(delta, finish=None):
-            if chat:
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-            return _sse({"id": ident, "object": object_name, "created": created, "model": model, "choices": [choice]})
-
         try:
             it = await loop.run_in_executor(self.executor, lambda: self.predictor.stream(prompt, **sampling))
             if chat:
@@ -659,8 +650,7 @@ class _State:
                 yield chunk({} if chat else "", finish)
                 usage = self.usage(prompt_tokens, used)
                 if stream_options is not None and stream_options.include_usage:
-                    yield _sse({"id": ident, "object": object_name, "created": created, "model": model,
-                                "choices": [], "usage": usage.model_dump()})
+                    yield usage_event(usage)
             yield "data: [DONE]\n\n"
         except Exception:
             yield _stream_failed()
