@@ -48,31 +48,6 @@ def arrays(dataset):
     return dataset.preprocess(dataset.pixels).numpy(), dataset.targets
 
 
-class DanluSide:
-    def __init__(self, cfg, data, run_dir):
-        import danlu
-        from danlu.models import build_model
-        from danlu.jobs.skeleton import seed_everything
-        from danlu.training.tasks import ClassificationTask
-        from danlu.training.trainer import Trainer
-
-        seed_everything(cfg.run.seed)
-        model = build_model(cfg.model, data.spec)
-        self.trainer = Trainer(model, ClassificationTask(data.labels), cfg.train, run_dir=run_dir, seed=cfg.run.seed,
-                               restore_best=False)
-        self.data, self.tool = data, "danlu " + danlu.__version__
-
-    def train_to(self, epoch):
-        self.trainer.fit(self.data.train, self.data.val, epochs=epoch, resume=True)
-
-    @property
-    def seconds(self):
-        return self.trainer.history.series("seconds")
-
-    def test_accuracy(self):
-        return self.trainer.evaluate(self.data.test)["accuracy"]
-
-
 class KerasSide:
     def __init__(self, data, device, seed):
         helpers = _seed_lstm()
@@ -173,7 +148,7 @@ def run(args):
     data = build_image_data(cfg.data, cfg.run.seed)
     n = len(data.train)
     with tempfile.TemporaryDirectory(prefix="danlu-bench-") as run_dir:
-        make = {"keras": lambda: KerasSide(data, device, cfg.run.seed), "danlu": lambda: DanluSide(cfg, data, run_dir),
+        make = {"keras": lambda: KerasSide(data, device, cfg.run.seed), "danlu": lambda: _seed_lstm().DanluSide(cfg, data, run_dir),
                 "pytorch": lambda: PyTorchSide(data, device, cfg.run.seed)}
         order = [t for t in ("keras", "danlu", "pytorch") if t in tools]  # Keras first: the baseline row
         sides = [make[t]() for t in order]
