@@ -104,16 +104,19 @@ def set_threads(threads=0, processes=1):
 
 def free_cores(limit=8):
     """Cores this process may run on, less those the 1-minute load average says other work keeps busy."""
+    usable, load = _cores_and_load()
+    return max(1, min(usable - round(load), limit))
+
+
+def _cores_and_load():
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(usable - busy, limit))
+    return usable, (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
 
 def _auto_reason():
     if os.environ.get("OMP_NUM_THREADS"):
         return "OMP_NUM_THREADS"
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    usable, load = _cores_and_load()
     return f"{usable} cores, load {load:.1f}; set train.threads to choose"
 
 
