@@ -165,14 +165,10 @@ def cmd_pretrain(args):
 
 
 def cmd_generate(args):
-    from danlu.generation import generate, set_decode_precision, stream_generate
+    from danlu.generation import generate
     from danlu.sampling import SamplingConfig
-    from danlu.runs import load_run
 
-    run = load_run(args.run, device=args.device)
-    if run.cfg.task != "causal_lm":
-        raise ConfigError(f"{args.run}: generate needs a causal language model run (task causal_lm), not {run.cfg.task}")
-    set_decode_precision(run.model, args.precision)
+    run = _language_model_run(args, "generate")
     if not args.prompts:
         raise ConfigError("generate: give one or more prompts, e.g. danlu generate RUN \"To be\"")
     options = _fields_of(args, SamplingConfig)
@@ -182,10 +178,33 @@ def cmd_generate(args):
         return
     for prompt in args.prompts:
         sys.stdout.write(prompt)
-        for delta in stream_generate(run.model, run.tokenizer, prompt, **options):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_stream(run, prompt, options)
+
+
+def _language_model_run(args, verb):
+    """The causal language model run `args.run` that `verb` (generate, chat) decodes with, at --precision."""
+    from danlu.generation import set_decode_precision
+    from danlu.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    if run.cfg.task != "causal_lm":
+        raise ConfigError(f"{args.run}: {verb} needs a causal language model run (task causal_lm), not {run.cfg.task}")
+    set_decode_precision(run.model, args.precision)
+    return run
+
+
+def _write_stream(run, prompt, options):
+    """Write what the model generates after `prompt` to stdout as it comes, then a newline -> that text."""
+    from danlu.generation import stream_generate
+
+    text = ""
+    for delta in stream_generate(run.model, run.tokenizer, prompt, **options):
+        text += delta
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text
 
 
 def cmd_finetune(args):
@@ -205,14 +224,9 @@ def cmd_finetune(args):
 def cmd_chat(args):
     """Interactive chat in the terminal: one user turn per stdin line, the reply streamed; /exit quits."""
     from danlu.chat_template import render_chat, stop_sequences
-    from danlu.generation import set_decode_precision, stream_generate
-    from danlu.runs import load_run
     from danlu.sampling import SamplingConfig
 
-    run = load_run(args.run, device=args.device)
-    if run.cfg.task != "causal_lm":
-        raise ConfigError(f"{args.run}: chat needs a causal language model run (task causal_lm), not {run.cfg.task}")
-    set_decode_precision(run.model, args.precision)
+    run = _language_model_run(args, "chat")
     template = run.chat_template
     names = {"bos_token": "<s>", "eos_token": "</s>"}
     variables = {k: run.tokenizer.tokenizer_.id_to_token(run.tokenizer.token_id(v)) or "" for k, v in names.items()}
@@ -229,14 +243,8 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         prompt = render_chat(template, messages, add_generation_prompt=True, **variables)
-        reply = ""
         sampling = {**_fields_of(args, SamplingConfig), "stop": list(stop_sequences(template))}
-        for delta in stream_generate(run.model, run.tokenizer, prompt, **sampling):
-            reply += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        reply = _write_stream(run, prompt, sampling)
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
@@ -288,10 +296,12 @@ def _stem(path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _add_config_args(p):
-    p.add_argument("config", help="a YAML config file (or a run directory, to resume it)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 run.dir=runs/mine")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+def _add_config_args(p, what="a YAML config file (or a run directory, to resume it)",
+                     example="train.epochs=3 run.dir=runs/mine", resume=True):
+    p.add_argument("config", help=what)
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
 
@@ -421,9 +431,8 @@ def _add_precision_arg(p, what="weights while decoding"):
 
 
 def _finetune_args(p):
-    p.add_argument("config", help="a YAML config with finetune.base (or, with --merge, a LoRA run directory)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.method=lora train.epochs=3")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    _add_config_args(p, "a YAML config with finetune.base (or, with --merge, a LoRA run directory)",
+                     "finetune.method=lora train.epochs=3", resume=False)
     p.add_argument("--merge", metavar="OUT", help="write the LoRA run CONFIG as a plain run with merged weights at OUT")
 
 
