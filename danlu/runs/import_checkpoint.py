@@ -171,17 +171,38 @@ def llama_config(hf) -> GPTConfig:
 def llama_weights(tensors, config):
     """LlamaForCausalLM -> danlu GPT names: q, k, v fused into qkv, gate and up into ffn.up."""
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
-    out = {"embed.weight": t["embed_tokens.weight"], "norm.weight": t["norm.weight"]}
-    for i in range(config.num_layers):
-        src, dst = f"layers.{i}.", f"blocks.{i}."
-        out[dst + "attn_norm.weight"] = t[src + "input_layernorm.weight"]
-        out[dst + "attn.qkv.weight"] = torch.cat([t[src + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        out[dst + "attn.out.weight"] = t[src + "self_attn.o_proj.weight"]
-        out[dst + "ffn_norm.weight"] = t[src + "post_attention_layernorm.weight"]
-        out[dst + "ffn.up.weight"] = torch.cat([t[src + "mlp.gate_proj.weight"], t[src + "mlp.up_proj.weight"]])
-        out[dst + "ffn.down.weight"] = t[src + "mlp.down_proj.weight"]
-    if not config.tie_embeddings:
-        out["head.weight"] = tensors["lm_head.weight"]
+    return _llama_to_gpt(t, config, "hf")
+
+
+# danlu GPT name -> its tensors in a Hugging Face Llama and in a GGUF llama file (several: concatenated in that
+# order, the fused q/k/v and gate/up); "{i}" is the layer
+LLAMA_NAMES = {
+    "embed.weight": (["embed_tokens.weight"], ["token_embd.weight"]),
+    "norm.weight": (["norm.weight"], ["output_norm.weight"]),
+    "head.weight": (["lm_head.weight"], ["output.weight"]),
+    "blocks.{i}.attn_norm.weight": (["layers.{i}.input_layernorm.weight"], ["blk.{i}.attn_norm.weight"]),
+    "blocks.{i}.attn.qkv.weight": ([f"layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkv"],
+                                   [f"blk.{{i}}.attn_{n}.weight" for n in "qkv"]),
+    "blocks.{i}.attn.out.weight": (["layers.{i}.self_attn.o_proj.weight"], ["blk.{i}.attn_output.weight"]),
+    "blocks.{i}.ffn_norm.weight": (["layers.{i}.post_attention_layernorm.weight"], ["blk.{i}.ffn_norm.weight"]),
+    "blocks.{i}.ffn.up.weight": (["layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"],
+                                 ["blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"]),
+    "blocks.{i}.ffn.down.weight": (["layers.{i}.mlp.down_proj.weight"], ["blk.{i}.ffn_down.weight"]),
+}
+
+
+def _llama_to_gpt(t, config, source, fix=None):
+    """The danlu GPT state dict from a Llama checkpoint's tensors `t` in `source` "hf" or "gguf" names (see
+    LLAMA_NAMES); `fix(name, tensor)`, when given, adjusts each tensor read. No head with tied embeddings."""
+    column, out = ("hf", "gguf").index(source), {}
+    for dst, names in LLAMA_NAMES.items():
+        if dst == "head.weight" and config.tie_embeddings:
+            continue
+        for i in range(config.num_layers) if "{i}" in dst else [None]:
+            parts = [t[n.format(i=i)] for n in names[column]]
+            if fix is not None:
+                parts = [fix(n, w) for n, w in zip(names[column], parts)]
+            out[dst.format(i=i)] = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out
 
 
@@ -268,20 +289,9 @@ def unpermute_rope(w, num_heads):
 
 
 def gguf_llama_weights(t, config):
-    out = {"embed.weight": t["token_embd.weight"], "norm.weight": t["output_norm.weight"]}
-    for i in range(config.num_layers):
-        src, dst = f"blk.{i}.", f"blocks.{i}."
-        q = unpermute_rope(t[src + "attn_q.weight"], config.num_heads)
-        k = unpermute_rope(t[src + "attn_k.weight"], config.kv_heads)
-        out[dst + "attn_norm.weight"] = t[src + "attn_norm.weight"]
-        out[dst + "attn.qkv.weight"] = torch.cat([q, k, t[src + "attn_v.weight"]])
-        out[dst + "attn.out.weight"] = t[src + "attn_output.weight"]
-        out[dst + "ffn_norm.weight"] = t[src + "ffn_norm.weight"]
-        out[dst + "ffn.up.weight"] = torch.cat([t[src + "ffn_gate.weight"], t[src + "ffn_up.weight"]])
-        out[dst + "ffn.down.weight"] = t[src + "ffn_down.weight"]
-    if not config.tie_embeddings:
-        out["head.weight"] = t["output.weight"]
-    return out
+    """GGUF llama tensors -> danlu GPT names, q and k rows put back in Hugging Face's order (unpermute_rope)."""
+    heads = {"blk.{i}.attn_q.weight": config.num_heads, "blk.{i}.attn_k.weight": config.kv_heads}
+    return _llama_to_gpt(t, config, "gguf", lambda name, w: unpermute_rope(w, heads[name]) if name in heads else w)
 
 
 def gguf_tokenizer(reader, meta, max_length=0) -> TextTokenizer:
