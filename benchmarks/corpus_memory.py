@@ -53,18 +53,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from danlu.data.corpus import read_corpus
-
-    quick = getattr(args, "quick", False)
-    size_mb = getattr(args, "corpus_memory_mb", None) or (0.5 if quick else 4.0)
-    limit = int(size_mb * 2**20)
-    base, size = [], 0
-    for text, _ in read_corpus("en_shakespeare"):  # streamed too: stop once the 1x size is reached
-        base.append(text)
-        size += len(text.encode("utf-8"))
-        if size >= limit:
-            break
-    base = "".join(base).encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+    size_mb = getattr(args, "corpus_memory_mb", None) or (0.5 if getattr(args, "quick", False) else 4.0)
+    base = _shakespeare(size_mb)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for factor in (1, 10):
@@ -90,6 +80,18 @@ def run(args):
     return rows
 
 
+def _shakespeare(size_mb):
+    """The first `size_mb` megabytes of the built-in Shakespeare corpus (whole characters), as one string."""
+    from danlu.data.corpus import read_corpus
+
+    limit = int(size_mb * 2**20)
+    base, size = [], 0
+    for text, _ in read_corpus("en_shakespeare"):  # streamed too: stop once the 1x size is reached
+        base.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= limit:
+            break
+    return "".join(base).encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]

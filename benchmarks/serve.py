@@ -106,36 +106,17 @@ def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, sha
 
 
 async def _mixed(url, stream_bodies, plain_bodies, clients, seconds, share, warmup=0.5):
-    host, port = url.split("//", 1)[1].split(":")
-    streams = [_request(host, "/v1/chat/completions", b) for b in stream_bodies]
-    plain = [_request(host, "/v1/completions", b) for b in plain_bodies]
-    rng = random.Random(1)
-    latencies, errors = {"stream": [], "plain": []}, 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
+    """Closed-loop load where a `share` of the requests are streamed chats (`stream_bodies`) and the rest
+    completions (`plain_bodies`)."""
+    streams = [_request(url, "/v1/chat/completions", b) for b in stream_bodies]
+    plain = [_request(url, "/v1/completions", b) for b in plain_bodies]
 
-    async def worker():
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            while True:
-                sent = time.perf_counter()
-                if sent >= stop_at:
-                    return
-                kind = "stream" if rng.random() < share else "plain"
-                if kind == "stream":
-                    status = await _post_stream(reader, writer, rng.choice(streams))
-                else:
-                    status = await _post(reader, writer, rng.choice(plain))
-                if sent >= measure_from:
-                    if status == 200:
-                        latencies[kind].append(time.perf_counter() - sent)
-                    else:
-                        errors += 1
-        finally:
-            writer.close()
+    async def send(reader, writer, rng):
+        if rng.random() < share:
+            return "stream", await _post_stream(reader, writer, rng.choice(streams))
+        return "plain", await _post(reader, writer, rng.choice(plain))
 
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    latencies, errors = await _closed_loop(url, send, clients, seconds, warmup, seed=1)
     median = lambda xs: statistics.median(xs) * 1000 if xs else float("nan")  # noqa: E731
     ok = len(latencies["stream"]) + len(latencies["plain"])
     return {"ok": ok, "errors": errors, "throughput": ok / seconds, "stream_p50": median(latencies["stream"]),
@@ -221,12 +202,26 @@ def _measure(run_dir, device, seconds, rounds, threads, model, route, bodies, cl
 
 
 async def _load(url, route, bodies, clients, seconds, warmup=0.5):
-    """Closed-loop load: `clients` keep-alive connections, each sending its next request (one of `bodies`,
-    at random) once answered."""
+    """Closed-loop load of one route: each request one of `bodies`, at random."""
+    requests = [_request(url, route, body) for body in bodies]
+
+    async def send(reader, writer, rng):
+        return "plain", await _post(reader, writer, rng.choice(requests))
+
+    latencies, errors = await _closed_loop(url, send, clients, seconds, warmup, seed=0)
+    latencies = sorted(latencies["plain"])
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+    return {"ok": len(latencies), "errors": errors, "throughput": len(latencies) / seconds,
+            "p50": statistics.median(latencies) * 1000 if latencies else float("nan"), "p99": pick(0.99)}
+
+
+async def _closed_loop(url, send, clients, seconds, warmup, seed):
+    """`clients` keep-alive connections, each sending its next request once the last is answered, for `seconds`
+    after `warmup` seconds: `await send(reader, writer, rng)` sends one -> (its kind, the status code).
+    -> ({kind: [seconds each answered request took]} over the measured time, how many were not answered 200)."""
     host, port = url.split("//", 1)[1].split(":")
-    requests = [_request(host, route, body) for body in bodies]
-    rng = random.Random(0)
-    latencies, errors = [], 0
+    rng = random.Random(seed)
+    latencies, errors = {"stream": [], "plain": []}, 0
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
 
@@ -238,25 +233,22 @@ async def _load(url, route, bodies, clients, seconds, warmup=0.5):
                 sent = time.perf_counter()
                 if sent >= stop_at:
                     return
-                status = await _post(reader, writer, rng.choice(requests))
-                done = time.perf_counter()
+                kind, status = await send(reader, writer, rng)
                 if sent >= measure_from:
                     if status == 200:
-                        latencies.append(done - sent)
+                        latencies[kind].append(time.perf_counter() - sent)
                     else:
                         errors += 1
         finally:
             writer.close()
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
-    return {"ok": len(latencies), "errors": errors, "throughput": len(latencies) / seconds,
-            "p50": statistics.median(latencies) * 1000 if latencies else float("nan"), "p99": pick(0.99)}
+    return latencies, errors
 
 
-def _request(host, route, body):
-    """The bytes of one HTTP/1.1 POST of `body` as JSON."""
+def _request(url, route, body):
+    """The bytes of one HTTP/1.1 POST of `body` as JSON to the server at `url`."""
+    host = url.split("//", 1)[1].split(":")[0]
     payload = json.dumps(body).encode()
     return (f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
