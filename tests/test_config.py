@@ -74,6 +74,23 @@ CHOICES_AND_RANGES = [
     ("train.lr=-1", ["train.lr", "expected a number > 0, got -1"]),
     ("data.val_fraction=1", ["data.val_fraction", "in [0, 1)", "got 1.0"]),
     ("data.encoding=klingon", ["data.encoding", "unknown encoding 'klingon'"]),
+] + [  # the model families' own choices and ranges, and those of the Transformer fields they share
+    (f"model.kind={kind} {override}", words)
+    for kind, cases in {
+        "seq2seq": {"model.norm=batchnorm": ["model.norm", "'batchnorm'", "layernorm, rmsnorm"],
+                    "model.mlp=relu": ["model.mlp", "gelu, gelu_tanh, swiglu"],
+                    "model.encoder_layers=0": ["model.encoder_layers", "expected an integer >= 1, got 0"],
+                    "model.dropout=1.5": ["model.dropout", "in [0, 1)"]},
+        "vit": {"model.norm=layer_norm": ["model.norm", "did you mean 'layernorm'"],
+                "model.grid=0": ["model.grid", ">= 1"], "model.patch_size=-1": ["model.patch_size", ">= 0"]},
+        "cnn": {"model.pooling=max": ["model.pooling", "'max'", "avg, flatten"],
+                "model.channels=[32,0]": ["model.channels[1]", ">= 1"],
+                "model.kernel_size=4": ["model.kernel_size", "an odd number, got 4"]},
+        "bert": {"model.norm_eps=0": ["model.norm_eps", "> 0"]},
+        "transformer": {"model.embed_dim=130": ["model.embed_dim (130) must be divisible by model.num_heads (4)"]},
+        "gpt": {"model.num_kv_heads=4": ["model.num_heads (6) must be divisible by model.num_kv_heads (4)"]},
+    }.items()
+    for override, words in cases.items()
 ] + [  # the key, and the bound the error states
     (override, [override.split("=")[0], bound])
     for bound, overrides in {
@@ -92,7 +109,7 @@ def test_a_bad_value_fails_at_load_naming_the_key(tmp_path, override, words):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  kind: lstm\n")
     with pytest.raises(ConfigError) as e:
-        config.load(path, [override])
+        config.load(path, override.split())  # one override, or the model kind and one
     for w in words:
         assert w in str(e.value)
     assert str(path) in str(e.value)

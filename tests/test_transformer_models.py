@@ -10,9 +10,11 @@ from danlu.models import MODELS, build_model
 from danlu.models.bert import BERT, BERTConfig
 from danlu.models.blocks import Attention
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
+from danlu.models.shapes import TransformerShape
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
 from danlu.registry import ConfigError
+from danlu.schema import field_docs
 
 torch.set_num_threads(1)
 
@@ -222,3 +224,16 @@ def test_config_errors_name_the_key():
     assert isinstance(build(BERTConfig(embed_dim=32, num_heads=2, num_layers=1), LM_SPEC), BERT)
     assert isinstance(build(TextCNNConfig(), CLS_SPEC), TextCNN)
     assert isinstance(build(TransformerConfig(), CLS_SPEC), TransformerClassifier)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert", "transformer", "seq2seq", "vit"])
+def test_transformer_families_share_one_shape(kind):
+    """Each family keeps its own defaults for the shared fields; the rule across them and the sizes derived
+    from them are TransformerShape's, and so is the help text of the fields a family does not document."""
+    cls = MODELS[kind][0]
+    assert issubclass(cls, TransformerShape) and cls().kind == kind
+    assert field_docs(cls)["intermediate_dim"].startswith("Feed-forward width")
+    config = cls(embed_dim=48, num_heads=4, intermediate_dim=0)
+    assert (config.head_dim, config.kv_heads, config.ffn_dim) == (12, 4, 192)
+    with pytest.raises(ConfigError, match=r"model.embed_dim \(30\) must be divisible by model.num_heads \(4\)"):
+        cls(embed_dim=30, num_heads=4)

@@ -13,39 +13,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from danlu.models.blocks import Attention, FeedForward, init_weights, padding_mask
-from danlu.registry import ConfigError
-from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
+from danlu.models.blocks import Attention, FeedForward, init_weights, mean_over_tokens, padding_mask
+from danlu.models.shapes import TransformerShape
+from danlu.schema import Annotated, Literal, Positive, Range
 
 
 @dataclass(frozen=True)
-class BERTConfig:
+class BERTConfig(TransformerShape):
+    """The shared Transformer fields (danlu.models.shapes), BERT's defaults for some, and BERT's own."""
+
     kind: str = "bert"
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-12
     size: str = ""
     """A preset of SIZE_PRESETS below (tiny, small, minilm, base) whose values fill the keys this section leaves out."""
-    embed_dim: Positive = 256
-    num_heads: Positive = 4
-    num_layers: Positive = 4
-    intermediate_dim: NonNegative = 0
-    """Feed-forward width (0: 4 x embed_dim)."""
-    dropout: Fraction = 0.1
-    """Dropout on embeddings, attention weights, layer outputs and the pooled vector."""
     max_positions: Positive = 512
     """Rows of the position table; the data's max_length is used when it is larger."""
     type_vocab_size: Positive = 2
     """Token types (segments A and B of a sentence pair)."""
-    norm_eps: Annotated[float, Range(gt=0)] = 1e-12
     pooling: Literal["mean", "cls"] = "mean"
     """Classifier input: mean (over real tokens) or cls (pooler over position 0, as BERT fine-tuning)."""
-
-    def __post_init__(self):
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by "
-                              f"model.num_heads ({self.num_heads})")
-
-    @property
-    def ffn_dim(self):
-        return self.intermediate_dim or 4 * self.embed_dim
 
 
 # Presets are data: field overrides for BERTConfig, e.g. BERTConfig(**SIZE_PRESETS["minilm"]).
@@ -128,9 +114,6 @@ class BERT(nn.Module):
             return self.mlm(x)  # (B, T, vocab)
         if self.config.pooling == "cls":
             pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C)
-        elif attention_mask is None:
-            pooled = x.mean(1)  # (B, C)
         else:
-            weights = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C) mean over real tokens
+            pooled = mean_over_tokens(x, attention_mask)  # (B, C)
         return self.head(self.dropout(pooled))  # (B, num_classes)

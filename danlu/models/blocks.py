@@ -105,6 +105,15 @@ def causal_padding_mask(key_mask, start=0):
     return allowed | (key_slot == query_slot)
 
 
+def mean_over_tokens(x, attention_mask=None):
+    """(B, T, C) -> (B, C): the mean over each row's real tokens (`attention_mask` (B, T) bool, True = real;
+    None: all T). A row with no real token gives zeros."""
+    if attention_mask is None:
+        return x.mean(1)  # (B, C)
+    weights = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
+
+
 # ----------------------------------------------------------------------------------------- KV cache
 
 

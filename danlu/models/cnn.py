@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from danlu.models.shapes import image_input
 from danlu.registry import ConfigError
+from danlu.schema import Fraction, Literal, NonNegative, Positive
 
 
 @dataclass(frozen=True)
@@ -22,36 +24,30 @@ class CNNConfig:
     kind: str = "cnn"
     size: str = ""
     """A preset of SIZE_PRESETS (guide, small, base) under the keys given explicitly; empty: none."""
-    channels: tuple[int, ...] = (32, 64)
+    channels: tuple[Positive, ...] = (32, 64)
     """Width of each stage; in residual stages every stage after the first halves height and width."""
-    blocks: int = 1
+    blocks: NonNegative = 1
     """Residual blocks per stage; 0: plain stages conv -> ReLU -> max-pool (the guide's CNN)."""
-    kernel_size: int = 3
-    downsample: int = 0
+    kernel_size: Positive = 3
+    """Side of the square convolution windows (odd, so that "same" padding is symmetric)."""
+    downsample: NonNegative = 0
     """Residual stacks: a patchify stem (a convolution with kernel = stride = this factor, as ConvNeXt's,
     Liu et al. 2022) shrinks the image before the stages; 1: none (a 3x3 stem at full size); 0: the largest
     power of 2 that leaves the shorter side at least 12 pixels (8x8 digits: 1, 28x28: 2, 64x64: 4)."""
-    norm: str = "batch"
+    norm: Literal["batch", "none"] = "batch"
     """batch (batch normalisation, Ioffe & Szegedy 2015, after each convolution) or none."""
-    pooling: str = "avg"
+    pooling: Literal["avg", "flatten"] = "avg"
     """avg (global average pooling: any image size) or flatten (every position's features into the dense layer)."""
-    hidden_dim: int = 0
+    hidden_dim: NonNegative = 0
     """A dense ReLU layer between the pooled features and the head (0: none)."""
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
     """Dropout before the head (and after the hidden layer)."""
 
-    def __post_init__(self):
-        if not self.channels or any(int(c) < 1 for c in self.channels):
-            raise ConfigError(f"model.channels: expected positive stage widths, got {list(self.channels)}")
-        for key, allowed in (("norm", ("batch", "none")), ("pooling", ("avg", "flatten"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
-                                  + ", ".join(allowed))
-        if self.downsample < 0:
-            raise ConfigError(f"model.downsample: expected 0 (from the image size) or a factor of 1 or more, got {self.downsample}")
-        if self.blocks < 0 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"model.blocks must be 0 or more and model.kernel_size odd and positive; got "
-                              f"{self.blocks} and {self.kernel_size}")
+    def __post_init__(self):  # each width's, kind's and size's range is checked at load
+        if not self.channels:
+            raise ConfigError("model.channels: expected at least one stage width, e.g. [32, 64]")
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"model.kernel_size: expected an odd number, got {self.kernel_size}")
 
 
 # model.size: presets are data (under the keys a config gives explicitly)
@@ -95,12 +91,9 @@ class CNN(nn.Module):
     def __init__(self, config: CNNConfig, spec):
         super().__init__()
         self.config = config
-        if not spec.channels or len(spec.image_size) != 2:
-            raise ConfigError(f"model.kind {config.kind} classifies images; the data gives no image shape "
-                              f"(a text dataset?)")
+        self.image_shape = image_input(config, spec)  # one input image (C, H, W)
         widths, k, norm = [int(c) for c in config.channels], config.kernel_size, config.norm
-        H, W = spec.image_size
-        self.image_shape = (spec.channels, H, W)  # one input image (C, H, W)
+        H, W = self.image_shape[1:]
         layers = []
         if config.blocks == 0:
             in_ch = spec.channels

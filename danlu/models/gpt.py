@@ -24,31 +24,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from danlu.models.blocks import Block, KVCache, causal_padding_mask, init_weights, make_norm, rope_tables
+from danlu.models.blocks import (Block, KVCache, causal_padding_mask, init_weights, make_norm, mean_over_tokens,
+                                 rope_tables)
+from danlu.models.shapes import TransformerShape
 from danlu.registry import ConfigError
 from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(TransformerShape):
+    """The shared Transformer fields (danlu.models.shapes), GPT's defaults for some, and GPT's own."""
+
     kind: str = "gpt"
-    size: str = ""
-    """A preset of SIZE_PRESETS below (tiny, small, base, llama) whose values fill the keys this section leaves out."""
     embed_dim: Positive = 384
     num_heads: Positive = 6
+    num_layers: Positive = 6
+    dropout: Fraction = 0.0
+    size: str = ""
+    """A preset of SIZE_PRESETS below (tiny, small, base, llama) whose values fill the keys this section leaves out."""
     num_kv_heads: NonNegative = 0
     """Key/value heads for grouped-query attention (0: num_heads, plain multi-head attention)."""
-    num_layers: Positive = 6
-    intermediate_dim: NonNegative = 0
-    """Feed-forward width (0: 4 x embed_dim for gelu; 8/3 x embed_dim rounded up to 64 for swiglu)."""
-    dropout: Fraction = 0.0
     positions: Literal["learned", "rope"] = "learned"
     """learned (GPT-2's table of max_positions rows) or rope (rotary, Su et al. 2021)."""
     max_positions: Positive = 1024
     """Rows of the learned position table; the data's max_length is used when it is larger."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    """layernorm or rmsnorm."""
-    norm_eps: Annotated[float, Range(gt=0)] = 1e-5
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     """gelu (erf), gelu_tanh (GPT-2's approximation) or swiglu (Shazeer 2020)."""
     bias: bool = True
@@ -61,28 +61,15 @@ class GPTConfig:
     """Classifier input: last (the last real token's state, as GPT-1 fine-tuning) or mean (over real tokens)."""
 
     def __post_init__(self):
-        if self.embed_dim % self.num_heads or self.num_heads % self.kv_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads "
-                              f"({self.num_heads}), and num_heads by model.num_kv_heads ({self.kv_heads})")
+        super().__post_init__()
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.positions=rope needs an even head size, got {self.head_dim}")
 
     @property
-    def kv_heads(self):
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_dim(self):
-        return self.embed_dim // self.num_heads
-
-    @property
     def ffn_dim(self):
-        if self.intermediate_dim:
-            return self.intermediate_dim
-        if self.mlp == "swiglu":  # keeps the parameter count of a 4x GELU MLP (Shazeer 2020)
-            width = 8 * self.embed_dim // 3
-            return (width + 63) // 64 * 64
-        return 4 * self.embed_dim
+        if self.mlp == "swiglu" and not self.intermediate_dim:  # the parameter count of a 4x GELU MLP (Shazeer 2020)
+            return (8 * self.embed_dim // 3 + 63) // 64 * 64
+        return super().ffn_dim
 
 
 # Presets are data: field overrides for GPTConfig, e.g. GPTConfig(**SIZE_PRESETS["base"]).
@@ -191,11 +178,7 @@ class GPT(nn.Module):
             return x  # (B, T, C)
         if self.num_classes > 0:
             if self.config.pooling == "mean":
-                if attention_mask is None:
-                    x = x.mean(1)  # (B, C)
-                else:
-                    weights = attention_mask[:, -T:].unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-                    x = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
+                x = mean_over_tokens(x, None if attention_mask is None else attention_mask[:, -T:])  # (B, C)
             elif attention_mask is None:
                 x = x[:, -1]  # (B, C)
             else:  # each row's last real token, wherever the padding is

@@ -26,63 +26,35 @@ from torch.nn import functional as F
 
 from danlu.models.blocks import (Attention, Block, FeedForward, KVCache, init_weights, make_norm,
                                  padding_mask, sinusoidal_table)
-from danlu.registry import ConfigError
+from danlu.models.shapes import TransformerShape
+from danlu.schema import Literal, NonNegative, Positive
 
 
 @dataclass(frozen=True)
-class Seq2SeqConfig:
+class Seq2SeqConfig(TransformerShape):
+    """The shared Transformer fields (danlu.models.shapes), this family's defaults for some, and its own."""
+
     kind: str = "seq2seq"
+    num_layers: NonNegative = 0
+    """Both encoder_layers and decoder_layers when not 0 (a shorthand; the conformance sizes use it)."""
     size: str = ""
     """A preset of SIZE_PRESETS below (tiny, small, base) whose values fill the keys this section leaves out."""
-    embed_dim: int = 256
-    num_heads: int = 4
-    num_kv_heads: int = 0
+    num_kv_heads: NonNegative = 0
     """Key/value heads of the attentions (0: num_heads)."""
-    encoder_layers: int = 3
-    decoder_layers: int = 3
-    num_layers: int = 0
-    """Both encoder_layers and decoder_layers when not 0 (a shorthand; the conformance sizes use it)."""
-    intermediate_dim: int = 0
-    """Feed-forward width (0: 4 x embed_dim)."""
-    dropout: float = 0.1
-    max_positions: int = 512
+    encoder_layers: Positive = 3
+    decoder_layers: Positive = 3
+    max_positions: Positive = 512
     """Rows of the sinusoidal position table; the data's max_length + 2 is used when it is larger."""
-    norm: str = "layernorm"
-    """layernorm or rmsnorm."""
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"
-    """gelu, gelu_tanh or swiglu."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     """The output head is the decoder's embedding (and the encoder's, when both sides share a tokenizer)."""
-
-    def __post_init__(self):
-        for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"model.{key}: unknown value {getattr(self, key)!r}; expected one of: "
-                                  + ", ".join(allowed))
-        if self.embed_dim % self.num_heads or self.num_heads % self.kv_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads "
-                              f"({self.num_heads}), and num_heads by model.num_kv_heads ({self.kv_heads})")
-        if min(self.layers) < 1:
-            raise ConfigError(f"model.encoder_layers and model.decoder_layers must be at least 1, got {self.layers}")
 
     @property
     def layers(self):
         """(encoder layers, decoder layers)."""
         return (self.num_layers, self.num_layers) if self.num_layers else (self.encoder_layers, self.decoder_layers)
-
-    @property
-    def kv_heads(self):
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_dim(self):
-        return self.embed_dim // self.num_heads
-
-    @property
-    def ffn_dim(self):
-        return self.intermediate_dim or 4 * self.embed_dim
 
 
 # Presets are data: field overrides for Seq2SeqConfig.

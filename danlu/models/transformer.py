@@ -9,21 +9,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from danlu.models.blocks import Block, init_weights, make_norm, padding_mask, sinusoidal_table
-from danlu.registry import ConfigError
-from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
+from danlu.models.blocks import Block, init_weights, make_norm, mean_over_tokens, padding_mask, sinusoidal_table
+from danlu.models.shapes import TransformerShape
+from danlu.schema import Literal, Positive
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(TransformerShape):
+    """The shared Transformer fields (danlu.models.shapes), this family's defaults for some, and its own."""
+
     kind: str = "transformer"
     embed_dim: Positive = 128
-    num_heads: Positive = 4
     num_layers: Positive = 2
-    intermediate_dim: NonNegative = 0
-    """Width of the feed-forward layer (0: 4 x embed_dim)."""
-    dropout: Fraction = 0.1
-    """Dropout on embeddings, attention weights, block outputs and the pooled vector."""
     positions: Literal["learned", "sinusoidal"] = "learned"
     """learned (a trained table of max_positions rows) or sinusoidal (Vaswani et al. 2017, §3.5)."""
     max_positions: Positive = 512
@@ -31,17 +28,6 @@ class TransformerConfig:
     pooling: Literal["mean", "cls"] = "mean"
     """mean (over real tokens) or cls (the hidden state at position 0; the data adds no [CLS] token)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    """layernorm or rmsnorm."""
-    norm_eps: Annotated[float, Range(gt=0)] = 1e-5
-
-    def __post_init__(self):
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by "
-                              f"model.num_heads ({self.num_heads})")
-
-    @property
-    def ffn_dim(self):
-        return self.intermediate_dim or 4 * self.embed_dim
 
 
 class TransformerClassifier(nn.Module):
@@ -80,9 +66,6 @@ class TransformerClassifier(nn.Module):
         x = self.norm(x)
         if self.config.pooling == "cls":
             pooled = x[:, 0]  # (B, C)
-        elif attention_mask is None:
-            pooled = x.mean(1)  # (B, C)
         else:
-            weights = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C) mean over real tokens
+            pooled = mean_over_tokens(x, attention_mask)  # (B, C)
         return self.head(self.dropout(pooled))  # (B, num_classes)

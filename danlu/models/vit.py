@@ -14,43 +14,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from danlu.models.blocks import Block, init_weights, make_norm
-from danlu.registry import ConfigError
+from danlu.models.shapes import TransformerShape, image_input
+from danlu.schema import Annotated, Literal, NonNegative, Positive, Range
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TransformerShape):
+    """The shared Transformer fields (danlu.models.shapes), ViT's defaults for some, and ViT's own."""
+
     kind: str = "vit"
+    embed_dim: Positive = 64
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-6
     size: str = ""
     """A preset of SIZE_PRESETS (tiny, small) under the keys given explicitly; empty: none."""
-    patch_size: int = 0
+    patch_size: NonNegative = 0
     """Side of a square patch in pixels; 0: a grid of `grid` x `grid` patches (the longer side / grid, rounded up)."""
-    grid: int = 4
+    grid: Positive = 4
     """Patches per side when patch_size is 0."""
     overlap: bool = False
     """Patch embedding with overlapping windows (kernel 2p - 1, stride p, as PVTv2's overlapping patch
     embedding, Wang et al. 2022): neighbouring patches share pixels, which helps on small datasets."""
-    embed_dim: int = 64
-    num_heads: int = 4
-    num_layers: int = 4
-    intermediate_dim: int = 0
-    """Width of the feed-forward layer (0: 4 x embed_dim)."""
-    dropout: float = 0.1
-    """Dropout on the embeddings, attention weights and block outputs."""
-    norm: str = "layernorm"
-    """layernorm or rmsnorm."""
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ConfigError(f"model.norm: unknown value {self.norm!r}; expected one of: layernorm, rmsnorm")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})")
-        if self.patch_size < 0 or self.grid < 1:
-            raise ConfigError(f"model.patch_size must be 0 or more and model.grid positive; got {self.patch_size} and {self.grid}")
-
-    @property
-    def ffn_dim(self):
-        return self.intermediate_dim or 4 * self.embed_dim
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
 
 
 SIZE_PRESETS = {
@@ -63,11 +47,8 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig, spec):
         super().__init__()
         self.config = config
-        if not spec.channels or len(spec.image_size) != 2:
-            raise ConfigError(f"model.kind {config.kind} classifies images; the data gives no image shape "
-                              f"(a text dataset?)")
-        H, W = spec.image_size
-        self.image_shape = (spec.channels, H, W)  # one input image (C, H, W)
+        self.image_shape = image_input(config, spec)  # one input image (C, H, W)
+        H, W = self.image_shape[1:]
         self.patch = config.patch_size or max(1, -(-max(H, W) // config.grid))
         self.grid = (-(-H // self.patch), -(-W // self.patch))  # (rows, columns) of patches
         C = config.embed_dim
