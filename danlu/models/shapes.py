@@ -30,7 +30,7 @@ class TransformerShape:
     intermediate_dim: NonNegative = 0
     """Feed-forward width (0: 4 x embed_dim; gpt with mlp swiglu: 8/3 x embed_dim rounded up to 64)."""
     dropout: Fraction = 0.1
-    """Dropout on the embeddings, attention weights and block outputs (and a classifier's pooled vector)."""
+    """Dropout on the embeddings, attention weights and block outputs (bert, transformer: and the pooled vector)."""
     norm_eps: Annotated[float, Range(gt=0)] = 1e-5
     """Epsilon of the normalisation layers."""
 
