@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from torch import nn
@@ -24,6 +25,7 @@ class TrainJob(Job):
         tokenizer_file = os.path.join(run_dir, layout.TOKENIZER)
         if resume and os.path.exists(tokenizer_file):  # the tokenizer the checkpoints were trained with
             data = _reencode(data, TextTokenizer.load(tokenizer_file), cfg)
+        cfg = record_tokenizer_kind(cfg, data.tokenizer, say)
         what = "regression" if cfg.task == "regression" else f"{data.spec.num_classes} classes"
         say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, {what}, "
             f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
@@ -43,15 +45,33 @@ class TrainJob(Job):
 
     def summarize(self, plan, history, trainer, metrics):
         data = plan.data
-        return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
+        summary = {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
-                         "skipped_rows": data.skipped}}
+                         "skipped_rows": data.skipped, "tokenizer": plan.cfg.data.tokenizer.kind,
+                         **({"tokenizer_choice": data.tokenizer.choice_} if getattr(data.tokenizer, "choice_", "") else {})}}
+        if plan.cfg.train.baseline and "test" in metrics:  # the model beside scikit-learn baselines, same split
+            from danlu.evaluate.baseline import run_baselines, text_baselines
+
+            ex = data.examples
+            summary["baselines"] = run_baselines(
+                lambda: text_baselines(ex["train"], ex["test"], plan.cfg.task, data.labels), metrics["test"])
+        return summary
 
 
 def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections):
     """Train, evaluate and save a run; return it. Keyword sections override the file:
     `train("configs/seed_lstm.yaml", train={"epochs": 3})` or dotted strings `"train.epochs=3"`."""
     return run_job(choose_job, config, overrides, resume=resume, overwrite=overwrite, loggers=loggers, **sections)
+
+
+def record_tokenizer_kind(cfg, tokenizer, say):
+    """The config with `data.tokenizer.kind: auto` replaced by the kind the tokenizer was fitted as, so that
+    config.yaml, `danlu info` and the report name what the run really uses."""
+    if cfg.data.tokenizer.kind != "auto":
+        return cfg
+    say(f"tokenizer: {tokenizer.kind_} ({tokenizer.choice_ or 'auto: the kind the run was first trained with'})")
+    kind = dataclasses.replace(cfg.data.tokenizer, kind=tokenizer.kind_)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=kind))
 
 
 def choose_job(cfg):
