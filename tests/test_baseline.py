@@ -6,9 +6,9 @@ import random
 import sys
 
 import pytest
+from conftest import make_reviews, tiny_config, write_csv
 
 import danlu
-from conftest import make_reviews, tiny_config, write_csv
 from danlu.cli import main
 from danlu.data import read_splits
 from danlu.evaluate.baseline import run_baselines, text_baselines

@@ -5,9 +5,9 @@ import os
 import random
 
 import pytest
+from conftest import make_reviews, write_csv
 
 import danlu
-from conftest import make_reviews, write_csv
 from danlu.cli import main
 from danlu.config import load
 from danlu.data.tokenizer import TextTokenizer, choose_kind
@@ -58,7 +58,8 @@ def test_english_run_gets_bpe_recorded_and_reloaded(tmp_path, one_thread, capsys
     assert "tokenizer: bpe (auto: 100% of the letters are alphabetic" in out
     saved = load(str(run_dir / "config.yaml"))
     assert saved.data.tokenizer.kind == "bpe"
-    metrics = json.load(open(run_dir / "metrics.json"))
+    with open(run_dir / "metrics.json", encoding="utf-8") as f:
+        metrics = json.load(f)
     assert metrics["data"]["tokenizer"] == "bpe" and metrics["data"]["tokenizer_choice"].startswith("auto:")
     with open(run_dir / "tokenizer.json", encoding="utf-8") as f:
         assert json.load(f)["model"]["type"] == "BPE"
@@ -94,3 +95,12 @@ def _yaml(tmp_path, cfg):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def test_a_stream_is_judged_on_its_first_pieces_and_trained_on_all():
+    def corpus():  # a pretraining corpus arrives as a generator of pieces
+        yield from ["the weather is fine today"] * 2500
+        yield from ["zebra quokka"] * 50  # after the pieces auto looks at: still in the vocabulary
+    tok = TextTokenizer("auto", vocab_size=400, min_frequency=2).fit(corpus())
+    assert tok.kind_ == "bpe"
+    assert len(tok.encode(["zebra"])[0]) == 1

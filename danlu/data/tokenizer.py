@@ -9,6 +9,7 @@ kind actually trained: `auto` looks at the texts first), and the object saves to
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import unicodedata
@@ -32,8 +33,13 @@ class TextTokenizer:
     def fit(self, texts):
         self.kind_, self.choice_ = self.kind, ""
         if self.kind == "auto":
-            texts = texts if isinstance(texts, (list, tuple)) else list(texts)
-            self.kind_, self.choice_ = choose_kind(texts)
+            if isinstance(texts, (list, tuple)):
+                self.kind_, self.choice_ = choose_kind(texts)
+            else:  # a stream (a pretraining corpus): judged on its first pieces, then trained on all of it
+                texts = iter(texts)
+                first = list(itertools.islice(texts, AUTO_SAMPLE))
+                self.kind_, self.choice_ = choose_kind(first)
+                texts = itertools.chain(first, texts)
         norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if self.lowercase else [])
         if self.kind_ == "char":
             tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
