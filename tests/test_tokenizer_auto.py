@@ -104,3 +104,17 @@ def test_a_stream_is_judged_on_its_first_pieces_and_trained_on_all():
     tok = TextTokenizer("auto", vocab_size=400, min_frequency=2).fit(corpus())
     assert tok.kind_ == "bpe"
     assert len(tok.encode(["zebra"])[0]) == 1
+
+
+def test_pretraining_records_the_kind_auto_chose(tmp_path, one_thread):
+    from danlu.jobs.pretrain import pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text("".join(f"{rng.choice(['the king', 'my lord'])} {rng.choice(['sees', 'fears'])} the storm.\n"
+                              for _ in range(400)), encoding="utf-8")
+    run = pretrain({"task": "causal_lm", "run": {"dir": str(tmp_path / "lm")},
+                    "data": {"train": str(corpus), "block_size": 16, "tokenizer": {"vocab_size": 300}},
+                    "model": {"kind": "gpt", "num_layers": 1, "embed_dim": 16, "num_heads": 2, "max_positions": 16},
+                    "train": {"max_steps": 2, "batch_size": 4, "peak_flops": 1e11}})
+    assert load(os.path.join(run.path, "config.yaml")).data.tokenizer.kind == "bpe"

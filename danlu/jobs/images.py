@@ -20,6 +20,7 @@ from danlu.models import build_model, count_parameters
 from danlu.registry import ConfigError
 from danlu.runs import layout
 from danlu.runs.image import ImageRun
+from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS
 
 
@@ -45,7 +46,7 @@ class ImageTrainJob(Job):
         summary = {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
                    "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                             "skipped_rows": data.skipped}}
-        if plan.cfg.train.baseline and "test" in metrics:  # pixels + logistic regression, and the majority class
+        if plan.cfg.train.baseline and "test" in metrics and dist.is_main():  # pixels + logistic regression, majority
             summary["baselines"] = image_baseline(data.train, data.test, data.labels, metrics["test"])
         return summary
 

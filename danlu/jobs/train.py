@@ -5,15 +5,15 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from torch import nn
 
 from danlu.data import TextTokenizer, build_data, encode_examples, make_spec
-from danlu.jobs.skeleton import Job, Plan, run_job
+from danlu.jobs.skeleton import Job, Plan, record_tokenizer_kind, run_job
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
+from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS, RegressionTask, standardised_head, target_scale
 
 
@@ -49,7 +49,7 @@ class TrainJob(Job):
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                          "skipped_rows": data.skipped, "tokenizer": plan.cfg.data.tokenizer.kind,
                          **({"tokenizer_choice": data.tokenizer.choice_} if getattr(data.tokenizer, "choice_", "") else {})}}
-        if plan.cfg.train.baseline and "test" in metrics:  # the model beside scikit-learn baselines, same split
+        if plan.cfg.train.baseline and "test" in metrics and dist.is_main():  # beside scikit-learn baselines, same split
             from danlu.evaluate.baseline import run_baselines, text_baselines
 
             ex = data.examples
@@ -62,16 +62,6 @@ def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **
     """Train, evaluate and save a run; return it. Keyword sections override the file:
     `train("configs/seed_lstm.yaml", train={"epochs": 3})` or dotted strings `"train.epochs=3"`."""
     return run_job(choose_job, config, overrides, resume=resume, overwrite=overwrite, loggers=loggers, **sections)
-
-
-def record_tokenizer_kind(cfg, tokenizer, say):
-    """The config with `data.tokenizer.kind: auto` replaced by the kind the tokenizer was fitted as, so that
-    config.yaml, `danlu info` and the report name what the run really uses."""
-    if cfg.data.tokenizer.kind != "auto":
-        return cfg
-    say(f"tokenizer: {tokenizer.kind_} ({tokenizer.choice_ or 'auto: the kind the run was first trained with'})")
-    kind = dataclasses.replace(cfg.data.tokenizer, kind=tokenizer.kind_)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=kind))
 
 
 def choose_job(cfg):
