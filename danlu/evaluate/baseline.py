@@ -214,7 +214,8 @@ def baseline_blocks(model_metrics, baselines, split="test"):
                                            for m, b in zip(_values(model_metrics, keys), _values(linear, keys)))]]
     fitted = f"fitted on the run's training split in {linear['seconds']:.1f} s" if "seconds" in linear else ""
     note = (f"The same {split} examples, scored by scikit-learn baselines {fitted}. A model below the linear "
-            "baseline has not learned more than which words occur; `train.baseline: false` turns this off.")
+            "baseline does worse than a linear model on simple features (n-grams, pixels); `train.baseline: false` "
+            "turns this off.")
     return blocks + [("p", note), ("table", header, rows)]
 
 
