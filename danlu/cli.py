@@ -29,6 +29,10 @@ def cmd_train(args):
     run = train(args.config, *args.overrides, resume=args.resume, overwrite=args.overwrite)
     if is_main():  # under torchrun every process trains; one reports
         print(_metrics_line("test", run.metrics["test"]))
+        _print_beside(run.metrics)
+        data = run.metrics.get("data") or {}
+        if data.get("tokenizer_choice"):
+            print(f"tokenizer: {data['tokenizer']} ({data['tokenizer_choice']})")
         print(f"run directory: {run.path}")
 
 
@@ -43,7 +47,17 @@ def cmd_evaluate(args):
     out_dir = os.path.join(run.path, "eval", _stem(args.data))
     metrics = evaluate_run(run, args.data, out_dir, **overrides)
     print(_metrics_line(os.path.basename(args.data), metrics))
+    _print_beside(metrics)
     print(f"written to {out_dir}")
+
+
+def _print_beside(metrics):
+    """The baseline line under a classifier's or regressor's scores (danlu.evaluate.baseline)."""
+    from danlu.evaluate.baseline import baseline_line
+
+    line = baseline_line(metrics.get("baselines"))
+    if line:
+        print(line)
 
 
 def cmd_predict(args):

@@ -36,9 +36,11 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["char", "bpe", "wordpiece", "imported"] = "char"
-    """char (one token per character, the default for Chinese), bpe (byte-level) or wordpiece; imported is
-    what a fine-tuned run records when it keeps its base's own tokenizer (with finetune.base only)."""
+    kind: Literal["auto", "char", "bpe", "wordpiece", "imported"] = "auto"
+    """auto (looks at the training split: char when at least 30% of its letters are Chinese / Japanese, else
+    bpe; the run's config.yaml records the kind chosen), char (one token per character), bpe (byte-level) or
+    wordpiece; imported is what a fine-tuned run records when it keeps its base's own tokenizer (with
+    finetune.base only)."""
     vocab_size: Positive = 8000
     min_frequency: Positive = 1
     max_length: Positive = 128
@@ -177,6 +179,10 @@ class TrainConfig:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     restore_best: bool = True
     """Evaluate and save the weights of the best validation epoch, not the last one."""
+    baseline: bool = True
+    """Classification and regression: also score scikit-learn baselines on the same test split (TF-IDF n-grams
+    + logistic / ridge regression, or pixels + logistic regression for images; and the majority class or the
+    mean), shown beside the model in metrics.json, the report, the summary and `danlu compare`. Seconds."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda when available), cpu or cuda."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"

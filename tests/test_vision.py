@@ -190,6 +190,12 @@ def test_an_image_run_directory_and_report(cnn_run):
     report = open(os.path.join(cnn_run.path, "report.md"), encoding="utf-8").read()
     assert "Confusion matrix" in report and "Examples per class" in report
     assert "Most confident mistakes" in report
+    base = cnn_run.metrics["baselines"]  # pixels + logistic regression, and the majority class
+    assert "pixels average-pooled to 12x12" in base["linear"]["name"] and base["linear"]["count"] == 6
+    majority = base["majority"]["name"].split("(")[1].split(")")[0]  # the training split's most frequent class
+    support = cnn_run.metrics["test"]["per_class"][majority]["support"]
+    assert base["majority"]["accuracy"] == pytest.approx(support / 6)
+    assert "## Baseline" in report and "model − linear baseline" in report
     assert os.path.exists(os.path.join(cnn_run.path, "plots", "examples_per_class.png"))
     assert cnn_run.metrics["test"]["count"] == 6
 
@@ -238,7 +244,7 @@ def test_cli_predict_and_evaluate(cnn_run, bars, tmp_path, capsys):
     assert main(["evaluate", cnn_run.path, "--data", bars]) in (0, None)
     out_dir = os.path.join(cnn_run.path, "eval", os.path.basename(bars))
     metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
-    assert metrics["count"] == 24
+    assert metrics["count"] == 24 and metrics["baselines"]["linear"]["count"] == 24
     assert "Examples per class" in open(os.path.join(out_dir, "report.md"), encoding="utf-8").read()
     assert main(["info", cnn_run.path]) in (0, None)
     assert "1 channel(s)" in capsys.readouterr().out

@@ -1,13 +1,15 @@
 """Text tokenizers on the Hugging Face `tokenizers` library, fitted on the training split only.
 
-Follows the scikit-learn contract: `fit` returns self, the fitted state is `tokenizer_`, and the
-object saves to and loads from one file (`tokenizer.json`), used unchanged at prediction time.
+Follows the scikit-learn contract: `fit` returns self, the fitted state is `tokenizer_` (and `kind_`, the
+kind actually trained: `auto` looks at the texts first), and the object saves to and loads from one file
+(`tokenizer.json`), used unchanged at prediction time.
 
 >>> tok = TextTokenizer("char", vocab_size=5000).fit(["质量很好", "太差了"])
 >>> tok.encode(["质量很好"])[0]  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import unicodedata
@@ -16,7 +18,10 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
-KINDS = ("char", "bpe", "wordpiece")
+KINDS = ("auto", "char", "bpe", "wordpiece")
+AUTO_SAMPLE = 2000  # texts `auto` reads to judge the script: enough for a share, cheap on any corpus
+MODEL_KINDS = {"WordLevel": "char", "BPE": "bpe", "WordPiece": "wordpiece"}  # tokenizers' model -> danlu kind
+CJK_SHARE = 0.3  # at least this share of the letters Chinese / Japanese: characters, else subwords
 SPECIAL_FILE = "special_tokens.json"  # written next to tokenizer.json by imported tokenizers only
 
 
@@ -26,8 +31,17 @@ class TextTokenizer:
         self.max_length, self.lowercase = max_length, lowercase
 
     def fit(self, texts):
+        self.kind_, self.choice_ = self.kind, ""
+        if self.kind == "auto":
+            if isinstance(texts, (list, tuple)):
+                self.kind_, self.choice_ = choose_kind(texts)
+            else:  # a stream (a pretraining corpus): judged on its first pieces, then trained on all of it
+                texts = iter(texts)
+                first = list(itertools.islice(texts, AUTO_SAMPLE))
+                self.kind_, self.choice_ = choose_kind(first)
+                texts = itertools.chain(first, texts)
         norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if self.lowercase else [])
-        if self.kind == "char":
+        if self.kind_ == "char":
             tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
             tok.normalizer = normalizers.Sequence(norms)
             tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -35,7 +49,7 @@ class TextTokenizer:
             trainer = trainers.WordLevelTrainer(
                 vocab_size=self.vocab_size, min_frequency=self.min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
             )
-        elif self.kind == "bpe":
+        elif self.kind_ == "bpe":
             tok = Tokenizer(models.BPE(unk_token=None))
             tok.normalizer = normalizers.Sequence(norms)
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -118,6 +132,7 @@ class TextTokenizer:
         self = cls.__new__(cls)
         self.kind, self.vocab_size, self.min_frequency, self.lowercase = "imported", tok.get_vocab_size(), 1, False
         self.max_length, self.tokenizer_, self.special_ = max_length, tok, dict(special or {})
+        self.kind_, self.choice_ = "imported", ""
         return self
 
     @classmethod
@@ -128,12 +143,43 @@ class TextTokenizer:
         self.kind, self.vocab_size, self.min_frequency, self.lowercase = "loaded", tok.get_vocab_size(), 1, True
         self.max_length = trunc["max_length"] if trunc else 0
         self.tokenizer_ = tok
+        self.kind_ = MODEL_KINDS.get(type(tok.model).__name__, "loaded")  # what it was trained as
+        self.choice_ = ""
         special_file = os.path.join(os.path.dirname(os.fspath(path)) or ".", SPECIAL_FILE)
         self.special_ = {}
         if os.path.exists(special_file):
             with open(special_file, encoding="utf-8") as f:
                 self.special_ = json.load(f)
         return self
+
+
+def choose_kind(texts, sample=AUTO_SAMPLE):
+    """("char" or "bpe", the reason in words) for texts: characters when at least CJK_SHARE of their letters
+    are Chinese or Japanese (no spaces between words, one character carries meaning), byte-level BPE subwords
+    for alphabetic scripts, where a character alone carries little and words share pieces.
+
+    >>> choose_kind(["质量很好", "太差了"])[0], choose_kind(["great value", "broke after a day"])[0]
+    ('char', 'bpe')
+    """
+    step = max(1, len(texts) // sample)
+    letters = cjk = 0
+    for text in texts[::step][:sample]:
+        for c in str(text):
+            if c.isalpha():
+                letters += 1
+                cjk += _is_cjk(ord(c))
+    if not letters:
+        return "char", "auto: no letters in the training texts, so one token per character"
+    share = cjk / letters
+    if share >= CJK_SHARE:
+        return "char", f"auto: {share:.0%} of the letters are Chinese / Japanese characters, so one token per character"
+    return "bpe", f"auto: {1 - share:.0%} of the letters are alphabetic, so byte-level BPE subwords"
+
+
+def _is_cjk(cp):
+    """Han ideographs (URO, extensions A-B, compatibility), hiragana, katakana and half-width katakana."""
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0xF900 <= cp <= 0xFAFF
+            or 0x3040 <= cp <= 0x30FF or 0x31F0 <= cp <= 0x31FF or 0xFF66 <= cp <= 0xFF9F)
 
 
 class _CharTable:

@@ -17,9 +17,15 @@ import yaml
 from danlu.registry import TASKS, ConfigError
 
 CLASSIFICATION_COLUMNS = (("test acc", ("test", "accuracy")), ("test macro F1", ("test", "macro", "f1")),
-                          ("test loss", ("test", "loss")), ("val acc", ("val", "accuracy")))
+                          ("test loss", ("test", "loss")), ("val acc", ("val", "accuracy")),
+                          ("baseline acc", ("baselines", "linear", "accuracy")),
+                          ("vs baseline", ("baselines", "model_minus_baseline", "accuracy")))
 REGRESSION_COLUMNS = (("test mse", ("test", "mse")), ("test mae", ("test", "mae")), ("test r2", ("test", "r2")),
-                      ("val r2", ("val", "r2")))
+                      ("val r2", ("val", "r2")), ("baseline r2", ("baselines", "linear", "r2")),
+                      ("vs baseline", ("baselines", "model_minus_baseline", "r2")))
+"""Classifiers and regressors: the test scores, and the linear baseline's on the same split (danlu.evaluate.baseline)
+with the model's difference from it (– for runs trained without one)."""
+SIGNED = {"vs baseline"}  # differences, written with their sign
 LM_COLUMNS = (("val loss", ("val", "loss")), ("val perplexity", ("val", "perplexity")),
               ("val token acc", ("val", "accuracy")), ("test perplexity", ("test", "perplexity")))
 SEQ2SEQ_COLUMNS = (("test BLEU", ("test", "bleu")), ("test chrF", ("test", "chrf")), ("test ROUGE-L", ("test", "rougeL")),
@@ -73,7 +79,7 @@ def compare_runs(paths, out="compare.png"):
         else:
             tail = [str(m.get("best_epoch", "–")), str(m.get("epochs_run", len(r["history"]))),
                     _fmt(m.get("train_seconds"), 1), _fmt(m.get("samples_per_s"), 0)]
-        rows.append([name, r["model"], f"{m.get('parameters', 0):,}"] + [_fmt(_get(m, keys)) for _, keys in columns] + tail)
+        rows.append([name, r["model"], f"{m.get('parameters', 0):,}"] + [_fmt(_get(m, keys), signed=c in SIGNED) for c, keys in columns] + tail)
     table = format_table(header, rows)
     from danlu.evaluate.plots import plot_compare
 
@@ -104,10 +110,10 @@ def _get(d, keys):
     return d
 
 
-def _fmt(value, digits=4):
+def _fmt(value, digits=4, signed=False):
     if value is None:
         return "–"
-    return f"{value:,.{digits}f}"
+    return f"{value:+,.{digits}f}" if signed else f"{value:,.{digits}f}"
 
 
 def _width(s):

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from danlu.evaluate.baseline import baseline_blocks
 from danlu.evaluate.report import (curves_section, metric_figures, metrics_section, plot, read_history,
                                    timing_section, write_blocks)
 
@@ -125,6 +126,7 @@ def write_image_run_report(run, data, history, predictions, eval_seconds):
     blocks += _data_blocks(run, {"train": data.train, "val": data.val, "test": data.test}, data.skipped)
     blocks += curves_section(rows, figures["curves"])
     blocks += metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, False)
+    blocks += baseline_blocks(test, run.metrics.get("baselines"))
     blocks += image_sections(predictions, data.test.pixels, run.labels, plots, "test", data.test.origins)[0]
     blocks += timing_section(run, rows, eval_seconds, len(data.test))
     return write_blocks(blocks, run.path)
@@ -146,6 +148,7 @@ def write_image_eval_report(run, data_path, metrics, out_dir, examples, dataset,
     blocks += _data_blocks(run, {"evaluated": dataset}, examples.skipped)
     blocks += curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
     blocks += metrics_section({name: metrics}, figures, False)
+    blocks += baseline_blocks(metrics, metrics.get("baselines"), name)
     blocks += image_sections(predictions, dataset.pixels, run.labels, plots, name, dataset.origins)[0]
     blocks += timing_section(run, rows, eval_seconds, len(dataset))
     return write_blocks(blocks, out_dir)

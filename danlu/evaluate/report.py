@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from danlu.evaluate.baseline import baseline_blocks
 from danlu.files import atomic_write_text
 from danlu.registry import TASKS
 
@@ -116,6 +117,7 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
                             figures["lengths"], data.skipped)
     blocks += curves_section(rows, figures["curves"])
     blocks += metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, regression)
+    blocks += baseline_blocks(test, run.metrics.get("baselines"))
     blocks += _mistakes_section(mistakes, data.examples["test"].texts, run.labels, regression, "test")
     blocks += timing_section(run, rows, eval_seconds, len(data.test))
     return write_blocks(blocks, run.path)
@@ -140,6 +142,7 @@ def write_eval_report(run, data_path, metrics, out_dir, examples, dataset, mista
     blocks += _data_section(run, {"evaluated": examples}, {"evaluated": dataset}, figures["lengths"], examples.skipped)
     blocks += curves_section(rows, figures["curves"], note="Curves of the run's training, for reference.")
     blocks += metrics_section({name: metrics}, figures, regression)
+    blocks += baseline_blocks(metrics, metrics.get("baselines"), name)
     blocks += _mistakes_section(mistakes, examples.texts, run.labels, regression, name)
     blocks += timing_section(run, rows, eval_seconds, len(dataset))
     return write_blocks(blocks, out_dir)

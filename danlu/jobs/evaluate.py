@@ -17,7 +17,7 @@ import time
 from danlu.data import encode_examples, read_split
 from danlu.files import atomic_write_json
 from danlu.jobs.pretrain import make_task
-from danlu.registry import TASKS
+from danlu.registry import TASKS, ConfigError
 from danlu.training.tasks import TASKS as TASK_CLASSES
 from danlu.training.trainer import Trainer
 
@@ -55,10 +55,30 @@ def evaluate_run(run, path, out_dir=None, **data_overrides):
     started = time.perf_counter()
     metrics = trainer.evaluate(dataset, on_batch=collector.update if collector else None)
     seconds = time.perf_counter() - started
+    if out_dir and run.cfg.train.baseline:  # beside the baselines, fitted again on the run's training split
+        metrics["baselines"] = _baselines(run, examples, dataset, metrics)
     _save(out_dir, path, metrics)
     if collector is not None and write is not None:  # the report, from what the same pass gathered
         write(run, path, metrics, out_dir, examples, dataset, collector, seconds)
     return metrics
+
+
+def _baselines(run, examples, dataset, metrics):
+    """The run's baselines scored on the evaluated file: no estimator is saved with a run (no pickles), so they
+    are fitted again on its training split, read again as its config names it (seconds); when that data
+    cannot be read any more, {"skipped": why}."""
+    from danlu.data import DataError, read_splits
+    from danlu.evaluate.baseline import run_baselines, text_baselines
+
+    try:
+        if hasattr(run, "preprocess"):
+            from danlu.jobs.images import image_baseline, image_splits
+
+            return image_baseline(image_splits(run)[0], dataset, run.labels, metrics)
+        train = read_splits(run.cfg.data, run.cfg.run.seed, run.cfg.task == "regression")["train"]
+    except (DataError, ConfigError, OSError) as e:
+        return {"skipped": f"the run's training data could not be read again to fit it ({e})"}
+    return run_baselines(lambda: text_baselines(train, examples, run.cfg.task, run.labels), metrics)
 
 
 def _pair_file(run, path, data_cfg):

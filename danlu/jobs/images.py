@@ -20,6 +20,7 @@ from danlu.models import build_model, count_parameters
 from danlu.registry import ConfigError
 from danlu.runs import layout
 from danlu.runs.image import ImageRun
+from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS
 
 
@@ -42,9 +43,12 @@ class ImageTrainJob(Job):
 
     def summarize(self, plan, history, trainer, metrics):
         data = plan.data
-        return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
-                "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
-                         "skipped_rows": data.skipped}}
+        summary = {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
+                   "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                            "skipped_rows": data.skipped}}
+        if plan.cfg.train.baseline and "test" in metrics and dist.is_main():  # pixels + logistic regression, majority
+            summary["baselines"] = image_baseline(data.train, data.test, data.labels, metrics["test"])
+        return summary
 
     def make_run(self, cfg, model, plan, metrics):
         return ImageRun(cfg.run.dir, cfg, model, plan.data.preprocess, plan.labels, metrics)
@@ -58,6 +62,14 @@ class ImageTrainJob(Job):
         from danlu.evaluate.image_report import write_image_run_report
 
         write_image_run_report(run, plan.data, history, collector, eval_seconds)
+
+
+def image_baseline(train, test, labels, model_metrics):
+    """metrics.json's `baselines` of an image run: fitted on `train`, scored on `test` (ImageDatasets)."""
+    from danlu.evaluate.baseline import image_baselines, run_baselines
+
+    return run_baselines(lambda: image_baselines(train.pixels, train.targets, test.pixels, test.targets, labels),
+                         model_metrics)
 
 
 def predict_images(run, images=(), file=None, out=None, top_k=None):

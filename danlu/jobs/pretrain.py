@@ -17,7 +17,7 @@ import torch
 
 from danlu.data.corpus import build_corpus
 from danlu.data.tokenizer import TextTokenizer
-from danlu.jobs.skeleton import Job, Plan, run_job
+from danlu.jobs.skeleton import Job, Plan, record_tokenizer_kind, run_job
 from danlu.models import build_model, count_parameters
 from danlu.registry import ConfigError
 from danlu.runs import layout
@@ -43,6 +43,7 @@ class PretrainJob(Job):
         corpus = build_corpus(cfg.data, os.path.join(run_dir, "data"), cfg.task, tokenizer, say)
         if main:
             dist.barrier()
+        cfg = record_tokenizer_kind(cfg, corpus.tokenizer, say)
         model = build_model(cfg.model, corpus.spec)
         say(f"model: {cfg.model.kind}, {count_parameters(model):,} parameters; run directory: {run_dir}")
         device = dist.local_device(pick_device(cfg.train.device))

@@ -15,7 +15,7 @@ import sys
 import time
 
 from danlu.data.seq2seq import build_seq2seq_data, encode_pairs, read_pairs
-from danlu.jobs.skeleton import Job, Plan
+from danlu.jobs.skeleton import Job, Plan, record_tokenizer_kind
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
 from danlu.runs.seq2seq import Seq2SeqRun, load_tokenizers
@@ -34,6 +34,8 @@ class Seq2SeqTrainJob(Job):
     def plan(self, cfg, run_dir, resume, say):
         tokenizers = load_tokenizers(run_dir) if resume and os.path.exists(os.path.join(run_dir, layout.TOKENIZER)) else None
         data = build_seq2seq_data(cfg.data, cfg.run.seed, tokenizers)
+        if data.target_tokenizer is None or data.target_tokenizer.kind_ == data.tokenizer.kind_:  # one kind to record
+            cfg = record_tokenizer_kind(cfg, data.tokenizer, say)
         say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test pairs, vocabulary "
             f"{data.tokenizer.vocab_size_}" + (f" -> {data.target_tokenizer.vocab_size_}" if data.target_tokenizer else " (shared)")
             + (f", {data.skipped} bad rows skipped" if data.skipped else ""))

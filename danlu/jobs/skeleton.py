@@ -12,6 +12,7 @@ only rank 0 writes, and the final numbers use every held-out example.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -181,6 +182,16 @@ def run_job(job, config=None, overrides=(), *, resume=False, overwrite=False, lo
         job.save(run, plan, rows)
         job.report(run, plan, rows, trainer, collector, eval_seconds, command)
     return run
+
+
+def record_tokenizer_kind(cfg, tokenizer, say):
+    """The config with `data.tokenizer.kind: auto` replaced by the kind the tokenizer was fitted as, so that
+    config.yaml, `danlu info` and the report name what the run really uses."""
+    if cfg.data.tokenizer.kind != "auto":
+        return cfg
+    say(f"tokenizer: {tokenizer.kind_} ({tokenizer.choice_ or 'auto: the kind the run was first trained with'})")
+    kind = dataclasses.replace(cfg.data.tokenizer, kind=tokenizer.kind_)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=kind))
 
 
 def check_task(verb, task):

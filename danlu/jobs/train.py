@@ -10,9 +10,10 @@ import os
 from torch import nn
 
 from danlu.data import TextTokenizer, build_data, encode_examples, make_spec
-from danlu.jobs.skeleton import Job, Plan, run_job
+from danlu.jobs.skeleton import Job, Plan, record_tokenizer_kind, run_job
 from danlu.models import build_model, count_parameters
 from danlu.runs import layout
+from danlu.training import distributed as dist
 from danlu.training.tasks import TASKS, RegressionTask, standardised_head, target_scale
 
 
@@ -24,6 +25,7 @@ class TrainJob(Job):
         tokenizer_file = os.path.join(run_dir, layout.TOKENIZER)
         if resume and os.path.exists(tokenizer_file):  # the tokenizer the checkpoints were trained with
             data = _reencode(data, TextTokenizer.load(tokenizer_file), cfg)
+        cfg = record_tokenizer_kind(cfg, data.tokenizer, say)
         what = "regression" if cfg.task == "regression" else f"{data.spec.num_classes} classes"
         say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, {what}, "
             f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
@@ -43,9 +45,17 @@ class TrainJob(Job):
 
     def summarize(self, plan, history, trainer, metrics):
         data = plan.data
-        return {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
+        summary = {"best_epoch": trainer.best_epoch, "epochs_run": len(history),
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
-                         "skipped_rows": data.skipped}}
+                         "skipped_rows": data.skipped, "tokenizer": plan.cfg.data.tokenizer.kind,
+                         **({"tokenizer_choice": data.tokenizer.choice_} if getattr(data.tokenizer, "choice_", "") else {})}}
+        if plan.cfg.train.baseline and "test" in metrics and dist.is_main():  # beside scikit-learn baselines, same split
+            from danlu.evaluate.baseline import run_baselines, text_baselines
+
+            ex = data.examples
+            summary["baselines"] = run_baselines(
+                lambda: text_baselines(ex["train"], ex["test"], plan.cfg.task, data.labels), metrics["test"])
+        return summary
 
 
 def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections):
