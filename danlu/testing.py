@@ -38,8 +38,26 @@ def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_
     return rows
 
 
-def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, **model):
-    """Train and save a tiny classifier run; returns the danlu.runs.Run."""
+DECISIVE = {"好": "正面", "差": "负面"}  # the one token of a decisive_reviews text that decides its label
+
+
+def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9)):
+    """(text, label) rows where one character decides the label: neutral characters with one key of DECISIVE
+    somewhere among them. A model that learns the set must put that character first in an explanation."""
+    rng = random.Random(seed)
+    keys = list(DECISIVE)
+    rows = []
+    for i in range(n):
+        key = keys[i % len(keys)]
+        chars = rng.choices(filler, k=rng.randint(*length))
+        chars.insert(rng.randint(0, len(chars)), key)
+        rows.append(("".join(chars), DECISIVE[key]))
+    return rows
+
+
+def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, train_options=None, **model):
+    """Train and save a tiny classifier run; returns the danlu.runs.Run. `rows`: how many synthetic reviews,
+    or the (text, label) rows themselves; `train_options` override the `train` section."""
     from danlu.jobs.train import train
 
     os.makedirs(run_dir, exist_ok=True)
@@ -47,12 +65,12 @@ def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0
     with open(data, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        w.writerows(reviews(rows, seed))
+        w.writerows(reviews(rows, seed) if isinstance(rows, int) else rows)
     cfg = {
         "run": {"dir": str(run_dir), "seed": seed},
         "data": {"train": data, "tokenizer": {"kind": "char", "vocab_size": 500, "max_length": max_length}},
         "model": {"kind": kind, "embed_dim": 16, **({"hidden_dim": 16} if kind in ("mlp", "lstm") else {}), **model},
-        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu"},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu", **(train_options or {})},
     }
     return train(cfg, overwrite=True)
 
