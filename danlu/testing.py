@@ -39,19 +39,23 @@ def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_
 
 
 DECISIVE = {"好": "正面", "差": "负面"}  # the one token of a decisive_reviews text that decides its label
+NEUTRAL = "中性"  # the label of a text with neither
 
 
-def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9)):
+def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9), neutral=True):
     """(text, label) rows where one character decides the label: neutral characters with one key of DECISIVE
-    somewhere among them. A model that learns the set must put that character first in an explanation."""
+    somewhere among them, or (every third row, with `neutral`) none and the label NEUTRAL. The third class
+    makes each key necessary: with two classes a model may learn one key and read the other class from its
+    absence. A model that learns the set must put the key first in an explanation."""
     rng = random.Random(seed)
-    keys = list(DECISIVE)
+    keys = list(DECISIVE) + ([None] if neutral else [])
     rows = []
     for i in range(n):
         key = keys[i % len(keys)]
         chars = rng.choices(filler, k=rng.randint(*length))
-        chars.insert(rng.randint(0, len(chars)), key)
-        rows.append(("".join(chars), DECISIVE[key]))
+        if key is not None:
+            chars.insert(rng.randint(0, len(chars)), key)
+        rows.append(("".join(chars), DECISIVE.get(key, NEUTRAL)))
     return rows
 
 

@@ -36,8 +36,8 @@ STEPS = 50  # Captum's default number of steps of the integral's Gauss-Legendre 
 def explain(run, texts, method="auto", steps=STEPS, batch_size=64):
     """[{label, score, method, tokens: [{text, start, end, score}]}] per text ({value, ...} for regression).
 
-    `method`: auto (integrated gradients when gradients reach the token embedding, else occlusion),
-    integrated_gradients or occlusion. A token's score is positive when it pushed towards the predicted label."""
+    `method`: auto (integrated gradients when gradients reach the token embedding and the all-padding baseline does
+    not already favour the predicted label, else occlusion), integrated_gradients or occlusion. A token's score is positive when it pushed towards the predicted label."""
     if method not in METHODS:
         raise ConfigError(f"explain method {method!r}: expected one of {', '.join(METHODS)}")
     if run.cfg.task not in ("classification", "regression"):
@@ -65,6 +65,9 @@ def explain(run, texts, method="auto", steps=STEPS, batch_size=64):
         chosen = method
         if method == "auto":
             chosen = "integrated_gradients" if gradients_reach(model, ids_t, mask) else "occlusion"
+            if chosen == "integrated_gradients" and target is not None and _baseline_agrees(score, ids_t, mask, spans,
+                                                                                           run.tokenizer.pad_id):
+                chosen = "occlusion"
         elif method == "integrated_gradients" and not gradients_reach(model, ids_t, mask):
             raise ConfigError(f"{run.path}: integrated gradients need a token embedding that gradients reach "
                               f"(model.kind {run.cfg.model.kind} has none); use the occlusion method")
@@ -149,23 +152,41 @@ def gradients_reach(model, ids, mask):
 
 
 def _scorer(model, target):
-    """f(ids, mask) -> (B,): the probability of class `target`, or the predicted value (target None)."""
+    """f(ids, mask) -> (B,): the log-odds of class `target`, log p / (1 - p), or the predicted value (target None).
+
+    Log-odds, not the probability: a confident model's probability is flat near 1 along most of the path from the
+    baseline, so its gradients there say little; the log-odds keep growing (two classes: the logits' difference)."""
 
     def score(ids, mask):
         output = model(ids, mask).float()  # (B, C) or (B, 1)
         if target is None:
             return output.reshape(-1)  # (B,)
-        return output.softmax(-1)[:, target]  # (B,)
+        others = torch.cat([output[:, :target], output[:, target + 1:]], dim=-1)  # (B, C - 1)
+        return output[:, target] - others.logsumexp(-1)  # (B,)
 
     return score
+
+
+def _baseline(ids, spans, pad_id):
+    """(1, T): the text with every real token replaced by padding; special tokens stay."""
+    special = torch.tensor([span is None for span in spans], device=ids.device)  # (T,)
+    return torch.where(special, ids[0], torch.full_like(ids[0], pad_id)).unsqueeze(0)
+
+
+@torch.no_grad()
+def _baseline_agrees(score, ids, mask, spans, pad_id):
+    """True when the all-padding baseline already gives the predicted label even odds or better. Integrated
+    gradients explain the move from the baseline to the text (their scores add up to it), so from such a baseline
+    they cannot show what pushed towards the label (Sturmfels et al. 2020, "Visualizing the Impact of Feature
+    Attribution Baselines"); occlusion, which compares the text with itself less one token, still can."""
+    return float(score(_baseline(ids, spans, pad_id), mask)) >= 0.0
 
 
 def _integrated_gradients(model, score, ids, mask, spans, pad_id, steps):
     """Scores of the real tokens (spans not None): Captum's layer integrated gradients on the token embedding."""
     from captum.attr import LayerIntegratedGradients
 
-    special = torch.tensor([span is None for span in spans], device=ids.device)  # (T,)
-    baseline = torch.where(special, ids[0], torch.full_like(ids[0], pad_id)).unsqueeze(0)  # (1, T)
+    baseline = _baseline(ids, spans, pad_id)
     ig = LayerIntegratedGradients(score, token_embedding(model))
     with torch.enable_grad(), _rnn_backward():
         attributions = ig.attribute(ids, baselines=baseline, additional_forward_args=(mask,), n_steps=steps,
