@@ -191,3 +191,37 @@ def test_the_report_explains_the_most_confident_mistakes(tmp_path):
     assert section.count(", predicted ") == 3 and "**" in section  # three mistakes, tokens towards the answer in bold
     assert page.count('<span class="explained">') == 3 and "background:rgba(" in page
     assert run.metrics["test"]["accuracy"] < 1.0
+
+
+def test_v1_predict_returns_token_attributions(tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.predictor import Predictor
+    from danlu.serve.server import ServerThread
+
+    run = classifier_run(str(tmp_path / "run"), kind="mlp", rows=decisive_reviews(300), epochs=EPOCHS)
+    texts = ["质量好物流", "客服差这个"]
+    app = create_app(Predictor(run), ServeOptions())
+    with ServerThread(app) as url:
+        plain = httpx.post(url + "/v1/predict", json={"texts": texts}).json()
+        body = httpx.post(url + "/v1/predict", json={"texts": texts, "explain": True}).json()
+        refused = httpx.post(url + "/v1/predict", json={"texts": texts, "explain": "yes"})
+        app.state.lean_predict.validate = _not_valid  # the same through FastAPI's own route
+        routed = httpx.post(url + "/v1/predict", json={"texts": texts, "explain": True}).json()
+    assert all("explanation" not in p for p in plain["data"])
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "explain"
+    assert routed == body
+    for text, got, want in zip(texts, body["data"], explain(run, texts)):
+        assert got["label"] == want["label"]
+        assert got["explanation"]["method"] == want["method"]
+        spans = lambda tokens: [(t["text"], t["start"], t["end"]) for t in tokens]  # noqa: E731
+        assert spans(got["explanation"]["tokens"]) == spans(want["tokens"])
+        assert [t["score"] for t in got["explanation"]["tokens"]] == pytest.approx([t["score"] for t in want["tokens"]],
+                                                                                  rel=1e-4, abs=1e-5)
+        top = max(got["explanation"]["tokens"], key=lambda t: t["score"])
+        assert text[top["start"]:top["end"]] == top["text"] and top["text"] in DECISIVE
+
+
+def _not_valid(body):
+    raise ValueError("every body goes on to FastAPI")
