@@ -40,22 +40,28 @@ def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_
 
 DECISIVE = {"好": "正面", "差": "负面"}  # the one token of a decisive_reviews text that decides its label
 NEUTRAL = "中性"  # the label of a text with neither
+DECISIVE_EN = {"great": "positive", "awful": "negative"}  # the same in English words (NEUTRAL_EN: neither)
+NEUTRAL_EN = "neutral"
+FILLER_EN = ("the", "room", "price", "service", "box", "delivery", "this", "item", "staff", "hotel", "was")
 
 
-def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9), neutral=True):
-    """(text, label) rows where one character decides the label: neutral characters with one key of DECISIVE
-    somewhere among them, or (every third row, with `neutral`) none and the label NEUTRAL. The third class
-    makes each key necessary: with two classes a model may learn one key and read the other class from its
-    absence. A model that learns the set must put the key first in an explanation."""
+def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9), neutral=True,
+                     keys=None, neutral_label=NEUTRAL, sep=""):
+    """(text, label) rows where one token decides the label: neutral tokens with one key of `keys` (DECISIVE)
+    somewhere among them, or (every third row, with `neutral`) none and `neutral_label`. The third class makes
+    each key necessary: with two classes a model may learn one key and read the other class from its absence.
+    A model that learns the set must put the key first in an explanation. English: filler=FILLER_EN,
+    keys=DECISIVE_EN, neutral_label=NEUTRAL_EN, sep=" "."""
+    keys = DECISIVE if keys is None else keys
     rng = random.Random(seed)
-    keys = list(DECISIVE) + ([None] if neutral else [])
+    order = list(keys) + ([None] if neutral else [])
     rows = []
     for i in range(n):
-        key = keys[i % len(keys)]
-        chars = rng.choices(filler, k=rng.randint(*length))
+        key = order[i % len(order)]
+        tokens = rng.choices(filler, k=rng.randint(*length))
         if key is not None:
-            chars.insert(rng.randint(0, len(chars)), key)
-        rows.append(("".join(chars), DECISIVE.get(key, NEUTRAL)))
+            tokens.insert(rng.randint(0, len(tokens)), key)
+        rows.append((sep.join(tokens), keys.get(key, neutral_label)))
     return rows
 
 
