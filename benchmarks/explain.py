@@ -52,7 +52,7 @@ def run(args):
 def english():
     from danlu.testing import DECISIVE_EN, FILLER_EN, NEUTRAL_EN
 
-    return dict(filler=FILLER_EN, keys=DECISIVE_EN, neutral_label=NEUTRAL_EN, sep=" ")
+    return {"filler": FILLER_EN, "keys": DECISIVE_EN, "neutral_label": NEUTRAL_EN, "sep": " "}
 
 
 def minilm_run(folder, seed, device):

