@@ -248,3 +248,21 @@ def test_v1_predict_returns_token_attributions(tmp_path):
 
 def _not_valid(body):
     raise ValueError("every body goes on to FastAPI")
+
+
+def test_a_regression_run_is_explained_on_its_value(tmp_path):
+    """Scores push the predicted value up (positive) or down: 好 (+1) must push it up most, 差 (-1) down most."""
+    from conftest import tiny_config, write_csv
+
+    import danlu
+
+    values = {"正面": "1.0", "负面": "-1.0", NEUTRAL: "0.0"}
+    path = write_csv(tmp_path / "scores.csv", [(t, values[label]) for t, label in decisive_reviews(300)])
+    run = danlu.train(tiny_config(path, tmp_path / "run", task="regression", model={"kind": "mlp", "embed_dim": 16,
+                                                                                      "hidden_dim": 16},
+                                  train={"epochs": EPOCHS}))
+    for method in ("integrated_gradients", "occlusion"):
+        for (text, label), r in zip(CHECKS, explain(run, [t for t, _ in CHECKS], method=method)):
+            assert set(r) == {"value", "method", "tokens"} and r["method"] == method
+            pick = max if label == "正面" else min
+            assert pick(r["tokens"], key=lambda t: t["score"])["text"] in DECISIVE
