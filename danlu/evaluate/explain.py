@@ -2,21 +2,21 @@
 
 Integrated gradients (Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks") through the model's
 token embedding, with Captum's LayerIntegratedGradients: the path runs from a baseline where every real token is
-the padding token (whose embedding is zero in danlu's models; special tokens such as [CLS] stay) to the text, and
-a token's score is its attribution to the predicted class's probability summed over the embedding's channels. By
-completeness the scores add up to p(text) - p(baseline), so they read as shares of probability.
+the padding token (a zero embedding in models trained by danlu; special tokens such as [CLS] stay) to the text, and
+a token's score is its attribution to the predicted label's log-odds, log p / (1 - p), summed over the embedding's
+channels. By completeness the scores add up to the log-odds of the text less those of the baseline.
 
 Occlusion (Zeiler & Fergus 2014; for text, Li et al. 2016, "Understanding Neural Networks through Representation
 Erasure") serves any model whose embedding gradients cannot be reached (no `embed` table indexed by token
-position, integer kernels): each token is removed in turn and its score is the drop in the predicted class's
-probability. Regression runs are explained on the predicted value instead of a probability.
+position, integer kernels): each token is removed in turn and its score is the drop in the predicted label's
+log-odds. Regression runs are explained on the predicted value instead.
 
 Scores are per token as the run's tokenizer splits the text (a character for Chinese with the character
 tokenizer, a word or word piece otherwise) with the token's character span in the original text, from the
 tokenizer's offsets; byte-level pieces of one character are joined into one.
 
->>> explain(load_run("runs/seed_lstm"), ["质量很好，物流也快"])[0]["tokens"][:2]   # doctest: +SKIP
-[{'text': '质', 'start': 0, 'end': 1, 'score': 0.004}, {'text': '量', 'start': 1, 'end': 2, 'score': 0.002}]
+>>> explain(load_run("runs/textcnn_zh"), ["质量很好，物流也快"])[0]["tokens"][:2]   # doctest: +SKIP
+[{'text': '质', 'start': 0, 'end': 1, 'score': 0.119}, {'text': '量', 'start': 1, 'end': 2, 'score': -0.175}]
 """
 from __future__ import annotations
 
@@ -36,52 +36,50 @@ STEPS = 50  # Captum's default number of steps of the integral's Gauss-Legendre 
 def explain(run, texts, method="auto", steps=STEPS, batch_size=64):
     """[{label, score, method, tokens: [{text, start, end, score}]}] per text ({value, ...} for regression).
 
-    `method`: auto (integrated gradients when gradients reach the token embedding and the all-padding baseline does
-    not already favour the predicted label, else occlusion), integrated_gradients or occlusion. A token's score is positive when it pushed towards the predicted label."""
+    `method`: auto (integrated gradients when gradients reach the token embedding and the all-padding baseline
+    does not already favour the predicted label, else occlusion), integrated_gradients or occlusion. A token's
+    score is positive when it pushed towards the predicted label (a regression run: towards a higher value)."""
     if method not in METHODS:
         raise ConfigError(f"explain method {method!r}: expected one of {', '.join(METHODS)}")
     if run.cfg.task not in ("classification", "regression"):
         raise ConfigError(f"{run.path}: explanations are for classification and regression runs; this is a "
                           f"{run.cfg.task} run")
-    model = run.model
-    model.eval()
+    run.model.eval()
+    return [_explain_text(run, text, method, steps, batch_size) for text in texts]
+
+
+def _explain_text(run, text, method, steps, batch_size):
+    model, pad_id = run.model, run.tokenizer.pad_id
     device = next(model.parameters()).device
-    regression = run.cfg.task == "regression"
-    out = []
-    for text in texts:
-        ids, spans = token_spans(run.tokenizer, text)
-        ids_t = torch.tensor([ids], device=device)  # (1, T)
-        mask = torch.ones_like(ids_t, dtype=torch.bool)  # (1, T)
-        with torch.no_grad():
-            output = model(ids_t, mask).float()  # (1, C) logits, or (1, 1) for regression
-        if regression:
-            result = {"value": float(output.reshape(-1)[0])}
-            target = None
-        else:
-            probs = output.softmax(-1)[0]  # (C,)
-            target = int(probs.argmax())
-            result = {"label": run.labels[target], "score": float(probs[target])}
-        score = _scorer(model, target)
-        chosen = method
-        if method == "auto":
-            chosen = "integrated_gradients" if gradients_reach(model, ids_t, mask) else "occlusion"
-            if chosen == "integrated_gradients" and target is not None and _baseline_agrees(score, ids_t, mask, spans,
-                                                                                           run.tokenizer.pad_id):
-                chosen = "occlusion"
-        elif method == "integrated_gradients" and not gradients_reach(model, ids_t, mask):
-            raise ConfigError(f"{run.path}: integrated gradients need a token embedding that gradients reach "
-                              f"(model.kind {run.cfg.model.kind} has none); use the occlusion method")
-        real = [i for i, span in enumerate(spans) if span is not None]
-        if not real:  # a text of no tokens (the run reads it as one unknown token): nothing to attribute
-            values = []
-        elif chosen == "integrated_gradients":
-            values = _integrated_gradients(model, score, ids_t, mask, spans, run.tokenizer.pad_id, steps)
-        else:
-            values = _occlusion(score, ids, spans, run.tokenizer, device, batch_size)
-        result["method"] = chosen
-        result["tokens"] = merge_pieces(text, [(spans[i], values[k]) for k, i in enumerate(real)])
-        out.append(result)
-    return out
+    ids, spans = token_spans(run.tokenizer, text)
+    ids_t = torch.tensor([ids], device=device)  # (1, T)
+    mask = torch.ones_like(ids_t, dtype=torch.bool)  # (1, T)
+    with torch.no_grad():
+        output = model(ids_t, mask).float()  # (1, C) logits, or (1, 1) for regression
+    if run.cfg.task == "regression":
+        result, target = {"value": float(output.reshape(-1)[0])}, None
+    else:
+        probs = output.softmax(-1)[0]  # (C,)
+        target = int(probs.argmax())
+        result = {"label": run.labels[target], "score": float(probs[target])}
+    score = _scorer(model, target)
+    if method == "auto":
+        reached = gradients_reach(model, ids_t, mask)
+        use_gradients = reached and (target is None or not _baseline_agrees(score, ids_t, mask, spans, pad_id))
+        method = "integrated_gradients" if use_gradients else "occlusion"
+    elif method == "integrated_gradients" and not gradients_reach(model, ids_t, mask):
+        raise ConfigError(f"{run.path}: integrated gradients need a token embedding that gradients reach "
+                          f"(model.kind {run.cfg.model.kind} has none); use the occlusion method")
+    real = [i for i, span in enumerate(spans) if span is not None]
+    if not real:  # a text of no tokens (the run reads it as one unknown token): nothing to attribute
+        values = []
+    elif method == "integrated_gradients":
+        values = _integrated_gradients(model, score, ids_t, mask, spans, pad_id, steps)
+    else:
+        values = _occlusion(score, ids, spans, run.tokenizer, device, batch_size)
+    result["method"] = method
+    result["tokens"] = merge_pieces(text, [(spans[i], values[k]) for k, i in enumerate(real)])
+    return result
 
 
 def token_spans(tokenizer, text):
