@@ -102,7 +102,7 @@ class HiddenEmbedding(nn.Module):
         return self.inner(input_ids, attention_mask)
 
 
-def test_a_model_without_a_reachable_embedding_is_explained_by_occlusion(tmp_path):
+def test_models_gradients_do_not_reach_are_explained_by_occlusion(tmp_path):
     from danlu.registry import ConfigError
 
     run = classifier_run(str(tmp_path / "run"), kind="mlp", rows=decisive_reviews(300), epochs=EPOCHS)
@@ -113,6 +113,11 @@ def test_a_model_without_a_reachable_embedding_is_explained_by_occlusion(tmp_pat
         explain(run, ["好"], method="integrated_gradients")
     r = explain(run, ["好"])[0]  # one token: removing it would leave nothing, so it is replaced by [UNK]
     assert [t["text"] for t in r["tokens"]] == ["好"] and r["tokens"][0]["score"] > 0.1
+    from danlu.compress.quantize import quantize_dynamic_int8
+
+    run.model = quantize_dynamic_int8(run.model.inner)  # integer kernels: no gradient reaches the embedding
+    hits, used = decisive_on_top(run, "auto")
+    assert used == {"occlusion"} and hits == len(CHECKS)
 
 
 def test_integrated_gradients_add_up_to_the_change_in_log_odds(tmp_path):

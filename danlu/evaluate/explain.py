@@ -127,26 +127,29 @@ def token_embedding(model):
 
 
 def gradients_reach(model, ids, mask):
-    """True when the model has a token embedding indexed like `ids` (B, T) and its output has a gradient with
-    respect to that embedding's output (not so through integer kernels or a model that hashes n-grams)."""
+    """True when the model has a token embedding indexed like `ids` (B, T) and a backward pass from its output
+    reaches that embedding's output (not so through integer kernels, or in a model that hashes n-grams)."""
     embed = token_embedding(model)
     if embed is None:
         return False
     seen = {}
 
     def hook(module, args, output):
-        seen["shape"] = tuple(output.shape)
-        return output.detach().requires_grad_(True)
+        seen["output"] = output.detach().requires_grad_(True)
+        return seen["output"]
 
     handle = embed.register_forward_hook(hook)
     try:
         with torch.enable_grad(), _rnn_backward():
             output = model(ids, mask)
-    except RuntimeError:
+            if "output" not in seen or tuple(seen["output"].shape[:2]) != tuple(ids.shape) or not output.requires_grad:
+                return False
+            grad, = torch.autograd.grad(output.float().sum(), seen["output"], allow_unused=True)
+    except RuntimeError:  # an operation without a backward (a quantized kernel)
         return False
     finally:
         handle.remove()
-    return seen.get("shape", ())[:2] == tuple(ids.shape) and output.requires_grad
+    return grad is not None
 
 
 def _scorer(model, target):
