@@ -69,8 +69,13 @@ def cmd_predict(args):
     from danlu.runs.image import ImageRun
 
     if isinstance(run, ImageRun):  # image files, or --file: a list of paths, a table or a folder
+        if args.explain:
+            raise ConfigError(f"predict --explain: explanations are for text runs; {args.run} is an image run")
         return predict_images(run, args.texts, args.file, args.out, args.top_k)
     refuse_images_for_text_run(run, args.texts)
+    if args.explain and run.cfg.task not in ("classification", "regression"):
+        raise ConfigError(f"predict --explain: explanations are for classification and regression runs; "
+                          f"{args.run} is a {run.cfg.task} run")
     if args.file:
         return _predict_file(run, args)
     if not args.texts:
@@ -80,11 +85,24 @@ def cmd_predict(args):
         for result in run.predict(args.texts, **options):
             print(result["text"])
         return
+    if args.explain:
+        return _print_explanations(run, args.texts, args.explain_method)
     for text, result in zip(args.texts, run.predict(args.texts, top_k=args.top_k)):
         if "value" in result:
             print(f"{result['value']:.4f}\t{text}")
         else:
             print(f"{result['label']}\t{result['score']:.4f}\t{text}")
+
+
+def _print_explanations(run, texts, method):
+    """Each prediction's line, then the text with its tokens coloured (a terminal) or scored (a pipe)."""
+    from danlu.evaluate.explain import color_wanted, explain, render_terminal
+
+    color = color_wanted(sys.stdout)
+    for text, result in zip(texts, explain(run, texts, method)):
+        head = f"{result['value']:.4f}" if "value" in result else f"{result['label']}\t{result['score']:.4f}"
+        print(f"{head}\t{text}")
+        print("\n".join(render_terminal(text, result, color)))
 
 
 PREDICT_OPTIONS = {"text_column": "--text-column"}  # what error messages suggest: predict's own flags
@@ -99,6 +117,11 @@ def _predict_file(run, args):
     examples = read_examples(args.file, column, need_labels=False, on_bad_rows="error", keep_fields=True,
                              options=PREDICT_OPTIONS)
     results = run.predict(examples.texts, top_k=args.top_k)
+    if args.explain:
+        from danlu.evaluate.explain import explain
+
+        for result, explained in zip(results, explain(run, examples.texts, args.explain_method)):
+            result["explanation"] = {"method": explained["method"], "tokens": explained["tokens"]}
     lines = [json.dumps(_scored_row(text, record, column, result, "source" if seq2seq else "text"), ensure_ascii=False)
              for text, record, result in zip(examples.texts, examples.fields, results)]
     if args.out:
@@ -413,6 +436,12 @@ def _predict_args(p):
     p.add_argument("--text-column", help="text column of --file (default: the run's data.text_column)")
     p.add_argument("--top-k", type=int, default=None, help="list only the k most probable labels")
     p.add_argument("--beam-size", type=int, default=None, help="seq2seq: beam size (default: the run's seq2seq.beam_size)")
+    p.add_argument("--explain", action="store_true",
+                   help="show the tokens that pushed each decision (coloured on a terminal, scored otherwise; "
+                        "with --file, an explanation field per row)")
+    p.add_argument("--explain-method", default="auto", choices=("auto", "integrated_gradients", "occlusion"),
+                   help="auto (default): integrated gradients through the token embedding, or occlusion for "
+                        "models gradients do not reach")
 
 
 def _compare_args(p):

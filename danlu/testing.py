@@ -38,8 +38,36 @@ def reviews(n, seed=0, positive=POSITIVE, negative=NEGATIVE, filler=FILLER, max_
     return rows
 
 
-def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, **model):
-    """Train and save a tiny classifier run; returns the danlu.runs.Run."""
+DECISIVE = {"好": "正面", "差": "负面"}  # the one token of a decisive_reviews text that decides its label
+NEUTRAL = "中性"  # the label of a text with neither
+DECISIVE_EN = {"great": "positive", "awful": "negative"}  # the same in English words (NEUTRAL_EN: neither)
+NEUTRAL_EN = "neutral"
+FILLER_EN = ("the", "room", "price", "service", "box", "delivery", "this", "item", "staff", "hotel", "was")
+
+
+def decisive_reviews(n, seed=0, filler="质量物流价格包装客服这个东西房间", length=(3, 9), neutral=True,
+                     keys=None, neutral_label=NEUTRAL, sep=""):
+    """(text, label) rows where one token decides the label: neutral tokens with one key of `keys` (DECISIVE)
+    somewhere among them, or (every third row, with `neutral`) none and `neutral_label`. The third class makes
+    each key necessary: with two classes a model may learn one key and read the other class from its absence.
+    A model that learns the set must put the key first in an explanation. English: filler=FILLER_EN,
+    keys=DECISIVE_EN, neutral_label=NEUTRAL_EN, sep=" "."""
+    keys = DECISIVE if keys is None else keys
+    rng = random.Random(seed)
+    order = list(keys) + ([None] if neutral else [])
+    rows = []
+    for i in range(n):
+        key = order[i % len(order)]
+        tokens = rng.choices(filler, k=rng.randint(*length))
+        if key is not None:
+            tokens.insert(rng.randint(0, len(tokens)), key)
+        rows.append((sep.join(tokens), keys.get(key, neutral_label)))
+    return rows
+
+
+def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0, train_options=None, **model):
+    """Train and save a tiny classifier run; returns the danlu.runs.Run. `rows`: how many synthetic reviews,
+    or the (text, label) rows themselves; `train_options` override the `train` section."""
     from danlu.jobs.train import train
 
     os.makedirs(run_dir, exist_ok=True)
@@ -47,12 +75,12 @@ def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0
     with open(data, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        w.writerows(reviews(rows, seed))
+        w.writerows(reviews(rows, seed) if isinstance(rows, int) else rows)
     cfg = {
         "run": {"dir": str(run_dir), "seed": seed},
         "data": {"train": data, "tokenizer": {"kind": "char", "vocab_size": 500, "max_length": max_length}},
         "model": {"kind": kind, "embed_dim": 16, **({"hidden_dim": 16} if kind in ("mlp", "lstm") else {}), **model},
-        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu"},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu", **(train_options or {})},
     }
     return train(cfg, overwrite=True)
 

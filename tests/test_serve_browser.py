@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from danlu.serve.app import ServeOptions, create_app
 from danlu.serve.predictor import Predictor
 from danlu.serve.server import ServerThread
-from danlu.testing import classifier_run, language_model_run
+from danlu.testing import DECISIVE, classifier_run, decisive_reviews, language_model_run
 
 CHROMIUM = os.environ.get("DANLU_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -80,6 +80,31 @@ def test_classifier_page_shows_probability_bars(tmp_path, page):
             assert top.get_attribute("data-label") == want["label"]
             width = top.locator(".fill").evaluate("e => e.style.width")
             assert width == f"{100 * want['score']:.1f}%"
+
+
+def test_classifier_page_colours_the_explained_tokens(tmp_path, page):
+    from danlu.evaluate.explain import explain
+
+    run = classifier_run(str(tmp_path / "cls"), kind="mlp", rows=decisive_reviews(300), epochs=6)
+    texts = ["🙂质量好物流", "客服差这个"]  # spans count code points: the emoji is two UTF-16 units in JavaScript
+    with ServerThread(create_app(Predictor(run), ServeOptions())) as url:
+        page.goto(url + "/")
+        page.fill("#texts", "\n".join(texts))
+        page.check("#explain")
+        page.click("#classify")
+        page.wait_for_selector("[data-testid=prediction] .explained .tok")
+        cards = page.locator("[data-testid=prediction]")
+        for i, (text, want) in enumerate(zip(texts, explain(run, texts))):
+            box = cards.nth(i).locator(".explained")
+            assert box.text_content() == text  # the tokens and the text between them, nothing lost or doubled
+            tokens = box.locator(".tok")
+            assert tokens.count() == len(want["tokens"])
+            scores = [float(tokens.nth(j).get_attribute("data-score")) for j in range(tokens.count())]
+            top = max(range(len(scores)), key=scores.__getitem__)
+            assert tokens.nth(top).text_content() in DECISIVE
+            colour = tokens.nth(top).evaluate("e => getComputedStyle(e).backgroundColor")
+            assert colour == "rgba(22, 163, 74, 0.75)"  # the strongest push towards the label: full green
+            assert cards.nth(i).locator(".bar.top").get_attribute("data-label") == want["label"]
 
 
 def test_chat_page_streams_the_reply(tmp_path, page):

@@ -119,6 +119,7 @@ def write_run_report(run, data, history, trainer, top_k=TOP_MISTAKES, mistakes=N
     blocks += metrics_section({"validation": run.metrics.get("val"), "test": test}, figures, regression)
     blocks += baseline_blocks(test, run.metrics.get("baselines"))
     blocks += _mistakes_section(mistakes, data.examples["test"].texts, run.labels, regression, "test")
+    blocks += explained_mistakes_section(run, mistakes, data.examples["test"].texts, "test")
     blocks += timing_section(run, rows, eval_seconds, len(data.test))
     return write_blocks(blocks, run.path)
 
@@ -144,6 +145,7 @@ def write_eval_report(run, data_path, metrics, out_dir, examples, dataset, mista
     blocks += metrics_section({name: metrics}, figures, regression)
     blocks += baseline_blocks(metrics, metrics.get("baselines"), name)
     blocks += _mistakes_section(mistakes, examples.texts, run.labels, regression, name)
+    blocks += explained_mistakes_section(run, mistakes, examples.texts, name)
     blocks += timing_section(run, rows, eval_seconds, len(dataset))
     return write_blocks(blocks, out_dir)
 
@@ -254,6 +256,30 @@ def _mistakes_section(mistakes, texts, labels, regression, split):
     note = ("The examples the model got wrong with the highest probability on its (wrong) answer: "
             "often label noise, or a pattern the model has not learned.")
     return [("h2", title), ("p", "" if regression else note), ("table", header, rows)]
+
+
+EXPLAINED_MISTAKES = 3
+
+
+def explained_mistakes_section(run, mistakes, texts, split, count=EXPLAINED_MISTAKES):
+    """The `count` most confident mistakes with the tokens that pushed each wrong decision (danlu.evaluate.explain):
+    green towards the predicted label, red against it; in report.md the tokens pushing towards it are in bold."""
+    from danlu.evaluate.explain import explain
+
+    items = mistakes.largest()[:count]
+    if not items:
+        return []
+    chosen = [texts[i] for _, i, _, _ in items]
+    regression = run.cfg.task == "regression"
+    blocks = [("h3", f"Why the model decided so ({split})"),
+              ("p", "The " + ("largest errors" if regression else "most confident mistakes") + " above, each token "
+                    "scored by how much it pushed the model towards its answer (" + ("a higher value" if regression
+                    else "the predicted label") + "), from `danlu predict RUN TEXT --explain`.")]
+    for n, ((_, i, true, predicted), explained) in enumerate(zip(items, explain(run, chosen))):
+        answer = (f"true {true:.4g}, predicted {predicted:.4g}" if regression
+                  else f"true {run.labels[true]}, predicted {run.labels[predicted]}")
+        blocks.append(("explained", texts[i], explained["tokens"], f"{n + 1}. {answer} ({explained['method']})"))
+    return blocks
 
 
 def timing_section(run, rows, eval_seconds, eval_count):
@@ -403,6 +429,8 @@ def to_markdown(blocks, base_dir):
             out.append(f"![{rest[1]}]({os.path.relpath(rest[0], base_dir)})\n")
         elif kind == "code":
             out.append(f"```\n{rest[0]}\n```\n")
+        elif kind == "explained":  # (text, [{start, end, score}], caption): tokens pushing towards the answer in bold
+            out.append(f"{rest[2]}: " + _explained_markdown(*rest[:2]) + "\n")
         elif kind == "quote":  # (bold opening, continuation): a sample of generated text
             bold = "\n".join(f"**{_md_escape(line)}**" if line.strip() else "" for line in rest[0].split("\n"))
             out.append(f"> {bold}{_md_escape(rest[1])}".replace("\n", "  \n> ") + "\n")
@@ -430,6 +458,8 @@ def to_html(blocks):
             body.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
         elif kind == "quote":
             body.append(f"<blockquote><b>{html.escape(rest[0])}</b>{html.escape(rest[1])}</blockquote>")
+        elif kind == "explained":
+            body.append(f"<p>{html.escape(rest[2])}<br><span class=\"explained\">{_explained_html(*rest[:2])}</span></p>")
     title = next((rest[0] for kind, *rest in blocks if kind == "h1"), "danlu report")
     return (f'<!DOCTYPE html>\n<html lang="zh"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -441,6 +471,44 @@ _CSS = ("body{font-family:system-ui,-apple-system,'Noto Sans CJK SC','PingFang S
         "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}"
         "figure{margin:1em 0}figcaption{color:#666;font-size:0.9em}code{background:#f3f3f3;padding:0 3px}")
+
+
+def _explained_pieces(text, tokens):
+    """(piece of text, token or None) in order: the text between tokens comes with None."""
+    at = 0
+    for t in tokens:
+        if t["start"] > at:
+            yield text[at:t["start"]], None
+        yield text[t["start"]:t["end"]], t
+        at = max(at, t["end"])
+    if at < len(text):
+        yield text[at:], None
+
+
+def _explained_markdown(text, tokens):
+    strongest = max((abs(t["score"]) for t in tokens), default=0.0) or 1.0
+    runs = []  # [bold?, text]: neighbouring bold tokens share one pair of ** (`**a****b**` is not bold)
+    for piece, t in _explained_pieces(" ".join(text.split("\n")), tokens):
+        bold = t is not None and t["score"] >= 0.25 * strongest
+        if runs and runs[-1][0] == bold:
+            runs[-1][1] += piece
+        else:
+            runs.append([bold, piece])
+    return "".join(f"**{_md_escape(piece)}**" if bold else _md_escape(piece) for bold, piece in runs)
+
+
+def _explained_html(text, tokens):
+    strongest = max((abs(t["score"]) for t in tokens), default=0.0) or 1.0
+    out = []
+    for piece, t in _explained_pieces(text, tokens):
+        if t is None:
+            out.append(html.escape(piece))
+            continue
+        alpha = 0.75 * abs(t["score"]) / strongest
+        colour = "22,163,74" if t["score"] >= 0 else "220,38,38"
+        out.append(f'<span style="background:rgba({colour},{alpha:.3f})" title="{t["score"]:+.4f}">'
+                   f"{html.escape(piece)}</span>")
+    return "".join(out)
 
 
 def _inline(text):

@@ -215,20 +215,28 @@ def create_app(predictor, options: ServeOptions | None = None):
             if len(texts) > options.max_texts:
                 raise APIError(400, f"texts: at most {options.max_texts} texts per request, got {len(texts)}",
                                param="texts", code="too_many_texts")
+            explain = getattr(body, "explain", False)
+            if explain and (seq2seq or image_input):
+                raise APIError(400, "explain: explanations are for text classifiers and regressors",
+                               param="explain", code="unsupported_parameter")
             if seq2seq:  # decoded as the run's seq2seq section says (beam search by default)
                 results = await state.run(Job([(t, {}) for t in texts]), state.deadline())
                 data = [s.Prediction(index=i, text=text) for i, (text, _, _) in enumerate(results)]
                 return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
-            results = await state.run(texts, state.deadline())
+            deadline = state.deadline()
+            results = await state.run(texts, deadline)
+            explained = (await state.prepare(deadline, predictor.explain, texts, executor=state.executor) if explain
+                         else [None] * len(texts))
             data = []
-            for i, r in enumerate(results):
+            for i, (r, e) in enumerate(zip(results, explained)):
                 if "value" in r:
-                    data.append(s.Prediction(index=i, value=r["value"]))
+                    data.append(s.Prediction(index=i, value=r["value"], explanation=e))
                     continue
                 probs = r["probabilities"]
                 if body.top_k:
                     probs = dict(list(probs.items())[: body.top_k])
-                data.append(s.Prediction(index=i, label=r["label"], score=r["score"], probabilities=probs))
+                data.append(s.Prediction(index=i, label=r["label"], score=r["score"], probabilities=probs,
+                                         explanation=e))
             return s.PredictResponse(model=predictor.name, data=data).model_dump_json(exclude_none=True).encode()
 
         @app.post("/v1/predict", response_model=s.PredictResponse, response_model_exclude_none=True,
@@ -417,9 +425,10 @@ class _State:
     def timed_out(self):
         return APIError(504, f"the request did not finish within {self.options.timeout_s:g} s", code="timeout")
 
-    async def prepare(self, deadline, fn, *args):
-        """fn(*args) in a worker thread (a chat template, a tokenizer), within the request's deadline."""
-        future = asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+    async def prepare(self, deadline, fn, *args, executor=None):
+        """fn(*args) in a worker thread (a chat template, a tokenizer), or in `executor` (the model thread, between
+        batches, for work that hooks the model: explanations), within the request's deadline."""
+        future = asyncio.get_running_loop().run_in_executor(executor or self.workers, fn, *args)
         try:
             return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:

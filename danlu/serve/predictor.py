@@ -62,6 +62,13 @@ class Predictor:
         it once per micro-batch."""
         return self.run.predict(list(texts), batch_size=64, top_k=top_k)
 
+    def explain(self, texts, method="auto"):
+        """[{method, tokens: [{text, start, end, score}]}] per text: what pushed each decision
+        (danlu.evaluate.explain). It hooks the model's embedding, so it runs in the model thread alone."""
+        from danlu.evaluate.explain import explain
+
+        return [{"method": e["method"], "tokens": e["tokens"]} for e in explain(self.run, list(texts), method)]
+
     # -- language models --------------------------------------------------------------------------
     @property
     def context_length(self):

@@ -80,6 +80,8 @@ class PredictRequest(BaseModel):
     images: str | list[str] | None = Field(default=None, description="Image runs only (this one is refused).")
     model: str | None = Field(default=None, description="The served model's id (optional).")
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
+    explain: bool = Field(default=False, description="Add each text's token attributions (`explanation`): which "
+                                                     "tokens pushed the decision, with their character spans.")
 
 
 class ImagePredictRequest(BaseModel):
@@ -94,6 +96,20 @@ class ImagePredictRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="List only the k most probable labels.")
 
 
+class TokenScore(BaseModel):
+    text: str = Field(description="The token as it appears in the input text.")
+    start: int = Field(description="Its first character's offset in the input text, counted in Unicode code points "
+                                   "(Python's str index; in JavaScript, index Array.from(text)).")
+    end: int = Field(description="The offset just past its last character, in code points.")
+    score: float = Field(description="How much it pushed towards the predicted label (negative: against it), in "
+                                     "units of the label's probability (regression: of the value).")
+
+
+class Explanation(BaseModel):
+    method: Literal["integrated_gradients", "occlusion"]
+    tokens: list[TokenScore]
+
+
 class Prediction(BaseModel):
     index: int
     label: str | None = None
@@ -101,6 +117,8 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] | None = None
     value: float | None = Field(default=None, description="Regression runs: the predicted value.")
     text: str | None = Field(default=None, description="Seq2seq runs: the generated text.")
+    explanation: Explanation | None = Field(default=None, description='With "explain": true, the tokens that pushed '
+                                                                       "the decision.")
 
 
 class PredictResponse(BaseModel):
