@@ -65,7 +65,7 @@ def tune(config, overrides=(), *, trials=0, jobs=0, overwrite=False, say=None) -
     """Run (or resume) the search of `config`'s tune section; write the report; return the summary (tune.json)."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     raw, where, name = config_mod.read_raw(config, overrides)
-    cfg = config_mod.load(copy.deepcopy(raw), name=name)  # the base config and its space, validated
+    cfg = config_mod.load(config, overrides)  # the base config and its space, validated, errors naming the file
     spec = dataclasses.replace(cfg.tune, **{k: v for k, v in (("trials", trials), ("jobs", jobs)) if v})
     if not spec.space:
         raise ConfigError(f"{where}: tune.space is empty; give the keys to search, e.g. "
