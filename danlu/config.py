@@ -377,7 +377,8 @@ class TuneConfig:
     seed: int = 0
     """Seeds the sampler."""
     dir: str = ""
-    """The search's directory (study.db, trial_000/, ..., report.html); empty: runs/tune_<config name>."""
+    """The search's directory (study.db, trial_000/, ..., report.html); empty: runs/tune_<config name> (a
+    config named tune_x.yaml: runs/tune_x)."""
 
     def __post_init__(self):
         parse_space(self.space)

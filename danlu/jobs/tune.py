@@ -2,7 +2,7 @@
 
     danlu tune configs/tune_zh_sentiment.yaml --trials 20 --jobs 2
 
-The tune directory (`tune.dir`, default runs/tune_<config name>) holds:
+The tune directory (`tune.dir`, default runs/tune_<config name>, without a second tune_) holds:
 
     study.db                 the Optuna study in SQLite: every trial's parameters, per-epoch values and state
     trial_000/, trial_001/   one ordinary run directory per trial, made by the job skeleton (run_job)
@@ -64,6 +64,10 @@ class Search:
 def tune(config, overrides=(), *, trials=0, jobs=0, overwrite=False, say=None) -> dict:
     """Run (or resume) the search of `config`'s tune section; write the report; return the summary (tune.json)."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("danlu tune needs Optuna: pip install 'danlu[tune]' (or optuna)") from None
     raw, where, name = config_mod.read_raw(config, overrides)
     cfg = config_mod.load(config, overrides)  # the base config and its space, validated, errors naming the file
     spec = dataclasses.replace(cfg.tune, **{k: v for k, v in (("trials", trials), ("jobs", jobs)) if v})
@@ -74,7 +78,7 @@ def tune(config, overrides=(), *, trials=0, jobs=0, overwrite=False, say=None) -
         raise ConfigError(f"{where}: task: `danlu tune` searches what `danlu train` trains "
                           f"({', '.join(tasks_for('train'))}), got {cfg.task!r}")
     column, maximize = objective(cfg.task, spec.metric, where)
-    tune_dir = spec.dir or os.path.join("runs", f"tune_{name or 'search'}")
+    tune_dir = spec.dir or os.path.join("runs", "tune_" + (name or "search").removeprefix("tune_"))
     base = {k: v for k, v in raw.items() if k != "tune"}
     search = Search(tune_dir, base, config_mod.parse_space(spec.space), column, maximize, spec,
                     threads_per_trial(cfg.train.threads, spec.jobs))
