@@ -25,10 +25,10 @@ def write_tune_report(tune_dir, summary):
     maximize = summary["direction"] == "maximize"
     counts = summary["counts"]
     blocks = [("h1", f"Hyperparameter search: {os.path.basename(os.path.normpath(tune_dir))}")]
-    blocks.append(("p", f"{len(rows)} trials: {counts['complete']} completed, {counts['pruned']} pruned, "
-                        f"{counts['failed']} failed. Objective: `{metric}` on the validation split "
-                        f"({'higher' if maximize else 'lower'} is better); each trial is a run directory with "
-                        f"its own report. Study: `study.db` (Optuna, SQLite)."))
+    said = (f"{len(rows)} trials: {counts['complete']} completed, {counts['pruned']} pruned, {counts['failed']} failed. "
+            f"Objective: `{metric}` on the validation split ({'higher' if maximize else 'lower'} is better); each "
+            "trial is a run directory with its own report. Study: `study.db` (Optuna, SQLite).")
+    blocks.append(("p", said))
     if best:
         test = f", test {best['test']:.4f}" if best.get("test") is not None else ""
         blocks.append(("h2", "Best run"))

@@ -219,7 +219,7 @@ def run_trial(search, study, trial, values, say):
     prune = PruneOnMetric(trial, search.column, say)
     try:  # a logger is a callback that runs on the main process: the pruner's place in the loop
         run = run_job(choose_job, cfg, loggers=[prune], overwrite=True)
-    except Exception as e:  # noqa: BLE001 - recorded in the study, then the search stops with the error
+    except Exception as e:  # recorded in the study; then the search stops with the error
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
         raise
