@@ -495,7 +495,20 @@ def _build(raw) -> RunConfig:
         raise ConfigError(f"train.early_stopping.metric: unknown metric {stopping!r} for task {task}; "
                           f"expected one of: {', '.join(monitors)}")
     _check_space(parse_space(sections["tune"].space), kind)
+    tune_objective(task, sections["tune"].metric)
     return RunConfig(model=model, task=task, **sections)
+
+
+def tune_objective(task, metric):
+    """(history column, higher is better) that a search of `task` optimises: tune.metric (with or without its
+    val_ prefix), or the task's first validation column where higher is better (accuracy, r2)."""
+    monitors = {k: up for k, up in TASKS[task].monitors if k.startswith("val_")}
+    column = (metric if metric.startswith("val_") else f"val_{metric}") if metric else \
+        next((k for k, up in monitors.items() if up), "val_loss")
+    if column not in monitors:
+        raise ConfigError(f"tune.metric: unknown metric {metric!r} for task {task}; expected one of: "
+                          + ", ".join(k[len("val_"):] for k in monitors))
+    return column, monitors[column]
 
 
 def _check_space(params, kind):

@@ -99,6 +99,9 @@ def test_the_cli_refuses_a_bad_space_before_any_trial(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: tune.space.model.embed_dim: expected int(low, high, log)") and "Traceback" not in err
     assert not (tmp_path / "search").exists()
+    with pytest.raises(ConfigError, match=r"tune.metric: unknown metric 'f1' for task classification; expected one of: "
+                                          r"loss, accuracy"):
+        config.load(path, ["tune.space={train.lr: [0.01]}", "tune.metric=f1"])
 
 
 def test_model_keys_are_drawn_only_for_the_kinds_that_have_them(tmp_path):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from danlu import config as config_mod
 from danlu.files import atomic_write_json
 from danlu.jobs.skeleton import free_cores, run_job
-from danlu.registry import TASKS, ConfigError, tasks_for
+from danlu.registry import ConfigError, tasks_for
 from danlu.training.callbacks import Callback
 
 STUDY_FILE, STUDY_NAME, LOCK_FILE, SUMMARY_FILE = "study.db", "danlu", ".lock", "tune.json"
@@ -77,7 +77,7 @@ def tune(config, overrides=(), *, trials=0, jobs=0, overwrite=False, say=None) -
     if cfg.task not in tasks_for("train"):
         raise ConfigError(f"{where}: task: `danlu tune` searches what `danlu train` trains "
                           f"({', '.join(tasks_for('train'))}), got {cfg.task!r}")
-    column, maximize = objective(cfg.task, spec.metric, where)
+    column, maximize = config_mod.tune_objective(cfg.task, spec.metric)
     tune_dir = spec.dir or os.path.join("runs", "tune_" + (name or "search").removeprefix("tune_"))
     base = {k: v for k, v in raw.items() if k != "tune"}
     search = Search(tune_dir, base, config_mod.parse_space(spec.space), column, maximize, spec,
@@ -103,20 +103,6 @@ def tune(config, overrides=(), *, trials=0, jobs=0, overwrite=False, say=None) -
                 trial = study.ask()
                 run_trial(search, study, trial, sample(trial, search), say)
         return finish(search, study)
-
-
-def objective(task, metric, where="config"):
-    """(history column, higher is better) that a search of `task` optimises: tune.metric (with or without
-    its val_ prefix), or the first validation column of the task where higher is better."""
-    monitors = {k: up for k, up in TASKS[task].monitors if k.startswith("val_")}
-    if not metric:
-        column = next((k for k, up in monitors.items() if up), "val_loss")
-    else:
-        column = metric if metric.startswith("val_") else f"val_{metric}"
-    if column not in monitors:
-        raise ConfigError(f"{where}: tune.metric: unknown metric {metric!r} for task {task}; expected one of: "
-                          + ", ".join(k[len("val_"):] for k in monitors))
-    return column, monitors[column]
 
 
 def threads_per_trial(threads, jobs):
