@@ -64,6 +64,11 @@ def test_a_search_of_three_trials_makes_runs_a_study_and_a_report(tmp_path, one_
     for png in ("history", "trials"):
         assert (tune_dir / "plots" / f"{png}.png").stat().st_size > 1000
     assert "parameter importance" in html.lower()
+    markdown = (tune_dir / "report.md").read_text(encoding="utf-8")
+    for kind in {t.params["model.kind"] for t in trials}:  # the best of each kind drawn, with its run
+        top = max((t for t in trials if t.params["model.kind"] == kind), key=lambda t: t.value)
+        assert f"| {kind} | " in markdown and f"[trial_{top.number:03d}](trial_{top.number:03d}/report.html) | " \
+            f"{top.value:.4f}" in markdown
 
 
 @pytest.mark.parametrize("key, spec, words", [

@@ -34,6 +34,12 @@ def write_tune_report(tune_dir, summary):
         blocks.append(("h2", "Best run"))
         blocks.append(("p", f"**[{best['run']}]({best['run']}/report.html)** (trial {best['number']}): "
                             f"{metric} {best['value']:.4f}{test}; " + _params(best["params"])))
+    kinds = per_kind(rows, maximize)
+    if kinds:
+        blocks.append(("h2", "Best of each model kind"))
+        blocks.append(("table", ["model.kind", "trials", "best trial", metric, "test"],
+                       [[kind, n, f"[{r['run']}]({r['run']}/report.html)", _num(r["value"]), _num(r["test"])]
+                        for kind, (n, r) in kinds.items()]))
     blocks.append(("h2", "Optimisation history"))
     blocks.append(("image", plot_history(rows, metric, maximize, os.path.join(plots_dir, "history.png")),
                    "each trial's value (pruned: its last epoch's) and the best so far"))
@@ -55,6 +61,22 @@ def write_tune_report(tune_dir, summary):
              for r in rows]
     blocks.append(("table", header, table))
     return write_blocks(blocks, tune_dir)
+
+
+def per_kind(rows, maximize):
+    """{model.kind: (trials of that kind, its best completed trial)}, best kind first; {} unless the search
+    draws model.kind."""
+    best = {}
+    for r in rows:
+        kind = r["params"].get("model.kind")
+        if kind is None:
+            continue
+        n, top = best.get(kind, (0, None))
+        better = r["state"] == "complete" and r["value"] is not None and (
+            top is None or (r["value"] > top["value"] if maximize else r["value"] < top["value"]))
+        best[kind] = (n + 1, r if better else top)
+    ranked = {k: v for k, v in best.items() if v[1] is not None}
+    return dict(sorted(ranked.items(), key=lambda kv: kv[1][1]["value"], reverse=maximize))
 
 
 def plot_history(rows, metric, maximize, path):
