@@ -4,6 +4,7 @@
     danlu evaluate runs/mine --data other.csv
     danlu predict runs/mine "质量很好，物流也快" "太差了，再也不买"
     danlu info runs/mine
+    danlu tune configs/tune_zh_sentiment.yaml --trials 20 --jobs 2
 
 Bad input ends with one clear paragraph and exit status 2; `--debug` shows the traceback. The flags of
 `generate`, `chat` and `serve` are made from the fields of SamplingConfig and ServeOptions: their names,
@@ -34,6 +35,20 @@ def cmd_train(args):
         if data.get("tokenizer_choice"):
             print(f"tokenizer: {data['tokenizer']} ({data['tokenizer_choice']})")
         print(f"run directory: {run.path}")
+
+
+def cmd_tune(args):
+    from danlu.jobs.tune import tune
+
+    result = tune(args.config, args.overrides, trials=args.trials, jobs=args.jobs, overwrite=args.overwrite)
+    best, counts = result["best"], result["counts"]
+    print(f"trials: {counts['complete']} completed, {counts['pruned']} pruned, {counts['failed']} failed")
+    if best:
+        test = f"  test {best['test']:.4f}" if best.get("test") is not None else ""
+        print(f"best: {best['run']}  {result['metric']} {best['value']:.4f}{test}  "
+              + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+    if result["report"]:
+        print(f"report: {os.path.join(os.path.dirname(result['report']), 'report.html')}")
 
 
 def cmd_evaluate(args):
@@ -417,6 +432,18 @@ def _train_args(p):
     _add_config_args(p)
 
 
+def _tune_args(p):
+    from danlu.schema import NonNegative, flag_type
+
+    p.add_argument("config", help="a YAML config with a tune section (tune.space: the keys to search)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. train.epochs=3 tune.dir=runs/t")
+    p.add_argument("--trials", type=flag_type(NonNegative, "--trials"), default=0, help="trials in all (default: tune.trials); running the same "
+                                                          "command again resumes the search")
+    p.add_argument("--jobs", type=flag_type(NonNegative, "--jobs"), default=0, help="trials at once, each in its own process with free cores // "
+                                                        "JOBS threads (default: tune.jobs)")
+    p.add_argument("--overwrite", action="store_true", help="start the search again, deleting the tune directory")
+
+
 def _evaluate_args(p):
     _add_run_arg(p)
     p.add_argument("--data", required=True, help="labelled CSV / TSV / JSONL file or class folder")
@@ -526,6 +553,8 @@ def _compress_args(p):
 
 VERBS = {
     "train": (cmd_train, "train and evaluate a model from a YAML config", _train_args),
+    "tune": (cmd_tune, "search hyperparameters over the config's tune.space (Optuna), trials as runs, a report",
+             _tune_args),
     "evaluate": (cmd_evaluate, "evaluate a run on a labelled file", _evaluate_args),
     "predict": (cmd_predict, "classify texts with a run", _predict_args),
     "compare": (cmd_compare, "compare runs: a metrics table and one plot of their validation curves", _compare_args),
@@ -574,6 +603,9 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
+        if args.verb == "tune":  # the search resumes from its study; the running trial is re-run
+            print("interrupted; resume with the same danlu tune command", file=sys.stderr)
+            return 130
         verb = "pretrain" if args.verb == "pretrain" else "train"
         print(f"interrupted; resume with: danlu {verb} CONFIG --resume", file=sys.stderr)
         return 130

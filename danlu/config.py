@@ -275,6 +275,122 @@ class Seq2SeqSection:
 
 
 @dataclass(frozen=True)
+class SearchParam:
+    """One entry of tune.space: a dotted config key and how its values are drawn."""
+
+    key: str
+    kind: Literal["categorical", "float", "int"]
+    choices: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: int | None = None
+
+    @property
+    def target(self):
+        """The config key the value lands on: model.lstm.hidden_dim -> model.hidden_dim."""
+        parts = self.key.split(".")
+        return f"model.{parts[2]}" if parts[0] == "model" and len(parts) == 3 else self.key
+
+    @property
+    def only_kind(self):
+        """model.<kind>.<field>: the kind it is drawn for (else None)."""
+        parts = self.key.split(".")
+        return parts[1] if parts[0] == "model" and len(parts) == 3 else None
+
+
+SPACE_FORMS = ("a list of choices, e.g. [lstm, textcnn]; uniform(low, high); loguniform(low, high); "
+               "int(low, high); int(low, high, log); int(low, high, STEP)")
+
+
+def parse_space(space) -> tuple:
+    """tune.space ({dotted key: spec}) as SearchParams, model.kind first; a bad spec names its key and the forms.
+
+    >>> parse_space({"train.lr": "loguniform(1e-4, 1e-2)"})[0].log
+    True
+    """
+    import re
+
+    if not isinstance(space, dict):
+        raise ConfigError(f"tune.space: expected a mapping of dotted config keys to {SPACE_FORMS}, got {space!r}")
+    params = []
+    for key, spec in space.items():
+        where = f"tune.space.{key}"
+        if not isinstance(key, str) or len(key.split(".")) < 2:
+            raise ConfigError(f"{where}: expected a dotted config key such as train.lr or model.hidden_dim")
+        if isinstance(spec, (list, tuple)):
+            if not spec or any(not isinstance(c, (str, int, float, bool)) for c in spec):
+                raise ConfigError(f"{where}: expected a non-empty list of numbers, strings or booleans, got {spec!r}")
+            if len(set(map(repr, spec))) != len(spec):
+                raise ConfigError(f"{where}: a choice is listed twice in {list(spec)}")
+            params.append(SearchParam(key, "categorical", tuple(spec)))
+            continue
+        match = re.fullmatch(r"\s*(uniform|loguniform|int)\s*\((.*)\)\s*", spec) if isinstance(spec, str) else None
+        if not match:
+            raise ConfigError(f"{where}: expected {SPACE_FORMS}; got {spec!r}")
+        form, args = match.group(1), [a.strip() for a in match.group(2).split(",")]
+        try:
+            if form == "int":
+                if len(args) not in (2, 3):
+                    raise ValueError
+                low, high = int(args[0]), int(args[1])
+                extra = args[2] if len(args) == 3 else ""
+                step = int(extra) if extra not in ("", "log") else None
+                param = SearchParam(key, "int", low=low, high=high, log=extra == "log", step=step)
+            else:
+                if len(args) != 2:
+                    raise ValueError
+                param = SearchParam(key, "float", low=float(args[0]), high=float(args[1]), log=form == "loguniform")
+        except ValueError:
+            raise ConfigError(f"{where}: expected {form}(low, high{', log' if form == 'int' else ''}) with numbers, "
+                              f"got {spec!r}") from None
+        if not param.low < param.high:
+            raise ConfigError(f"{where}: expected low < high, got {spec!r}")
+        if param.log and param.low <= 0:
+            raise ConfigError(f"{where}: a log scale needs low > 0, got {spec!r}")
+        if param.step is not None and param.step < 1:
+            raise ConfigError(f"{where}: the step of int(low, high, STEP) must be at least 1, got {spec!r}")
+        params.append(param)
+    return tuple(sorted(params, key=lambda p: p.key != "model.kind"))  # the kind first: it decides the rest
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`danlu tune`: a hyperparameter search over this config (Optuna; docs/tuning.md). `danlu train` ignores it."""
+
+    space: dict = field(default_factory=dict)
+    """{dotted config key: what to try}: a list of choices, uniform(low, high), loguniform(low, high),
+    int(low, high), int(low, high, log) or int(low, high, STEP). model.<field> is drawn only for the kinds
+    that have the field; model.<kind>.<field> only when that kind is drawn."""
+    metric: str = ""
+    """Validation metric to optimise, e.g. accuracy (val_accuracy); empty: the first higher-is-better
+    validation metric of the task (accuracy for classification, r2 for regression). The direction is the task's."""
+    trials: Positive = 20
+    """Trials in all (finished, pruned or failed); `danlu tune` again with more continues the search."""
+    jobs: Positive = 1
+    """Trials run at once, each in its own process with free cores // jobs threads."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """tpe (Bergstra et al. 2011, Optuna's default) or random."""
+    pruner: Literal["median", "threshold", "none"] = "median"
+    """median: stop a trial whose metric after an epoch is worse than the median of earlier trials at that
+    epoch; threshold: stop one that is worse than `threshold`; none."""
+    threshold: float = 0.0
+    """pruner threshold: the value a trial's validation metric must reach after `warmup_epochs` epochs."""
+    warmup_epochs: NonNegative = 1
+    """Epochs a trial runs before it may be pruned."""
+    startup_trials: NonNegative = 3
+    """pruner median: trials that finish before any is pruned."""
+    seed: int = 0
+    """Seeds the sampler."""
+    dir: str = ""
+    """The search's directory (study.db, trial_000/, ..., report.html); empty: runs/tune_<config name> (a
+    config named tune_x.yaml: runs/tune_x)."""
+
+    def __post_init__(self):
+        parse_space(self.space)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection
     data: DataConfig
@@ -283,10 +399,11 @@ class RunConfig:
     task: Task = "classification"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seq2seq: Seq2SeqSection = field(default_factory=Seq2SeqSection)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 SECTIONS = {"run": RunSection, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig,
-            "seq2seq": Seq2SeqSection}
+            "seq2seq": Seq2SeqSection, "tune": TuneConfig}
 
 
 def model_config_class(kind):
@@ -301,6 +418,19 @@ def model_config_class(kind):
 
 def load(source=None, overrides=(), name=None, fresh_dir=True) -> RunConfig:
     """Read a YAML file (or a dict), apply dotted overrides, validate, return a frozen RunConfig."""
+    raw, where, name = read_raw(source, overrides, name)
+    try:
+        cfg = _build(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not cfg.run.dir:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=_free_run_dir(name or "run") if fresh_dir else os.path.join("runs", name or "run")))
+    return cfg
+
+
+def read_raw(source=None, overrides=(), name=None):
+    """(the config as a plain dict with the overrides applied, where it came from, its name): what `load`
+    validates; `danlu tune` makes each trial's config from it."""
     where = "config"
     if source is None:
         raw = {}
@@ -323,13 +453,7 @@ def load(source=None, overrides=(), name=None, fresh_dir=True) -> RunConfig:
         name = name or os.path.splitext(os.path.basename(path))[0]
     for item in overrides:
         _apply_override(raw, item)
-    try:
-        cfg = _build(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if not cfg.run.dir:
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=_free_run_dir(name or "run") if fresh_dir else os.path.join("runs", name or "run")))
-    return cfg
+    return raw, where, name
 
 
 def _apply_override(raw, item):
@@ -376,7 +500,72 @@ def _build(raw) -> RunConfig:
     if stopping not in monitors:
         raise ConfigError(f"train.early_stopping.metric: unknown metric {stopping!r} for task {task}; "
                           f"expected one of: {', '.join(monitors)}")
+    _check_space(parse_space(sections["tune"].space), kind)
+    tune_objective(task, sections["tune"].metric)
     return RunConfig(model=model, task=task, **sections)
+
+
+def tune_objective(task, metric):
+    """(history column, higher is better) that a search of `task` optimises: tune.metric (with or without its
+    val_ prefix), or the task's first validation column where higher is better (accuracy, r2)."""
+    monitors = {k: up for k, up in TASKS[task].monitors if k.startswith("val_")}
+    column = (metric if metric.startswith("val_") else f"val_{metric}") if metric else \
+        next((k for k, up in monitors.items() if up), "val_loss")
+    if column not in monitors:
+        raise ConfigError(f"tune.metric: unknown metric {metric!r} for task {task}; expected one of: "
+                          + ", ".join(k[len("val_"):] for k in monitors))
+    return column, monitors[column]
+
+
+def _check_space(params, kind):
+    """Every key of tune.space names a config field that its values fit, before any trial runs."""
+    kinds = next((p.choices for p in params if p.key == "model.kind"), (kind,))
+    for param in params:
+        where, parts = f"tune.space.{param.key}", param.key.split(".")
+        if param.key == "model.kind":
+            if param.kind != "categorical":
+                raise ConfigError(f"{where}: expected a list of model kinds, e.g. [lstm, textcnn]")
+            from danlu.models import MODELS
+
+            for k in param.choices:
+                resolve(k, MODELS, where)
+            continue
+        if parts[0] == "model":
+            if param.only_kind:
+                if param.only_kind not in kinds:
+                    raise ConfigError(f"{where}: {param.only_kind} is not among the kinds searched ({', '.join(kinds)})")
+                classes = [model_config_class(param.only_kind)]
+            else:
+                if len(parts) != 2:
+                    raise ConfigError(f"{where}: expected model.FIELD or model.KIND.FIELD")
+                classes = [model_config_class(k) for k in kinds]
+            field_name = parts[-1]
+            owners = [c for c in classes if field_name in {f.name for f in dataclasses.fields(c)} and field_name != "kind"]
+            if not owners:
+                valid = sorted({f.name for c in classes for f in dataclasses.fields(c)} - {"kind"})
+                raise ConfigError(f"{where}: no model kind searched ({', '.join(kinds)}) has a field {field_name!r}; "
+                                  f"their fields: {', '.join(valid)}")
+            hints = [typing.get_type_hints(c, include_extras=True)[field_name] for c in owners]
+        else:
+            node, hint = SECTIONS.get(parts[0]), None
+            if node is None or parts[0] in ("tune", "run") and parts[-1] != "seed":
+                raise ConfigError(f"{where}: expected a key of {', '.join(s for s in SECTIONS if s != 'tune')} or model "
+                                  "(run.seed is the only run key a search may vary)")
+            for i, name in enumerate(parts[1:], 1):
+                names = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
+                if name not in names:
+                    raise ConfigError(_unknown(name, names, f"{where}: {'.'.join(parts[:i])}"))
+                hint = typing.get_type_hints(node, include_extras=True)[name]
+                node = hint
+            if dataclasses.is_dataclass(node):
+                raise ConfigError(f"{where}: {param.key} is a section; expected one of its keys")
+            hints = [hint]
+        for hint in hints:
+            if param.kind == "float" and base_type(hint) is int:
+                raise ConfigError(f"{where}: {param.key} is an integer; expected int(low, high) or a list")
+            values = param.choices if param.kind == "categorical" else (param.low, param.high)
+            for value in values:
+                _coerce(int(value) if param.kind == "int" else value, hint, where)
 
 
 def _make(cls, values, where):
@@ -490,7 +679,7 @@ def to_dict(cfg: RunConfig) -> dict:
     d = {"task": cfg.task}
     d.update({name: plain(getattr(cfg, name)) for name in ("run", "data", "model", "train")})
     for name in SECTIONS:
-        if name not in d:
+        if name not in d and not (name == "tune" and cfg.tune == TuneConfig()):  # a run that is no search
             d[name] = plain(getattr(cfg, name))
     return d
 

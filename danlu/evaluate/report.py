@@ -512,11 +512,12 @@ def _explained_html(text, tokens):
 
 
 def _inline(text):
-    """HTML for the few inline marks the blocks use: `code` and **bold**."""
+    """HTML for the few inline marks the blocks use: `code`, **bold** and [links](relative/path)."""
     import re
 
     s = html.escape(str(text))
     s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', s)
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
 
 
