@@ -108,3 +108,24 @@ def test_bad_config_values_name_the_key(values, words):
     with pytest.raises(ConfigError) as e:
         config.load({"model": {"kind": "ngram", **values}})
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(tmp_path), "--ngram-data", "shakespeare",
+                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1"])
+    torch.set_num_threads(1)
+    assert code == 0
+    rows = json.loads((tmp_path / "ngram.json").read_text(encoding="utf-8"))["rows"]
+    assert [r["model"].split()[0] for r in rows] == ["TF-IDF", "danlu"]
+    assert all(r["data"] == "shakespeare" and r["train_examples"] == 120 for r in rows)
+    assert rows[0]["vs_baseline"] == 0 and rows[1]["vs_baseline"] == rows[1]["test_accuracy"] - rows[0]["test_accuracy"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "| data | train_examples | model |" in capsys.readouterr().out

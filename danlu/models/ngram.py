@@ -28,9 +28,9 @@ HASH_MODULUS = 2**31 - 1
 @dataclass(frozen=True)
 class NgramConfig:
     kind: str = "ngram"
-    embed_dim: Positive = 64
+    embed_dim: Positive = 16
     """Width of every n-gram embedding and of the averaged text vector (fastText used 10 for sentiment)."""
-    ngrams: tuple[Annotated[int, Range(ge=1, le=8)], ...] = (1, 2, 3)
+    ngrams: tuple[Annotated[int, Range(ge=1, le=8)], ...] = (1, 2)
     """N-gram orders over the run's tokens: 1 is the tokens themselves, 2 adjacent pairs, and so on."""
     buckets: Annotated[int, Range(ge=1, le=2**24)] = 2**18
     """Hashed rows shared by every n-gram longer than one token (collisions share a row)."""
