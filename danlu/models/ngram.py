@@ -1,7 +1,7 @@
 """A fastText-style classifier (Joulin et al. 2017, "Bag of Tricks for Efficient Text Classification").
 
-Every n-gram of the run's tokens (characters for Chinese, subwords or characters for alphabetic text)
-has an embedding; the embeddings of a text's n-grams are averaged and a linear layer reads the average.
+Every n-gram of the run's tokens (with WordPiece: characters for Chinese, words and word pieces for
+alphabetic text) has an embedding; the embeddings of a text's n-grams are averaged and a linear layer reads the average.
 Unigrams keep a row of their own per token id; longer n-grams are hashed into `buckets` shared rows (the
 hashing trick of fastText, Joulin et al. §2.2, which keeps the table's size fixed whatever the data).
 
