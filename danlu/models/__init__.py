@@ -9,6 +9,7 @@ from danlu.models.cnn import CNN, CNNConfig
 from danlu.models.gpt import GPT, GPTConfig
 from danlu.models.lstm import LSTMClassifier, LSTMConfig
 from danlu.models.mlp import MLPClassifier, MLPConfig
+from danlu.models.ngram import NgramClassifier, NgramConfig
 from danlu.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from danlu.models.textcnn import TextCNN, TextCNNConfig
 from danlu.models.transformer import TransformerClassifier, TransformerConfig
@@ -19,6 +20,7 @@ MODELS = {
     "mlp": (MLPConfig, MLPClassifier),
     "lstm": (LSTMConfig, LSTMClassifier),
     "textcnn": (TextCNNConfig, TextCNN),
+    "ngram": (NgramConfig, NgramClassifier),
     "transformer": (TransformerConfig, TransformerClassifier),
     "gpt": (GPTConfig, GPT),
     "bert": (BERTConfig, BERT),

@@ -1,0 +1,131 @@
+"""The fastText-style `ngram` kind: its features against a plain-Python bag of n-grams, padding, a tiny training
+run that predicts and exports to ONNX with the same answers, and config errors that name the key.
+(The shared checks of every model — shape, save / load, one step, determinism — are in test_conformance.py.)"""
+import pytest
+import torch
+
+from danlu import config
+from danlu.data.spec import DataSpec
+from danlu.models.ngram import HASH_MODULUS, HASH_MULTIPLIER, NgramClassifier, NgramConfig
+from danlu.registry import ConfigError
+from danlu.testing import classifier_run
+
+torch.set_num_threads(1)
+SPEC = DataSpec(vocab_size=30, pad_id=0, num_classes=3, labels=("a", "b", "c"))
+
+
+def python_rows(tokens, orders, vocab_size, buckets):
+    """The rows of a text's n-grams, written out in Python integers (no tensors, no padding)."""
+    rows = []
+    for n in orders:
+        for start in range(len(tokens) - n + 1):
+            gram = tokens[start:start + n]
+            if n == 1:
+                rows.append(gram[0])
+                continue
+            h = n
+            for token in gram:
+                h = (h * HASH_MULTIPLIER + token) % HASH_MODULUS
+            rows.append(vocab_size + h % buckets)
+    return rows
+
+
+def build(seed=0, ngrams=(1, 2, 3)):
+    torch.manual_seed(seed)
+    return NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=ngrams), SPEC).eval()
+
+
+@pytest.mark.parametrize("orders", [(1,), (1, 2, 3), (2, 4)])
+def test_logits_are_the_head_of_the_mean_of_the_texts_ngram_rows(orders):
+    model = build(ngrams=orders)
+    texts = [[5, 9, 7, 5, 9, 11], [12, 13], [8]]  # one text shorter than the longest order
+    length = max(map(len, texts))
+    ids = torch.tensor([t + [0] * (length - len(t)) for t in texts])  # (B, T) right-padded
+    with torch.no_grad():
+        logits = model(ids, ids != 0)
+        for i, tokens in enumerate(texts):
+            rows = python_rows(tokens, orders, SPEC.vocab_size, 97)
+            pooled = model.embed.weight[rows].mean(0) if rows else torch.zeros(8)
+            torch.testing.assert_close(logits[i], model.head(pooled), rtol=0, atol=1e-6)
+
+
+def test_the_same_ngram_gets_the_same_row_wherever_it_is():
+    model = build()
+    ids = torch.tensor([[5, 9, 7, 5, 9, 0], [1, 1, 5, 9, 7, 5]])
+    rows, real = model.ngram_ids(ids, ids != 0)  # (B, 3 T): unigrams, bigrams, trigrams
+    length = ids.shape[1]
+    bigrams, trigrams = rows[:, length:2 * length], rows[:, 2 * length:]
+    assert bigrams[0, 0] == bigrams[0, 3] == bigrams[1, 2]  # (5, 9) at three places
+    assert trigrams[0, 0] == trigrams[1, 2]  # (5, 9, 7)
+    assert real[0].tolist() == [True] * 5 + [False] + [True] * 4 + [False] * 2 + [True] * 3 + [False] * 3
+    assert ((rows >= SPEC.vocab_size) == torch.cat([torch.zeros(2, length), torch.ones(2, 2 * length)], 1).bool()).all()
+
+
+def test_padding_leaves_the_logits_unchanged():
+    model = build(ngrams=(1, 2, 3))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1)  # more padding on the right
+    alone = model(ids[1:, :2], torch.ones(1, 2, dtype=torch.bool))  # the short row with no padding at all
+    torch.testing.assert_close(model(ids, ids != 0), model(padded, padded != 0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(ids, ids != 0)[1:], alone, rtol=0, atol=1e-6)
+
+
+def test_unigrams_alone_need_no_hashed_rows():
+    assert build(ngrams=(1,)).embed.num_embeddings == SPEC.vocab_size
+    assert build(ngrams=(1, 2)).embed.num_embeddings == SPEC.vocab_size + 97
+
+
+def test_a_tiny_run_learns_predicts_and_exports_with_the_same_answers(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from danlu.serve.export import TOLERANCE, OnnxModel, export
+
+    run = classifier_run(str(tmp_path / "ngram"), kind="ngram", rows=120, epochs=4, buckets=4096, ngrams=[1, 2])
+    texts = ["很好喜欢推荐", "很差失望退货", "质量物流很好满意", "包装糟糕后悔"]
+    predicted = run.predict(texts)
+    assert [p["label"] for p in predicted] == ["正面", "负面", "正面", "负面"]
+    report = export(run, out=tmp_path / "onnx", repeats=2)
+    assert report["model"] == "ngram" and report["fixed_length"] is None
+    assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= TOLERANCE
+    alone = OnnxModel(tmp_path / "onnx").predict(texts + ["", "好"])  # an empty text and a single token too
+    want = run.predict(texts + ["", "好"])
+    assert [a["label"] for a in alone] == [w["label"] for w in want]
+    for a, w in zip(alone, want):
+        assert a["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"ngrams": []}, ["model.ngrams", "at least one n-gram order"]),
+    ({"ngrams": [1, 0]}, ["model.ngrams[1]", "in [1, 8]", "got 0"]),
+    ({"ngrams": [1, 9]}, ["model.ngrams[1]", "in [1, 8]", "got 9"]),
+    ({"ngrams": [2, 2]}, ["model.ngrams", "each order once", "[2, 2]"]),
+    ({"buckets": 0}, ["model.buckets", "got 0"]),
+    ({"embed_dim": 0}, ["model.embed_dim", ">= 1"]),
+    ({"dropout": 1}, ["model.dropout", "in [0, 1)"]),
+    ({"bucket": 5}, ["unknown key 'bucket'", "did you mean 'buckets'"]),
+])
+def test_bad_config_values_name_the_key(values, words):
+    with pytest.raises(ConfigError) as e:
+        config.load({"model": {"kind": "ngram", **values}})
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(tmp_path), "--ngram-data", "shakespeare",
+                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1"])
+    torch.set_num_threads(1)
+    assert code == 0
+    rows = json.loads((tmp_path / "ngram.json").read_text(encoding="utf-8"))["rows"]
+    assert [r["model"].split()[0] for r in rows] == ["TF-IDF", "danlu"]
+    assert all(r["data"] == "shakespeare" and r["train_examples"] == 120 for r in rows)
+    assert rows[0]["vs_baseline"] == 0 and rows[1]["vs_baseline"] == rows[1]["test_accuracy"] - rows[0]["test_accuracy"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert "| data | train_examples | model |" in capsys.readouterr().out
