@@ -109,8 +109,8 @@ def prepare_config(cfg, base):
     ft, model_cfg = cfg.finetune, base.model_config
     if cfg.task == "causal_lm" and model_cfg.kind != "gpt":
         raise ConfigError(f"task causal_lm needs a decoder base (gpt / Llama family), got {model_cfg.kind}")
-    if ft.pooling and hasattr(model_cfg, "pooling"):
-        model_cfg = dataclasses.replace(model_cfg, pooling=ft.pooling)
+    if ft.pooling and cfg.task == "classification":
+        model_cfg = dataclasses.replace(model_cfg, pooling=check_pooling(ft.pooling, model_cfg))
     context = getattr(model_cfg, "max_positions", None) or 1 << 30  # recurrent and convolutional models have no cap
     tokenizer = dataclasses.replace(cfg.data.tokenizer, kind=base.tokenizer_kind)
     if cfg.task == "classification":
@@ -119,6 +119,21 @@ def prepare_config(cfg, base):
     else:
         data = dataclasses.replace(cfg.data, tokenizer=tokenizer, block_size=min(ft.max_length, context))
     return dataclasses.replace(cfg, model=model_cfg, data=data, finetune=dataclasses.replace(ft, base=base.path))
+
+
+def check_pooling(pooling, model_cfg):
+    """`finetune.pooling` if the base's family offers it (a GPT: last, mean; a BERT: cls, mean), else a ConfigError."""
+    import typing
+
+    from danlu.schema import choices
+
+    field = typing.get_type_hints(type(model_cfg), include_extras=True).get("pooling")
+    allowed = choices(field) if field is not None else ()
+    if pooling not in allowed:
+        offered = (f"a {model_cfg.kind} base pools {', '.join(allowed)}" if allowed
+                   else f"a {model_cfg.kind} base has no pooling to choose; leave it empty")
+        raise ConfigError(f"finetune.pooling: {pooling!r} does not apply to this base: {offered}")
+    return pooling
 
 
 def classification_data(cfg, tokenizer):
