@@ -156,12 +156,16 @@ class Seq2SeqCache:
     the two: beam search's per-step reordering is one copy of the filled slots, with no temporaries.
     `layer(i)` hands Attention the usual (rows, K, S, D) views of them."""
 
-    def __init__(self, num_layers, rows, num_kv_heads, max_length, head_dim, memory_kv, memory_mask):
-        k = memory_kv[0][0]
-        self.slots = k.new_zeros(2 * num_layers, max_length, rows, num_kv_heads, head_dim)  # (2L, S, N, K, D)
-        self.spare = torch.empty_like(self.slots)
+    def __init__(self, slots, memory_kv, memory_mask, length=0):
+        """slots (2L, S, rows, K, D), of which the first `length` positions are filled; memory_kv one (keys,
+        values) pair (B, K, S_source, D) per layer; memory_mask (B, 1, 1, S_source) bool or None."""
+        self.slots, self.spare = slots, None
         self.memory_kv, self.memory_mask = memory_kv, memory_mask
-        self.max_length, self.length = max_length, 0
+        self.length = length
+
+    @property
+    def max_length(self):
+        return self.slots.shape[1]
 
     def layer(self, index):
         """The (keys, values) buffers of one layer, each a (rows, K, S, D) view."""
@@ -171,6 +175,8 @@ class Seq2SeqCache:
         """Keep rows `index` (N,) of the filled slots; every row must stay among its own source's rows
         (beam search), since the memory is not reordered."""
         n = self.length
+        if self.spare is None:
+            self.spare = torch.empty_like(self.slots)
         torch.index_select(self.slots[:, :n], 2, index, out=self.spare[:, :n])  # (2L, n, N, K, D)
         self.slots, self.spare = self.spare, self.slots
 
@@ -216,9 +222,13 @@ class Seq2Seq(nn.Module):
     def encode(self, input_ids, attention_mask=None):
         """Source ids (B, S), mask (B, S) bool (True = real token) -> memory (B, S, C)."""
         mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
+        return self.encode_with_key_mask(input_ids, mask)
+
+    def encode_with_key_mask(self, input_ids, key_mask):
+        """`encode` given the key mask (B, 1, 1, S) itself (or None): no branch on the data (graph capture)."""
         x = self._embed(self.embed, input_ids)  # (B, S, C)
         for block in self.encoder:
-            x = block(x, mask)  # (B, S, C)
+            x = block(x, key_mask)  # (B, S, C)
         return self.encoder_norm(x)
 
     def decode(self, decoder_input_ids, memory=None, attention_mask=None, cache=None):
@@ -274,5 +284,5 @@ class Seq2Seq(nn.Module):
         `rows_per_source` adjacent rows per source (beam search's beams) sharing that source's memory."""
         c, B = self.config, memory.shape[0]
         mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
-        return Seq2SeqCache(len(self.decoder), B * rows_per_source, c.kv_heads, max_length, c.head_dim,
-                            [layer.cross.memory_kv(memory) for layer in self.decoder], mask)
+        slots = memory.new_zeros(2 * len(self.decoder), max_length, B * rows_per_source, c.kv_heads, c.head_dim)
+        return Seq2SeqCache(slots, [layer.cross.memory_kv(memory) for layer in self.decoder], mask)  # (2L, S, N, K, D)
