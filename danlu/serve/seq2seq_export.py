@@ -81,7 +81,9 @@ def export_seq2seq_onnx(run, out=None, opset=18, check=True, repeats=20, threads
     model = run.model.eval().to("cpu")
     c, layers = model.config, len(model.decoder)
     pad_id, target = run.tokenizer.pad_id, run.target
-    batch, source, past = torch.export.Dim("batch"), torch.export.Dim("source"), torch.export.Dim("past")
+    positions = int(model.position_table.shape[0])  # sources and targets are at most this long
+    batch = torch.export.Dim("batch")
+    source, past = torch.export.Dim("source", max=positions), torch.export.Dim("past", max=positions - 1)
     ids, mask = _sources(3, 8, pad_id, run.tokenizer.vocab_size_, seed=0)
     started = time.perf_counter()
     encoder = _convert(EncoderGraph(model).eval(), (ids, mask), ["input_ids", "attention_mask"], ["memory_kv"], opset,
@@ -108,7 +110,7 @@ def export_seq2seq_onnx(run, out=None, opset=18, check=True, repeats=20, threads
               "cache_shape": [2 * layers, "past", "batch", c.kv_heads, c.head_dim], "padding": "right",
               "pad_id": pad_id, "bos_id": target.token_id("<s>"), "eos_id": target.token_id("</s>"),
               "unk_id": run.tokenizer.token_id("[UNK]"), "max_new_tokens": run.cfg.seq2seq.max_new_tokens,
-              "max_positions": int(model.position_table.shape[0]),
+              "max_positions": positions,
               "target_tokenizer": "tokenizer_target.json" if run.target_tokenizer is not None else "tokenizer.json",
               "export_seconds": round(seconds, 2), "torch_version": torch.__version__}
     if check:
