@@ -11,8 +11,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from conftest import write_csv
-from test_seq2seq import copy_pairs
+from test_seq2seq import train_copy_run
 
 from danlu.cli import main
 from danlu.serve.export import TOLERANCE
@@ -24,19 +23,10 @@ TEXTS = ["red cat", "two big dogs", "", "blue bird small one green dog red red"]
 @pytest.fixture(scope="module")
 def seq2seq_run(tmp_path_factory):
     """A tiny run with a tokenizer per side (the export copies both) and grouped key/value heads."""
-    from danlu.jobs.train import train
-
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("s2s_export")
-    data = write_csv(tmp / "pairs.csv", copy_pairs(200), header=("en", "up"))
-    cfg = {"task": "seq2seq", "run": {"dir": str(tmp / "run"), "seed": 0},
-           "data": {"train": data, "source_column": "en", "target_column": "up", "shared_tokenizer": False,
-                    "tokenizer": {"kind": "char", "vocab_size": 100, "max_length": 32, "lowercase": False}},
-           "model": {"kind": "seq2seq", "embed_dim": 32, "num_heads": 4, "num_kv_heads": 2, "num_layers": 2,
-                     "dropout": 0.0},
-           "seq2seq": {"beam_size": 1, "max_new_tokens": 24},
-           "train": {"epochs": 2, "batch_size": 16, "lr": 0.003, "optimizer": "adamw"}}
-    return train(cfg)
+    return train_copy_run(tmp_path_factory.mktemp("s2s_export"), pairs=200, epochs=2,
+                          model={"kind": "seq2seq", "embed_dim": 32, "num_heads": 4, "num_kv_heads": 2, "num_layers": 2,
+                                 "dropout": 0.0},
+                          seq2seq={"beam_size": 1, "max_new_tokens": 24})
 
 
 @pytest.fixture(scope="module")

@@ -368,16 +368,18 @@ def format_report(report) -> str:
         p = report["parity"]
         lines.append(f"parity: max |onnxruntime - pytorch| = {p['max_abs_diff']:.2e} "
                      f"({'passed' if p['passed'] else 'FAILED'}, tolerance {p['tolerance']:g})")
-        lines.append("")
-        threads = report.get("threads", 1)
-        lines.append(f"latency, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
-                     f"(--threads):")
-        lines.append("| batch | length | PyTorch ms | ONNX Runtime ms | speed-up |")
-        lines.append("|---:|---:|---:|---:|---:|")
-        for r in report["latency"]:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x |")
+        lines += latency_lines(report)
     return "\n".join(lines)
+
+
+def latency_lines(report, what="latency", length="length"):
+    """A blank line, then the report's latency rows as a markdown table."""
+    threads = report.get("threads", 1)
+    lines = ["", (f"{what}, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
+                  "(--threads):"),
+             f"| batch | {length} | PyTorch ms | ONNX Runtime ms | speed-up |", "|---:|---:|---:|---:|---:|"]
+    return lines + [f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
+                    f"{r['speedup']:.2f}x |" for r in report["latency"]]
 
 
 # ------------------------------------------------------------------------------------------------

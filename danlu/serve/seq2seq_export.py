@@ -194,6 +194,8 @@ def compare_greedy_latency(model, out, run, batch_sizes=(1, 16), length=24, repe
 
 
 def format_seq2seq_report(report) -> str:
+    from danlu.serve.export import latency_lines
+
     lines = [(f"exported {report['model']} (seq2seq) to {report.get('out', '')}/encoder.onnx and decoder.onnx "
               f"(one KV-cached step) in {report['export_seconds']:.1f} s")]
     if "parity" in report:
@@ -202,15 +204,7 @@ def format_seq2seq_report(report) -> str:
         lines.append(f"parity: max |onnxruntime - pytorch| = {p['max_abs_diff']:.2e} over decoding steps; greedy tokens "
                      f"the same on {p['greedy_same_tokens']:.0%} of {p['greedy_sources']} sources "
                      f"({verdict}, tolerance {p['tolerance']:g})")
-        lines.append("")
-        threads = report.get("threads", 1)
-        lines.append(f"greedy decoding latency (up to 32 new tokens), median of alternating calls, {threads} CPU "
-                     f"thread{'s' if threads != 1 else ''} for both (--threads):")
-        lines.append("| batch | source length | PyTorch ms | ONNX Runtime ms | speed-up |")
-        lines.append("|---:|---:|---:|---:|---:|")
-        for r in report["latency"]:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x |")
+        lines += latency_lines(report, "greedy decoding latency (up to 32 new tokens)", "source length")
     return "\n".join(lines)
 
 
