@@ -89,12 +89,18 @@ def decode_ids(model, input_ids, attention_mask=None, *, bos_id, eos_id, max_new
 
 
 class _Steps:
-    """Next-token log-probabilities (N, V) of N growing prefixes, with the KV cache or without it."""
+    """Next-token log-probabilities (N, V) of N growing prefixes, `rows_per_source` adjacent ones per source
+    of memory (B, S, C), with the KV cache or without it."""
 
-    def __init__(self, model, memory, mask, bos_id, max_new_tokens, use_cache):
-        self.model, self.memory, self.mask, self.use_cache = model, memory, mask, use_cache
-        self.tokens = torch.full((memory.shape[0], 1), bos_id, dtype=torch.long, device=memory.device)  # (N, 1+t)
-        self.cache = model.new_cache(memory, mask, max_new_tokens + 1) if use_cache else None
+    def __init__(self, model, memory, mask, bos_id, max_new_tokens, use_cache, rows_per_source=1):
+        self.model, self.use_cache = model, use_cache
+        N = memory.shape[0] * rows_per_source
+        self.tokens = torch.full((N, 1), bos_id, dtype=torch.long, device=memory.device)  # (N, 1+t)
+        if use_cache:  # the cache keeps the memory's keys and values once per source
+            self.cache = model.new_cache(memory, mask, max_new_tokens + 1, rows_per_source)
+        else:  # recomputed each step over the whole prefix: one copy of the memory per row
+            self.memory = memory.repeat_interleave(rows_per_source, 0)  # (N, S, C)
+            self.mask = mask.repeat_interleave(rows_per_source, 0)  # (N, S)
 
     def logprobs(self):
         if self.use_cache:
@@ -104,13 +110,12 @@ class _Steps:
         return logits[:, -1].float().log_softmax(-1)  # (N, V)
 
     def push(self, next_ids, rows=None):
-        """Append next_ids (N,) to the prefixes `rows` (N,) (beam search's survivors; None: all, in order)."""
-        if rows is not None:  # beam search: rows stay within their source's group of beams
-            self.tokens = self.tokens[rows]
+        """Append next_ids (N,) to the prefixes `rows` (N,) (beam search's survivors, each within its source's
+        group of rows; None: all, in order)."""
+        if rows is not None:
+            self.tokens = self.tokens.index_select(0, rows)
             if self.use_cache:
-                self.cache.reorder(rows, memory=False)
-            else:
-                self.memory, self.mask = self.memory[rows], self.mask[rows]
+                self.cache.reorder(rows)
         self.tokens = torch.cat([self.tokens, next_ids[:, None]], dim=1)
 
 
@@ -141,8 +146,7 @@ def _greedy(model, memory, mask, bos_id, eos_id, max_new_tokens, no_repeat_ngram
 
 def _beam(model, memory, mask, bos_id, eos_id, max_new_tokens, k, length_penalty, no_repeat_ngram, use_cache):
     B, device = memory.shape[0], memory.device
-    memory, mask = memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (B*k, S, C), (B*k, S)
-    steps = _Steps(model, memory, mask, bos_id, max_new_tokens, use_cache)
+    steps = _Steps(model, memory, mask, bos_id, max_new_tokens, use_cache, rows_per_source=k)  # B*k rows
     beam_scores = torch.full((B, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # every beam starts as the same BOS: only the first is live at step one
     finished = [[] for _ in range(B)]  # (normalized score, ids) per source

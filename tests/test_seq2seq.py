@@ -258,21 +258,25 @@ def copy_pairs(n, seed=0):
     return rows
 
 
-@pytest.fixture(scope="module")
-def trained_seq2seq(tmp_path_factory):
+def train_copy_run(tmp, pairs=300, epochs=4, model=None, seq2seq=None):
+    """A tiny seq2seq run (a tokenizer per side) trained in tmp/run on copy_pairs, lower case -> upper case."""
     from danlu.jobs.train import train
 
     torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("seq2seq")
-    data = write_csv(tmp / "pairs.csv", copy_pairs(300), header=("en", "up"))
+    data = write_csv(tmp / "pairs.csv", copy_pairs(pairs), header=("en", "up"))
     cfg = {"task": "seq2seq", "run": {"dir": str(tmp / "run"), "seed": 0},
            "data": {"train": data, "source_column": "en", "target_column": "up", "shared_tokenizer": False,
                     "tokenizer": {"kind": "char", "vocab_size": 100, "max_length": 32, "lowercase": False}},
-           "model": {"kind": "seq2seq", "size": "tiny", "dropout": 0.0},
-           "seq2seq": {"beam_size": 2, "max_new_tokens": 24, "label_smoothing": 0.1},
-           "train": {"epochs": 4, "batch_size": 16, "lr": 0.003, "optimizer": "adamw"}}
-    run = train(cfg)
-    return tmp, run
+           "model": model or {"kind": "seq2seq", "size": "tiny", "dropout": 0.0},
+           "seq2seq": seq2seq or {"beam_size": 2, "max_new_tokens": 24, "label_smoothing": 0.1},
+           "train": {"epochs": epochs, "batch_size": 16, "lr": 0.003, "optimizer": "adamw"}}
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_seq2seq(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seq2seq")
+    return tmp, train_copy_run(tmp)
 
 
 def test_train_writes_a_run_with_scores_and_baselines(trained_seq2seq):

@@ -14,18 +14,19 @@ With `spec.num_classes > 0` the encoder alone is a sequence classifier (mean of 
 model fits every task of the zoo; with 0 it maps (source, target prefix) to next-token logits.
 
 Incremental decoding: `memory = model.encode(ids, mask)`, `cache = model.new_cache(memory, mask, max_length)`,
-then `model.decode(next_ids, cache=cache)` once per step; `cache.reorder(index)` follows beam search.
+then `model.decode(next_ids, cache=cache)` once per step; `cache.reorder(index)` follows beam search
+(`new_cache(..., rows_per_source=beams)`: the beams of a source share its memory).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
-from danlu.models.blocks import (Attention, Block, FeedForward, KVCache, init_weights, make_norm,
-                                 padding_mask, sinusoidal_table)
+from danlu.models.blocks import Attention, Block, FeedForward, init_weights, make_norm, padding_mask, sinusoidal_table
 from danlu.models.shapes import TransformerShape
 from danlu.schema import Literal, NonNegative, Positive
 
@@ -67,7 +68,10 @@ SIZE_PRESETS = {
 
 class CrossAttention(nn.Module):
     """Decoder queries over the encoder memory (Vaswani et al. §3.2.3). The memory's keys and values are
-    computed once per source (`memory_kv`) and reused at every decoding step."""
+    computed once per source (`memory_kv`) and reused at every decoding step. When the queries have
+    `g` rows per source (beam search's beams), x has g times the rows of the memory: the g rows of a
+    source then attend as g x T queries of that one source, so the memory is never copied per beam
+    (attention over the memory has no order among queries, so the result is the same)."""
 
     def __init__(self, embed_dim, num_heads, num_kv_heads, bias=True, dropout=0.0):
         super().__init__()
@@ -85,13 +89,15 @@ class CrossAttention(nn.Module):
         return k, v  # (B, K, S, D) each
 
     def forward(self, x, kv, mask=None):
-        """x (B, T, C); kv = memory_kv(memory); mask bool (B, 1, 1, S), True = a real source token."""
-        B, T, C = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        """x (B*g, T, C), the g rows of each source adjacent; kv = memory_kv(memory) of B sources;
+        mask bool (B, 1, 1, S), True = a real source token."""
+        N, T, C = x.shape
+        B = kv[0].shape[0]
+        q = self.q(x).view(B, N // B * T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, g*T, D)
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        return self.out_dropout(self.out(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, g*T, D)
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(N, T, C)))  # (B*g, T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -114,27 +120,37 @@ class DecoderLayer(nn.Module):
 
 
 class Seq2SeqCache:
-    """What decoding keeps per row: the decoder's self-attention KVCache, every layer's memory keys and
-    values, and the memory's key mask. `reorder(index)` keeps rows `index` (B,) (beam search)."""
+    """What decoding keeps: the decoder's self-attention keys and values of every row, and every layer's
+    memory keys and values and key mask, once per source (a source's `rows // sources` rows share them).
 
-    def __init__(self, self_cache: KVCache, memory_kv, memory_mask):
-        self.self_cache, self.memory_kv, self.memory_mask = self_cache, memory_kv, memory_mask
+    The self-attention slots are stored position-major, (2L, S, rows, K, D) (keys and values of each
+    layer), so that `reorder` gathers the filled slots into a second buffer in one index_select and swaps
+    the two: beam search's per-step reordering is one copy of the filled slots, with no temporaries.
+    `layer(i)` hands Attention the usual (rows, K, S, D) views of them."""
+
+    def __init__(self, slots, memory_kv, memory_mask, length=0):
+        """slots (2L, S, rows, K, D), of which the first `length` positions are filled; memory_kv one (keys,
+        values) pair (B, K, S_source, D) per layer; memory_mask (B, 1, 1, S_source) bool or None."""
+        self.slots, self.spare = slots, None
+        self.memory_kv, self.memory_mask = memory_kv, memory_mask
+        self.length = length
 
     @property
-    def length(self):
-        return self.self_cache.length
+    def max_length(self):
+        return self.slots.shape[1]
 
-    def reorder(self, index, memory=True):
-        """Keep rows `index` (B,) of the filled slots, in place. memory=False: the memory's keys and values
-        stay, because every row moves within its own source's group (beam search)."""
-        c, n = self.self_cache, self.self_cache.length
-        c.keys[:, :, :, :n] = c.keys[:, index, :, :n]  # (L, B, K, n, D)
-        c.values[:, :, :, :n] = c.values[:, index, :, :n]
-        c.mask[:, :n] = c.mask[index, :n]
-        if memory:
-            self.memory_kv = [(k[index], v[index]) for k, v in self.memory_kv]
-            if self.memory_mask is not None:
-                self.memory_mask = self.memory_mask[index]
+    def layer(self, index):
+        """The (keys, values) buffers of one layer, each a (rows, K, S, D) view."""
+        return self.slots[2 * index].permute(1, 2, 0, 3), self.slots[2 * index + 1].permute(1, 2, 0, 3)
+
+    def reorder(self, index):
+        """Keep rows `index` (N,) of the filled slots; every row must stay among its own source's rows
+        (beam search), since the memory is not reordered."""
+        n = self.length
+        if self.spare is None:
+            self.spare = torch.empty_like(self.slots)
+        torch.index_select(self.slots[:, :n], 2, index, out=self.spare[:, :n])  # (2L, n, N, K, D)
+        self.slots, self.spare = self.spare, self.slots
 
 
 class Seq2Seq(nn.Module):
@@ -178,9 +194,13 @@ class Seq2Seq(nn.Module):
     def encode(self, input_ids, attention_mask=None):
         """Source ids (B, S), mask (B, S) bool (True = real token) -> memory (B, S, C)."""
         mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
+        return self.encode_with_key_mask(input_ids, mask)
+
+    def encode_with_key_mask(self, input_ids, key_mask):
+        """`encode` given the key mask (B, 1, 1, S) itself (or None): no branch on the data (graph capture)."""
         x = self._embed(self.embed, input_ids)  # (B, S, C)
         for block in self.encoder:
-            x = block(x, mask)  # (B, S, C)
+            x = block(x, key_mask)  # (B, S, C)
         return self.encoder_norm(x)
 
     def decode(self, decoder_input_ids, memory=None, attention_mask=None, cache=None):
@@ -198,14 +218,14 @@ class Seq2Seq(nn.Module):
             memory_kv, mask, start = cache.memory_kv, cache.memory_mask, cache.length
             if start and decoder_input_ids.shape[1] > 1:  # SDPA's is_causal would align the queries to key 0
                 raise ValueError("after the first step, decode one token at a time with the cache")
-            if start + decoder_input_ids.shape[1] > cache.self_cache.max_length:
-                raise ValueError(f"KV cache holds {cache.self_cache.max_length} tokens; more needed")
+            if start + decoder_input_ids.shape[1] > cache.max_length:
+                raise ValueError(f"KV cache holds {cache.max_length} tokens; more needed")
         x = self._embed(self.target_embed, decoder_input_ids, start)  # (B, T, C)
         for i, layer in enumerate(self.decoder):
-            kv = cache.self_cache.layer(i) if cache is not None else None
+            kv = cache.layer(i) if cache is not None else None
             x = layer(x, memory_kv[i], mask, kv, start)  # (B, T, C)
         if cache is not None:
-            cache.self_cache.length = start + decoder_input_ids.shape[1]
+            cache.length = start + decoder_input_ids.shape[1]
         return self.decoder_norm(x)  # (B, T, C)
 
     @property
@@ -231,9 +251,10 @@ class Seq2Seq(nn.Module):
             return self.decoder_states(decoder_input_ids, memory, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask)
 
-    def new_cache(self, memory, attention_mask, max_length):
-        """A Seq2SeqCache for decoding up to `max_length` target tokens after the source memory (B, S, C)."""
+    def new_cache(self, memory, attention_mask, max_length, rows_per_source=1):
+        """A Seq2SeqCache for decoding up to `max_length` target tokens after the source memory (B, S, C), with
+        `rows_per_source` adjacent rows per source (beam search's beams) sharing that source's memory."""
         c, B = self.config, memory.shape[0]
-        self_cache = KVCache(len(self.decoder), B, c.kv_heads, max_length, c.head_dim, memory.dtype, memory.device)
         mask = padding_mask(attention_mask) if attention_mask is not None and not attention_mask.all() else None
-        return Seq2SeqCache(self_cache, [layer.cross.memory_kv(memory) for layer in self.decoder], mask)
+        slots = memory.new_zeros(2 * len(self.decoder), max_length, B * rows_per_source, c.kv_heads, c.head_dim)
+        return Seq2SeqCache(slots, [layer.cross.memory_kv(memory) for layer in self.decoder], mask)  # (2L, S, N, K, D)

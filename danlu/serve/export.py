@@ -10,6 +10,7 @@ Graphs (inputs are int64, right-padded with the tokenizer's [PAD] id):
 
     classifier      input_ids (B, T), attention_mask (B, T) 1 = real  ->  logits (B, C)
     language model  input_ids (B, T)                                  ->  logits (B, T, vocab)   (no KV cache)
+    seq2seq         encoder.onnx and decoder.onnx, one KV-cached step (danlu.serve.seq2seq_export)
 
 The graph is captured with torch.export (the exporter behind `torch.onnx.export(dynamo=True)`).
 A model whose forward branches on the data (`if attention_mask.all(): fast path`) is captured with
@@ -67,6 +68,10 @@ def export_onnx(run, out=None, opset=18, check=True, batch_sizes=(1, 16), repeat
         from danlu.serve.image_export import export_image_onnx
 
         return export_image_onnx(run, out, opset, check, batch_sizes, repeats)
+    if run.cfg.task == "seq2seq":  # encoder.onnx and a KV-cached decoder step (danlu.serve.seq2seq_export)
+        from danlu.serve.seq2seq_export import export_seq2seq_onnx
+
+        return export_seq2seq_onnx(run, out, opset, check, repeats, threads)
     out = os.fspath(out or os.path.join(run.path, "export", "onnx"))
     os.makedirs(out, exist_ok=True)
     model = run.model.eval().to("cpu")
@@ -223,12 +228,13 @@ def _export_graph(graph, names, outputs, path, opset, pad_id, max_length, langua
     return fixed, fixed or _min_length(program)
 
 
-def _convert(graph, example, names, outputs, opset):
-    """An ONNXProgram with dynamic batch and sequence axes where torch.export keeps them: torch.onnx's own
-    capture first; a forward that branches on the data then goes to draft_export, which records the
-    branch the padded example takes."""
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {name: {0: batch, 1: length} for name in names}
+def _convert(graph, example, names, outputs, opset, dynamic=None):
+    """An ONNXProgram with dynamic batch and sequence axes where torch.export keeps them (or the axes of
+    `dynamic`, {input name: {axis: Dim}}): torch.onnx's own capture first; a forward that branches on the
+    data then goes to draft_export, which records the branch the padded example takes."""
+    if dynamic is None:
+        batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        dynamic = {name: {0: batch, 1: length} for name in names}
     options = {"input_names": names, "output_names": outputs, "opset_version": opset, "dynamo": True,
                "verbose": False, "optimize": True}
     with quiet(), _concrete_is_causal():
@@ -351,6 +357,10 @@ def _latency_rows(reference, session, names, pad_id, vocab_size, fixed_length, b
 
 
 def format_report(report) -> str:
+    if report.get("kind") == "seq2seq":
+        from danlu.serve.seq2seq_export import format_seq2seq_report
+
+        return format_seq2seq_report(report)
     lines = [f"exported {report['model']} ({report['kind']}) to {report.get('out', '')}/model.onnx "
              f"in {report['export_seconds']:.1f} s"
              + (f"; fixed length {report['fixed_length']}" if report.get("fixed_length") else "")]
@@ -358,16 +368,18 @@ def format_report(report) -> str:
         p = report["parity"]
         lines.append(f"parity: max |onnxruntime - pytorch| = {p['max_abs_diff']:.2e} "
                      f"({'passed' if p['passed'] else 'FAILED'}, tolerance {p['tolerance']:g})")
-        lines.append("")
-        threads = report.get("threads", 1)
-        lines.append(f"latency, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
-                     f"(--threads):")
-        lines.append("| batch | length | PyTorch ms | ONNX Runtime ms | speed-up |")
-        lines.append("|---:|---:|---:|---:|---:|")
-        for r in report["latency"]:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x |")
+        lines += latency_lines(report)
     return "\n".join(lines)
+
+
+def latency_lines(report, what="latency", length="length"):
+    """A blank line, then the report's latency rows as a markdown table."""
+    threads = report.get("threads", 1)
+    lines = ["", (f"{what}, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
+                  "(--threads):"),
+             f"| batch | {length} | PyTorch ms | ONNX Runtime ms | speed-up |", "|---:|---:|---:|---:|---:|"]
+    return lines + [f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
+                    f"{r['speedup']:.2f}x |" for r in report["latency"]]
 
 
 # ------------------------------------------------------------------------------------------------
