@@ -172,8 +172,10 @@ def decode_layout(model):
     on exit; weights that are already non-contiguous (another decode in progress) are left alone.
     """
     changed = []
+    # the copies are made outside inference mode (generate_ids runs in it): an inference tensor left as a weight
+    # would refuse requires_grad, and so any training or LoRA merge of the model afterwards
     if next(model.parameters()).device.type == "cpu":
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):
             for module in model.modules():
                 w = module.weight if isinstance(module, nn.Linear) else None
                 if w is not None and w.dtype == torch.float32 and w.is_contiguous() and w.shape[0] > 1 and \
@@ -183,7 +185,7 @@ def decode_layout(model):
     try:
         yield
     finally:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):
             for w in changed:
                 w.data = w.data.contiguous()
 
