@@ -10,13 +10,13 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from danlu.registry import ConfigError
-from danlu.serve.gguf_export import export_gguf, permute_rope
 from danlu.runs.import_checkpoint import unpermute_rope
+from danlu.serve.gguf_export import export_gguf, permute_rope
 from danlu.testing import language_model_run
 
 torch.set_num_threads(1)
-LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, num_kv_heads=1, tie_embeddings=False)
-GPT2 = dict(max_positions=1024, mlp="gelu_tanh")  # transformers' GGUF reader builds GPT-2 with 1024 positions
+LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "num_kv_heads": 1, "tie_embeddings": False}
+GPT2 = {"max_positions": 1024, "mlp": "gelu_tanh"}  # transformers' GGUF reader builds GPT-2 with 1024 positions
 
 
 @pytest.fixture(scope="module")

@@ -235,11 +235,11 @@ def import_gguf(path, max_length=0) -> Imported:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_FAMILIES)}")
     p = f"{arch}."
     names = {t.name for t in reader.tensors}
-    common = dict(embed_dim=int(meta[p + "embedding_length"]), num_heads=int(meta[p + "attention.head_count"]),
-                  num_kv_heads=int(meta.get(p + "attention.head_count_kv", meta[p + "attention.head_count"])),
-                  num_layers=int(meta[p + "block_count"]), intermediate_dim=int(meta[p + "feed_forward_length"]),
-                  dropout=0.0, max_positions=int(meta.get(p + "context_length", 2048)),
-                  tie_embeddings="output.weight" not in names)
+    common = {"embed_dim": int(meta[p + "embedding_length"]), "num_heads": int(meta[p + "attention.head_count"]),
+              "num_kv_heads": int(meta.get(p + "attention.head_count_kv", meta[p + "attention.head_count"])),
+              "num_layers": int(meta[p + "block_count"]), "intermediate_dim": int(meta[p + "feed_forward_length"]),
+              "dropout": 0.0, "max_positions": int(meta.get(p + "context_length", 2048)),
+              "tie_embeddings": "output.weight" not in names}
     if arch == "llama":
         config = GPTConfig(**common, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                            norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),

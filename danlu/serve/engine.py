@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from danlu.serve.batching import Overloaded
+from danlu.serve.batching import ModelThread, Overloaded
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Engine:
         self.context = context_length(model)
         self.eos = tokenizer.token_id("</s>")
         self._queue = queue.SimpleQueue()
-        self._thread, self._lock, self._closed, self._paused = None, threading.Lock(), False, paused
+        self._thread, self._closed, self._paused = ModelThread(self._work), False, paused
         self.cache, self._rows, self._pending = None, [], []
         self.active = 0  # rows decoding now (read by metrics from other threads)
 
@@ -166,11 +166,7 @@ class Engine:
     def resume(self):
         """Start the model thread (once)."""
         self._paused = False
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._work, name="danlu-model", daemon=True)
-                    self._thread.start()
+        self._thread.start()
 
     def close(self):
         self._closed = True

@@ -41,7 +41,7 @@ def export_gguf(run, out=None, dtype="f32", check=True, prompts=PROMPTS, max_new
     """Write RUN's language model to OUT/model.gguf (default RUN/export/gguf); with `check`, greedy tokens
     of the file read back (danlu's importer; llama.cpp when installed) against the run's own."""
     try:
-        import gguf
+        import gguf  # noqa: F401  (the writer and the importer use it)
     except ImportError:
         raise ConfigError("GGUF export needs the gguf package: pip install 'danlu[gguf]'") from None
     if dtype not in DTYPES:
@@ -336,8 +336,8 @@ def check_gguf(model, tokenizer, path, prompts=PROMPTS, max_new_tokens=16, threa
 
 
 def format_gguf_report(report) -> str:
-    lines = [f"exported gpt as GGUF ({report['architecture']}, {report['dtype']}, {report['bytes'] / 2**20:.1f} MiB) "
-             f"to {report.get('out', '')}/model.gguf in {report['export_seconds']:.1f} s"]
+    lines = [(f"exported gpt as GGUF ({report['architecture']}, {report['dtype']}, {report['bytes'] / 2**20:.1f} MiB) "
+              f"to {report.get('out', '')}/model.gguf in {report['export_seconds']:.1f} s")]
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     parity = report.get("parity")
