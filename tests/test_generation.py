@@ -184,5 +184,6 @@ def test_a_model_can_train_after_generating(tokenizer):
     model = GPT(GPTConfig(num_layers=1, embed_dim=32, num_heads=2, max_positions=64), lm_spec(tokenizer, 64))
     generate(model, tokenizer, ["the king"], max_new_tokens=3, temperature=0)
     assert not any(p.is_inference() for p in model.parameters())
+    assert model.head.weight is model.embed.weight  # decoding gave the tied head its own copy, and took it back
     model(torch.tensor([[5, 6, 7]])).sum().backward()
     assert model.head.weight.grad is not None
