@@ -274,7 +274,7 @@ def greedy_llama_cpp(path, prompts_ids, max_new_tokens, threads=1):
     longest = max(len(p) for p in prompts_ids) + max_new_tokens
     with quiet():
         llm = llama_cpp.Llama(model_path=path, n_ctx=max(64, longest), n_batch=max(64, longest), n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+                              n_threads_batch=threads, logits_all=True, verbose=False)
     results = []
     for prompt in prompts_ids:
         llm.reset()
