@@ -51,7 +51,8 @@ def export(run, format="onnx", out=None, **options) -> dict:
 
         options.pop("opset", None)
         return export_gguf(run, out, **options)
-    options.pop("dtype", None)
+    if options.pop("dtype", "f32") != "f32":
+        raise ConfigError("export --dtype: a GGUF option (--format gguf); an ONNX graph keeps the run's fp32 weights")
     return export_onnx(run, out, **options)
 
 
