@@ -324,9 +324,11 @@ def cmd_serve(args):
 
 def cmd_export(args):
     from danlu.serve.export import export, format_report
+    from danlu.serve.gguf_export import format_gguf_report
 
-    report = export(args.run, args.format, out=args.out, opset=args.opset, check=not args.no_check, threads=args.threads)
-    print(format_report(report))
+    report = export(args.run, args.format, out=args.out, opset=args.opset, check=not args.no_check, threads=args.threads,
+                    dtype=args.dtype)
+    print(format_gguf_report(report) if args.format == "gguf" else format_report(report))
 
 
 def cmd_compress(args):
@@ -531,10 +533,13 @@ def _serve_args(p):
 
 def _export_args(p):
     p.add_argument("run", help="a run directory")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    p.add_argument("--out", help="output folder (default: RUN/export/onnx)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "gguf"],
+                   help="onnx (any text or image run) or gguf (llama.cpp's format, GPT language models); default onnx")
+    p.add_argument("--out", help="output folder (default: RUN/export/FORMAT)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="GGUF tensor type of the weight matrices (default: f32; norms and biases stay f32)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and latency check")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check (onnxruntime or the GGUF read back) and the latency check")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both PyTorch and onnxruntime while measuring latency (default: 1)")
 
@@ -562,7 +567,7 @@ VERBS = {
     "pretrain": (cmd_pretrain, "pretrain a GPT (causal LM) or BERT (masked LM) on a raw text corpus", _train_args),
     "generate": (cmd_generate, "continue prompts with a pretrained causal language model, streaming", _generate_args),
     "serve": (cmd_serve, "serve a run over HTTP: predictions, an OpenAI-compatible API and a playground", _serve_args),
-    "export": (cmd_export, "export a run to ONNX, checked against PyTorch in onnxruntime", _export_args),
+    "export": (cmd_export, "export a run to ONNX (checked in onnxruntime) or GGUF (checked token for token)", _export_args),
     "compress": (cmd_compress, "quantize, prune or distill a run into a new run, with a before/after scorecard",
                  _compress_args),
     "finetune": (cmd_finetune, "fine-tune a danlu run, Hugging Face folder or GGUF file (full, lora or freeze)",

@@ -85,8 +85,10 @@ def classifier_run(run_dir, kind="mlp", rows=60, epochs=1, max_length=32, seed=0
     return train(cfg, overwrite=True)
 
 
-def language_model_run(run_dir, steps=60, seed=0, chat_template=None, chat_tokens=False, **model):
-    """Fit a char tokenizer and a tiny GPT on CORPUS, save it as a causal_lm run; returns the Run.
+def language_model_run(run_dir, steps=60, seed=0, chat_template=None, chat_tokens=False, tokenizer_kind="char",
+                       **model):
+    """Fit a char tokenizer (or `tokenizer_kind="bpe"`: byte-level BPE) and a tiny GPT on CORPUS, save it as a
+    causal_lm run; returns the Run.
 
     `chat_tokens=True` adds ChatML's `<|im_start|>` and `<|im_end|>` as special tokens (one id each, as
     in imported chat models) before the model is built."""
@@ -99,12 +101,12 @@ def language_model_run(run_dir, steps=60, seed=0, chat_template=None, chat_token
 
     torch.manual_seed(seed)
     lines = CORPUS * 4
-    tokenizer = TextTokenizer("char", vocab_size=500, max_length=256).fit(lines + ["<|im_start|>user\n<|im_end|>"])
+    tokenizer = TextTokenizer(tokenizer_kind, vocab_size=500, max_length=256).fit(lines + ["<|im_start|>user\n<|im_end|>"])
     if chat_tokens:
         tokenizer.tokenizer_.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     gpt = {"kind": "gpt", "embed_dim": 32, "num_heads": 2, "num_layers": 2, "max_positions": 256, **model}
     cfg = config_mod.load({"task": "causal_lm", "run": {"dir": str(run_dir), "seed": seed}, "model": gpt,
-                           "data": {"tokenizer": {"kind": "char", "max_length": 256}}})
+                           "data": {"tokenizer": {"kind": tokenizer_kind, "max_length": 256}}})
     spec = make_spec(tokenizer, ())
     net = build_model(cfg.model, spec)
     ids = [torch.tensor([spec.bos_id] + tokenizer.encode([t])[0].tolist() + [spec.eos_id]) for t in CORPUS]
@@ -184,7 +186,7 @@ def hostile_requests(n, model="lm", seed=0, max_body_bytes=65536, slow_every=80)
         elif kind == "wrong_type":
             body = chat("你好").replace('"max_tokens": 6', '"max_tokens": "6"')
         elif kind == "unsupported":
-            body = chat("你好", logprobs=True)
+            body = chat("你好", logit_bias={"5": 10})
         elif kind == "slow_template":
             body = chat("slow-template")
         elif kind == "text_plain":

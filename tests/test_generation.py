@@ -175,3 +175,15 @@ def test_decode_precision_casts_and_refuses_dynamic_int8(model, tokenizer):
     assert set_decode_precision(int8, "fp32") is int8
     with pytest.raises(ConfigError, match="precision: unknown value 'fp8'"):
         set_decode_precision(model, "fp8")
+
+
+def test_a_model_can_train_after_generating(tokenizer):
+    """Decoding runs in inference mode; the weights it re-lays for decoding must come back as ordinary tensors,
+    or the model can never take a gradient (or a LoRA merge) again."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(num_layers=1, embed_dim=32, num_heads=2, max_positions=64), lm_spec(tokenizer, 64))
+    generate(model, tokenizer, ["the king"], max_new_tokens=3, temperature=0)
+    assert not any(p.is_inference() for p in model.parameters())
+    assert model.head.weight is model.embed.weight  # decoding gave the tied head its own copy, and took it back
+    model(torch.tensor([[5, 6, 7]])).sum().backward()
+    assert model.head.weight.grad is not None

@@ -592,3 +592,94 @@ def test_the_playground_chats_with_danlu_chats_defaults(lm_url):
     assert config["sampling"] == {k: getattr(CHAT_SAMPLING, k) for k in config["sampling"]}
     assert set(config["sampling"]) == {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"}
     assert 'value="0.7"' not in page and 'value="64"' not in page
+
+
+# ---------------------------------------------------------------------------------- log probabilities
+
+
+def reference_logprobs(run, prompt_ids, generated_ids):
+    """log-softmax of one plain forward over prompt + generated tokens, at the positions that predicted each
+    generated token: (V,) per token."""
+    ids = torch.tensor([list(prompt_ids) + list(generated_ids)])
+    with torch.no_grad():
+        logits = run.model.eval()(ids)[0].float()  # (T, V)
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(generated_ids)].log_softmax(-1)  # (N, V)
+
+
+def test_chat_logprobs_match_a_direct_forward_streamed_or_not(client, lm_run):
+    messages = [{"role": "user", "content": "今天天气"}]
+    r = client.chat.completions.create(model="lm", messages=messages, temperature=0, max_tokens=10, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content and len(content) > 1
+    ids = [lm_run.tokenizer.token_id(e.token) for e in content]
+    reference = reference_logprobs(lm_run, Predictor(lm_run).chat_ids(messages), ids)
+    for e, token, expected in zip(content, ids, reference):
+        assert e.logprob == pytest.approx(expected[token].item(), abs=1e-4)
+        assert bytes(e.bytes).decode() == e.token
+        top = expected.topk(3)
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [lm_run.tokenizer.token_id(t.token) for t in e.top_logprobs] == top.indices.tolist()
+        assert e.top_logprobs[0].token == e.token  # greedy: the chosen token is the most likely one
+    stream = client.chat.completions.create(model="lm", messages=messages, temperature=0, max_tokens=10, logprobs=True,
+                                            top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, len(e.top_logprobs)) for e in streamed] == \
+        [(e.token, e.logprob, len(e.top_logprobs)) for e in content]
+    plain = client.chat.completions.create(model="lm", messages=messages, temperature=0, max_tokens=10, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    without = client.chat.completions.create(model="lm", messages=messages, temperature=0, max_tokens=4)
+    assert without.choices[0].logprobs is None
+
+
+def test_completion_logprobs_legacy_shape(client, lm_run):
+    r = client.completions.create(model="lm", prompt=["你好", "丹炉"], temperature=0, max_tokens=8, logprobs=2, stop=["。"])
+    for prompt, choice in zip(["你好", "丹炉"], r.choices):
+        lp = choice.logprobs
+        assert "".join(lp.tokens) == choice.text and len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+        assert lp.text_offset[0] == len(prompt)
+        assert [b - a for a, b in zip(lp.text_offset, lp.text_offset[1:])] == [len(t) for t in lp.tokens[:-1]]
+        ids = [lm_run.tokenizer.token_id(t) for t in lp.tokens]
+        reference = reference_logprobs(lm_run, Predictor(lm_run).encode(prompt), ids)
+        assert lp.token_logprobs == pytest.approx([row[t].item() for row, t in zip(reference, ids)], abs=1e-4)
+        assert all(len(d) == 2 and max(d.values()) == pytest.approx(v, abs=1e-6)
+                   for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chunks = list(client.completions.create(model="lm", prompt="你好", temperature=0, max_tokens=8, logprobs=2,
+                                            stop=["。"], stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == r.choices[0].logprobs.tokens
+
+
+def test_sampled_tokens_get_their_own_logprob(client, lm_run):
+    """With temperature 1 the chosen token is often not the most likely one; its logprob is still its own (the
+    model's distribution, before temperature), and the top list stays sorted."""
+    r = client.chat.completions.create(model="lm", messages=[{"role": "user", "content": "hello"}], temperature=1.0,
+                                       seed=3, max_tokens=12, logprobs=True, top_logprobs=5)
+    for e in r.choices[0].logprobs.content:
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True) and e.logprob <= values[0] + 1e-6
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
+])
+def test_bad_logprobs_requests_name_the_field(lm_url, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(lm_url + path, json={"model": "lm", "max_tokens": 2, **body}, headers=AUTH)
+    assert assert_error(r, 400)["param"] == param
+
+
+def test_token_bytes_of_a_byte_level_tokenizer_rebuild_the_text(tmp_path):
+    """A byte-level BPE token can hold part of a Chinese character: its bytes are exact."""
+    from danlu.serve.engine import token_piece
+
+    run = language_model_run(str(tmp_path / "bpe"), steps=1, tokenizer_kind="bpe")
+    text = "丹炉可以训练模型"
+    ids = run.tokenizer.tokenizer_.encode(text, add_special_tokens=False).ids
+    pieces = [token_piece(run.tokenizer, i) for i in ids]
+    assert b"".join(bytes(raw) for _, raw in pieces).decode() == text

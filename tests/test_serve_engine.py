@@ -63,7 +63,7 @@ def test_requests_joining_and_leaving_decode_exactly_as_alone(lm_run):
     for prompt, sampling, (_, out, finished) in jobs:
         assert finished.wait(60), prompt
         want = generate(lm_run.model, lm_run.tokenizer, [prompt], **sampling)[0]
-        text_out, used, finish = out["done"]
+        text_out, used, finish, _ = out["done"]
         assert text_out == want, (prompt, sampling)
         if out["deltas"]:
             assert "".join(out["deltas"]) == want

@@ -8,6 +8,7 @@ chat template the checkpoint carries, if any. transformers is never imported.
     BERT family   (HF folder, model_type bert)   -> danlu.models.bert.BERT
     Llama family  (HF folder, model_type llama)  -> danlu.models.gpt.GPT (rmsnorm, swiglu, rope, GQA)
     Llama family  (GGUF file, architecture llama, any quantization gguf can dequantize) -> GPT
+    GPT-2 family  (GGUF file, architecture gpt2: learned positions, LayerNorm, tanh GELU) -> GPT
 
 >>> imported = import_checkpoint("path/to/SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
 >>> imported.config.num_layers, imported.tokenizer.vocab_size_                # doctest: +SKIP
@@ -251,19 +252,24 @@ def import_gguf(path, max_length=0) -> Imported:
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id") or name.endswith(".model")
             or name.endswith(".pre")}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
+    if arch not in GGUF_FAMILIES:
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_FAMILIES)}")
     p = f"{arch}."
-    config = GPTConfig(
-        embed_dim=int(meta[p + "embedding_length"]), num_heads=int(meta[p + "attention.head_count"]),
-        num_kv_heads=int(meta.get(p + "attention.head_count_kv", meta[p + "attention.head_count"])),
-        num_layers=int(meta[p + "block_count"]), intermediate_dim=int(meta[p + "feed_forward_length"]), dropout=0.0,
-        positions="rope", max_positions=int(meta.get(p + "context_length", 2048)), norm="rmsnorm",
-        norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)), mlp="swiglu", bias=False,
-        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)))
+    names = {t.name for t in reader.tensors}
+    common = {"embed_dim": int(meta[p + "embedding_length"]), "num_heads": int(meta[p + "attention.head_count"]),
+              "num_kv_heads": int(meta.get(p + "attention.head_count_kv", meta[p + "attention.head_count"])),
+              "num_layers": int(meta[p + "block_count"]), "intermediate_dim": int(meta[p + "feed_forward_length"]),
+              "dropout": 0.0, "max_positions": int(meta.get(p + "context_length", 2048)),
+              "tie_embeddings": "output.weight" not in names}
+    if arch == "llama":
+        config = GPTConfig(**common, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                           norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+                           rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)))
+    else:  # gpt2: llama.cpp's graph is GPT-2's (learned positions, LayerNorm, tanh GELU, biases everywhere)
+        config = GPTConfig(**common, positions="learned", norm="layernorm", mlp="gelu_tanh", bias=True,
+                           norm_eps=float(meta.get(p + "attention.layer_norm_epsilon", 1e-5)))
     tensors = {t.name: _dequantize(t, gguf) for t in reader.tensors}
-    weights = gguf_llama_weights(tensors, config)
+    weights = GGUF_FAMILIES[arch](tensors, config)
     tokenizer = gguf_tokenizer(reader, meta, max_length)
     return Imported(config, weights, tokenizer, meta.get("tokenizer.chat_template"), "gguf")
 
@@ -292,6 +298,23 @@ def gguf_llama_weights(t, config):
     """GGUF llama tensors -> danlu GPT names, q and k rows put back in Hugging Face's order (unpermute_rope)."""
     heads = {"blk.{i}.attn_q.weight": config.num_heads, "blk.{i}.attn_k.weight": config.kv_heads}
     return _llama_to_gpt(t, config, "gguf", lambda name, w: unpermute_rope(w, heads[name]) if name in heads else w)
+
+
+def gguf_gpt2_weights(t, config):
+    out = {"embed.weight": t["token_embd.weight"], "positions.weight": t["position_embd.weight"],
+           "norm.weight": t["output_norm.weight"], "norm.bias": t["output_norm.bias"]}
+    for i in range(config.num_layers):
+        src, dst = f"blk.{i}.", f"blocks.{i}."
+        for gguf_name, name in (("attn_norm", "attn_norm"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.out"),
+                                ("ffn_norm", "ffn_norm"), ("ffn_up", "ffn.up"), ("ffn_down", "ffn.down")):
+            for p in ("weight", "bias"):
+                out[f"{dst}{name}.{p}"] = t[f"{src}{gguf_name}.{p}"]
+    if not config.tie_embeddings:
+        out["head.weight"] = t["output.weight"]
+    return out
+
+
+GGUF_FAMILIES = {"llama": gguf_llama_weights, "gpt2": gguf_gpt2_weights}
 
 
 def gguf_tokenizer(reader, meta, max_length=0) -> TextTokenizer:

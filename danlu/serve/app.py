@@ -273,18 +273,24 @@ def create_app(predictor, options: ServeOptions | None = None):
                 counts = [len(ids) for ids in inputs]
             else:
                 inputs, counts = prompts, await state.prepare(deadline, lambda: [predictor.count_tokens(p) for p in prompts])
-            sampling = state.sampling(body, counts, default_max=16)
+            if body.logprobs is not None and body.echo:
+                raise APIError(400, "logprobs: the prompt's log probabilities (echo with logprobs) are not returned "
+                                    "by this server; leave out echo or logprobs", param="logprobs",
+                               code="unsupported_parameter")
+            sampling = state.sampling(body, counts, default_max=16, logprobs=body.logprobs)
             if body.stream:
                 return StreamingResponse(state.stream(inputs[0], sampling, "text_completion", counts[0],
-                                                      body.stream_options, deadline, echo=prompts[0] if body.echo else None),
+                                                      body.stream_options, deadline, echo=prompts[0] if body.echo else None,
+                                                      prompt_chars=len(prompts[0])),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
             results = await state.generate([p for p in inputs for _ in range(body.n)], sampling, deadline,
                                            request.receive)
             choices, completion_tokens = [], 0
-            for i, ((text, used, finish), prompt) in enumerate(zip(results, [p for p in prompts for _ in range(body.n)])):
+            for i, ((text, used, finish, *logprobs), prompt) in enumerate(zip(results, [p for p in prompts for _ in range(body.n)])):
                 completion_tokens += used
+                scored = s.completion_logprobs(logprobs[0], len(prompt)) if logprobs and logprobs[0] is not None else None
                 choices.append(s.CompletionChoice(index=i, text=(prompt + text) if body.echo else text,
-                                                  finish_reason=finish))
+                                                  finish_reason=finish, logprobs=scored))
             usage = state.usage(sum(counts), completion_tokens)  # OpenAI counts each prompt once, whatever n
             return s.CompletionResponse(id=_new_id("cmpl"), created=int(time.time()), model=predictor.name,
                                         choices=choices, usage=usage)
@@ -308,17 +314,22 @@ def create_app(predictor, options: ServeOptions | None = None):
             else:  # a predictor without an engine takes the prompt as a string
                 prompt = await state.prepare(deadline, predictor.chat_prompt, messages, limit)
                 count = await state.prepare(deadline, predictor.count_tokens, prompt)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
             sampling = state.sampling(body, [count], default_max=options.chat_max_tokens,
-                                      extra_stop=predictor.chat_stop)
+                                      extra_stop=predictor.chat_stop,
+                                      logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             if body.stream:
                 return StreamingResponse(state.stream(prompt, sampling, "chat.completion.chunk", count,
                                                       body.stream_options, deadline),
                                          media_type="text/event-stream", headers=SSE_HEADERS)
             results = await state.generate([prompt] * body.n, sampling, deadline, request.receive)
             choices, completion_tokens = [], 0
-            for i, (text, used, finish) in enumerate(results):
+            for i, (text, used, finish, *logprobs) in enumerate(results):
                 completion_tokens += used
-                choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish))
+                scored = s.chat_logprobs(logprobs[0]) if logprobs and logprobs[0] is not None else None
+                choices.append(s.ChatChoice(index=i, message=s.AssistantMessage(content=text), finish_reason=finish,
+                                            logprobs=scored))
             usage = state.usage(count, completion_tokens)  # the prompt once, however many choices
             return s.ChatCompletionResponse(id=_new_id("chatcmpl"), created=int(time.time()), model=predictor.name,
                                             choices=choices, usage=usage)
@@ -531,8 +542,9 @@ class _State:
                                 f"{self.predictor.context_length} tokens (at most {limit:,} characters)",
                            param=param, code="context_length_exceeded")
 
-    def sampling(self, body, counts, default_max, extra_stop=()):
-        """generate() keywords for this request, after checking the limits (counts: tokens of each prompt)."""
+    def sampling(self, body, counts, default_max, extra_stop=(), logprobs=None):
+        """generate() keywords for this request, after checking the limits (counts: tokens of each prompt);
+        `logprobs` (the number of alternatives, 0 or more) adds the engine's log probabilities."""
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: up to 4 non-empty sequences", param="stop")
@@ -553,6 +565,11 @@ class _State:
         sampling = {"max_new_tokens": wanted, "temperature": temperature, "top_k": body.top_k,
                     "top_p": body.top_p, "repetition_penalty": body.repetition_penalty,
                     "stop": tuple(stop) + tuple(extra_stop), "seed": body.seed}
+        if logprobs is not None:
+            if self.engine is None:  # only the continuous-batching engine scores its tokens
+                raise APIError(400, f"logprobs: log probabilities are not returned for a {self.predictor.kind} run",
+                               param="logprobs", code="unsupported_parameter")
+            sampling["logprobs"] = logprobs
         return sampling
 
     def usage(self, prompt_tokens, completion_tokens):
@@ -562,25 +579,27 @@ class _State:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
-    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo=None):
+    def stream(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo=None, prompt_chars=0):
         """Server-sent events of one streamed completion, decoded in the engine's batch (or step by step in the
-        model thread, without an engine). `echo`: text sent before the completion."""
+        model thread, without an engine). `echo`: text sent before the completion; `prompt_chars`: where the
+        completion's text offsets start (legacy logprobs)."""
         if self.streams + self.depth >= self.options.max_queue:
             raise APIError(503, "server overloaded: too many requests in flight", code="overloaded",
                            headers={"Retry-After": "1"})
         if self.engine is not None:
-            return self._engine_events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo)
+            return self._engine_events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo,
+                                       prompt_chars)
         return self._events(prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo)
 
     def _chunker(self, object_name):
         chat = object_name == "chat.completion.chunk"
         ident, created, model = _new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self.predictor.name
 
-        def chunk(delta, finish=None):
+        def chunk(delta, finish=None, logprobs=None):
             if chat:
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": logprobs}
             return _sse({"id": ident, "object": object_name, "created": created, "model": model, "choices": [choice]})
 
         def usage(value):
@@ -589,13 +608,16 @@ class _State:
 
         return chat, chunk, usage
 
-    async def _engine_events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo):
+    async def _engine_events(self, prompt, sampling, object_name, prompt_tokens, stream_options, deadline, echo,
+                             prompt_chars=0):
+        from danlu.serve import schemas as s
         from danlu.serve.engine import Request as Generation
 
         loop = asyncio.get_running_loop()
         chat, chunk, usage_event = self._chunker(object_name)
         events = asyncio.Queue()
         request = Generation(prompt, dict(sampling), _queue_emitter(loop, events), stream=True)
+        scored = None  # the logprobs of the next delta
         self.streams += 1  # counted here, not before: a generator that never starts never ends either
         try:
             self.engine.submit(request)
@@ -610,13 +632,18 @@ class _State:
                     yield _sse(error_body(f"the stream did not finish within {self.options.timeout_s:g} s",
                                           "server_error", code="timeout"))
                     break
+                if kind == "logprobs":  # the tokens of the delta that follows
+                    scored = s.chat_logprobs(value) if chat else s.completion_logprobs(value, prompt_chars)
+                    continue
                 if kind == "delta":
                     if value:
-                        yield chunk({"content": value} if chat else value)
+                        yield chunk({"content": value} if chat else value,
+                                    logprobs=scored.model_dump() if scored is not None else None)
+                    scored = None
                     continue
                 if kind == "error":
                     raise value
-                _, used, finish = value
+                _, used, finish, _ = value
                 yield chunk({} if chat else "", finish)
                 usage = self.usage(prompt_tokens, used)
                 if stream_options is not None and stream_options.include_usage:

@@ -66,6 +66,26 @@ class _Call:
 _STOP = object()
 
 
+class ModelThread:
+    """The one thread that runs the model for a batcher or an engine: started once, on first use, whichever
+    request thread gets there first."""
+
+    def __init__(self, target):
+        self.target, self._thread, self._lock = target, None, threading.Lock()
+
+    def start(self):
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self.target, name="danlu-model", daemon=True)
+                    self._thread.start()
+
+    def join(self):
+        """Wait for the thread to end (not from the thread itself, nor before it started)."""
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class MicroBatcher(Executor):
     """Collect payloads from concurrent requests into batches for `fn`, run in the batcher's own thread.
 
@@ -81,8 +101,7 @@ class MicroBatcher(Executor):
         self.max_batch, self.max_wait, self.max_queue = max(1, max_batch), max_wait_ms / 1000.0, max_queue
         self.on_batch = on_batch  # called in the model thread with (units, seconds) after each batch
         self._queue = queue.SimpleQueue()  # _Item, _Call or _STOP; bounded by put(), which counts
-        self._thread = None
-        self._lock = threading.Lock()
+        self._thread = ModelThread(self._work)
         self._held = None  # an entry taken from the queue that did not fit the last batch
         self._last_units = 0  # size of the previous batch: waiting for company only pays under load
         self._closed = False
@@ -126,7 +145,7 @@ class MicroBatcher(Executor):
             elif isinstance(entry, _Call):
                 entry.future.cancel()
         self._queue.put(_STOP)
-        if self._thread is not None and wait and self._thread is not threading.current_thread():
+        if wait:
             self._thread.join()
 
     async def close(self):
@@ -134,11 +153,7 @@ class MicroBatcher(Executor):
         self.shutdown(wait=False)
 
     def _start(self):
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._work, name="danlu-model", daemon=True)
-                    self._thread.start()
+        self._thread.start()
 
     # -- the model thread ---------------------------------------------------------------------------
     def _work(self):

@@ -18,6 +18,10 @@ only ever runs the first n rows.
 Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
 a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
 on its neighbours.
+
+Log probabilities (`sampling["logprobs"] = k`, OpenAI's logprobs / top_logprobs) are the log-softmax of
+the model's logits at each step, before temperature, top-k, top-p and the repetition penalty reshape
+them for sampling: the sampled token's and the k most likely ones', all rows that ask in one call.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from danlu.serve.batching import Overloaded
+from danlu.serve.batching import ModelThread, Overloaded
 
 
 @dataclass
@@ -35,7 +39,9 @@ class Request:
     """One generation: prompt token ids, generate()'s sampling keywords, and where its output goes.
 
     `emit(kind, value)` is called in the engine thread: ("delta", text) for a stream's pieces (only with
-    `stream=True`), then ("done", (text, completion_tokens, finish_reason)) or ("error", exception).
+    `stream=True`), each after ("logprobs", [Logprob]) for the tokens it holds when `sampling["logprobs"]`
+    is set, then ("done", (text, completion_tokens, finish_reason, logprobs)) or ("error", exception);
+    logprobs is the list of Logprob of the tokens in text (None without `sampling["logprobs"]`).
     Setting `cancelled` removes the row before the next decoding step."""
 
     ids: list
@@ -43,6 +49,18 @@ class Request:
     emit: object
     stream: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One generated token: its text, log probability and UTF-8 bytes, the k most likely tokens at that step
+    as (text, logprob, bytes), and where its text starts in the completion (characters)."""
+
+    token: str
+    logprob: float
+    bytes: list
+    top: list
+    offset: int
 
 
 class _Row:
@@ -62,12 +80,19 @@ class _Row:
             self.seen[torch.tensor(request.ids, device=device)] = True
         self.key = None if seed is not None else (self.temperature, self.top_k, self.top_p, self.penalty)
         self.text, self.sent, self.used, self.last = "", 0, 0, None
+        self.top_logprobs = s.get("logprobs")  # None: no log probabilities; k >= 0: the k most likely too
+        self.logprobs, self.logprobs_sent = [], 0
 
-    def take(self, token):
-        """Feed one sampled token; returns the finish reason once the row is done, else None."""
+    def take(self, token, scored=None):
+        """Feed one sampled token (and its (logprob, top) when the row asked); returns the finish reason once
+        the row is done, else None."""
         if token == self.eos:
             return "stop"
         self.used += 1
+        if scored is not None:
+            logprob, top = scored
+            text, raw = token_piece(self.decoder.tokenizer, token)
+            self.logprobs.append(Logprob(text, logprob, raw, top, len(self.text)))
         if self.seen is not None:
             self.seen[token] = True
         self.text, stopped = cut_at_stop(self.text + self.decoder.push(token), self.stop)
@@ -79,15 +104,30 @@ class _Row:
         if self.request.stream:
             safe = len(self.text) - held_back(self.text, self.stop)
             if safe > self.sent:
+                self._send_logprobs(safe)
                 self.request.emit("delta", self.text[self.sent : safe])
                 self.sent = safe
         self.last = token
         return None
 
+    def _send_logprobs(self, upto):
+        """A stream's ("logprobs", [...]) event for the tokens whose text starts before `upto`."""
+        if self.top_logprobs is None:
+            return
+        end = self.logprobs_sent
+        while end < len(self.logprobs) and self.logprobs[end].offset < upto:
+            end += 1
+        self.request.emit("logprobs", self.logprobs[self.logprobs_sent : end])
+        self.logprobs_sent = end
+
     def finish(self, reason):
         if self.request.stream and len(self.text) > self.sent:
+            self._send_logprobs(len(self.text))
             self.request.emit("delta", self.text[self.sent :])
-        self.request.emit("done", (self.text, self.used, reason))
+        logprobs = None
+        if self.top_logprobs is not None:  # the tokens of a cut stop string are not part of the text
+            logprobs = [lp for lp in self.logprobs if lp.offset < len(self.text)]
+        self.request.emit("done", (self.text, self.used, reason, logprobs))
 
 
 class Engine:
@@ -105,7 +145,7 @@ class Engine:
         self.context = context_length(model)
         self.eos = tokenizer.token_id("</s>")
         self._queue = queue.SimpleQueue()
-        self._thread, self._lock, self._closed, self._paused = None, threading.Lock(), False, paused
+        self._thread, self._closed, self._paused = ModelThread(self._work), False, paused
         self.cache, self._rows, self._pending = None, [], []
         self.active = 0  # rows decoding now (read by metrics from other threads)
 
@@ -126,11 +166,7 @@ class Engine:
     def resume(self):
         """Start the model thread (once)."""
         self._paused = False
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._work, name="danlu-model", daemon=True)
-                    self._thread.start()
+        self._thread.start()
 
     def close(self):
         self._closed = True
@@ -194,8 +230,9 @@ class Engine:
             logits = self.model(ids, cache=view)[:, -1]  # (n, V)
             column += 1
             tokens = self._sample(rows, logits)
+            scores = self._score(rows, logits, tokens)
             for i, row in enumerate(rows):
-                row.done = row.take(tokens[i])
+                row.done = row.take(tokens[i], scores[i])
             if self.on_step is not None:
                 self.on_step(len(rows))
             self._drop(rows, self.cache, lambda row: row.done is not None or row.request.cancelled.is_set())
@@ -242,7 +279,7 @@ class Engine:
         logits = self.model(torch.tensor([prompt], device=device), cache=single)[:, -1]  # (1, V)
         row = _Row(request, IncrementalDecoder(self.tokenizer), self.eos, logits.shape[-1], device)
         token = int(self._sample([row], logits)[0])
-        done = row.take(token)
+        done = row.take(token, self._score([row], logits, [token])[0])
         if done is not None or request.cancelled.is_set():
             if done is not None:
                 row.finish(done)
@@ -285,6 +322,30 @@ class Engine:
             rows.pop()
 
     @staticmethod
+    def _score(rows, logits, tokens):
+        """(logprob of the sampled token, [(text, logprob, bytes)] of the k most likely) for each row that asks
+        for log probabilities (None for the others): one log-softmax over all of them."""
+        asking = [i for i, row in enumerate(rows) if row.top_logprobs is not None]
+        out = [None] * len(rows)
+        if not asking:
+            return out
+        index = torch.tensor(asking, device=logits.device)
+        logprobs = logits.index_select(0, index).float().log_softmax(-1)  # (m, V)
+        chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in asking], device=logits.device))[:, 0].tolist()
+        k = max(rows[i].top_logprobs for i in asking)
+        top_values, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1) if k else (None, None)
+        for j, i in enumerate(asking):
+            top = []
+            if rows[i].top_logprobs:
+                tokenizer = rows[i].decoder.tokenizer
+                for value, token in zip(top_values[j, : rows[i].top_logprobs].tolist(),
+                                        top_ids[j, : rows[i].top_logprobs].tolist()):
+                    text, raw = token_piece(tokenizer, token)
+                    top.append((text, value, raw))
+            out[i] = (chosen[j], top)
+        return out
+
+    @staticmethod
     def _sample(rows, logits):
         """One token per row (a list of ints): rows with the same settings in one call, seeded rows alone."""
         from danlu.generation import sample
@@ -312,6 +373,37 @@ def _view(cache, n, column):
     view.keys, view.values, view.mask = cache.keys[:, :n], cache.values[:, :n], cache.mask[:n]
     view.length, view.padded = column, True
     return view
+
+
+def _byte_level_table():
+    """GPT-2's byte-level alphabet (Radford et al. 2019) read backwards: printable Latin-1 bytes stand for
+    themselves, the other bytes for the characters 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def token_piece(tokenizer, token):
+    """(text, UTF-8 bytes as a list of ints) of one token id. A byte-level BPE token may hold part of a
+    character: its bytes are exact and its text shows the missing part as U+FFFD."""
+    from tokenizers import decoders
+
+    tok = tokenizer.tokenizer_
+    piece = tok.id_to_token(token) or ""
+    if isinstance(tok.decoder, decoders.ByteLevel) and all(c in _BYTE_LEVEL for c in piece):
+        raw = bytes(_BYTE_LEVEL[c] for c in piece)
+    else:
+        raw = tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+    return raw.decode("utf-8", errors="replace"), list(raw)
 
 
 def cut_at_stop(text, stop):

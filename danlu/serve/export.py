@@ -39,7 +39,7 @@ from torch import nn
 from danlu.registry import ConfigError
 from danlu.serve.onnx_runtime import TOLERANCE, ExportError, finish_report, median_ms_alternating, ort_session, quiet
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 COPIED = ("tokenizer.json", "labels.json", "config.yaml", "chat_template.jinja")
 
 
@@ -47,6 +47,13 @@ def export(run, format="onnx", out=None, **options) -> dict:
     """Export a run (a directory or a loaded Run) in `format`; returns the report written to export.json."""
     if format not in FORMATS:
         raise ConfigError(f"export --format: unknown value {format!r}; expected one of: {', '.join(FORMATS)}")
+    if format == "gguf":  # llama.cpp's format, for GPT language models (danlu.serve.gguf_export)
+        from danlu.serve.gguf_export import export_gguf
+
+        options.pop("opset", None)
+        return export_gguf(run, out, **options)
+    if options.pop("dtype", "f32") != "f32":
+        raise ConfigError("export --dtype: a GGUF option (--format gguf); an ONNX graph keeps the run's fp32 weights")
     return export_onnx(run, out, **options)
 
 

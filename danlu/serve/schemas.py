@@ -2,10 +2,11 @@
 
 Types are strict: `"max_tokens": "5"` or `"stream": "yes"` is refused with 400 and the field's name,
 never read as 5 or True (an integer is accepted where a number is expected). OpenAI's fields that
-would change the output and that danlu does not implement (`logprobs`, `top_logprobs`, `logit_bias`,
-`tools`, `response_format` other than text, `suffix`, `best_of`, nonzero penalties, ...) are accepted
-only with their neutral value (absent, null, false, empty, 1 or 0) and otherwise refused with 400
-`unsupported_parameter` (UNSUPPORTED); `user` and unknown fields are ignored.
+would change the output and that danlu does not implement (`logit_bias`, `tools`, `response_format`
+other than text, `suffix`, `best_of`, nonzero penalties, ...) are accepted only with their neutral value
+(absent, null, false, empty, 1 or 0) and otherwise refused with 400 `unsupported_parameter`
+(UNSUPPORTED); `user` and unknown fields are ignored. `logprobs` (completions: up to 5 alternatives;
+chat: `logprobs` with `top_logprobs` up to 20) are answered in OpenAI's shapes.
 
 Text is repaired, not refused, in one case: a lone UTF-16 surrogate (half of an emoji cut by a
 browser or a client, which JSON's `\\ud83d` escape can carry) becomes U+FFFD, the replacement
@@ -37,8 +38,6 @@ Text = Annotated[str, AfterValidator(repair_text)]
 STRICT = ConfigDict(strict=True)
 
 UNSUPPORTED = {
-    "logprobs": "log probabilities are not returned by this server",
-    "top_logprobs": "log probabilities are not returned by this server",
     "logit_bias": "logit_bias is not supported by this server",
     "tools": "tool calling is not supported by this server",
     "tool_choice": "tool calling is not supported by this server",
@@ -192,7 +191,8 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     prompt: Text | list[Text]
     echo: bool = False
-    logprobs: Literal[0] | None = Field(default=None, description="Not supported: 0 or absent.")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Log probabilities of each generated "
+                                 "token and of the `logprobs` most likely ones (0: the chosen token's only).")
     suffix: Literal[""] | None = Field(default=None, description="Not supported: empty or absent.")
     best_of: Literal[1] | None = Field(default=None, description="Not supported: 1 or absent (use n).")
 
@@ -215,8 +215,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Literal[False] | None = Field(default=None, description="Not supported: false or absent.")
-    top_logprobs: Literal[0] | None = Field(default=None, description="Not supported: 0 or absent.")
+    logprobs: bool | None = Field(default=None, description="Return the log probability of each generated token.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="With logprobs: also the this many most likely tokens at each step.")
     response_format: TextFormat | None = Field(default=None, description='Only {"type": "text"}.')
     tools: list[dict] | None = Field(default=None, max_length=0, description="Not supported: empty or absent.")
     tool_choice: Literal["none"] | None = Field(default=None, description='Not supported: "none" or absent.')
@@ -231,20 +232,48 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completion shape: one entry per generated token; text_offset counts characters from the
+    start of the prompt, as if the completion followed it."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -256,13 +285,23 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
+
+
+def completion_logprobs(entries, start=0) -> CompletionLogprobs:
+    """The legacy shape of the engine's Logprob entries; `start`: characters before the completion (the prompt)."""
+    return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                              top_logprobs=[{t: v for t, v, _ in e.top} for e in entries],
+                              text_offset=[start + e.offset for e in entries])
+
+
+def chat_logprobs(entries) -> ChatLogprobs:
+    """The chat shape of the engine's Logprob entries."""
+    return ChatLogprobs(content=[TokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                                              top_logprobs=[TopLogprob(token=t, logprob=v, bytes=b) for t, v, b in e.top])
+                                 for e in entries])
