@@ -37,9 +37,10 @@ DTYPES = ("f32", "f16", "q8_0")
 PROMPTS = ("The ", "ROMEO.\n", "Once upon a time", "你好")
 
 
-def export_gguf(run, out=None, dtype="f32", check=True, prompts=PROMPTS, max_new_tokens=16, threads=1) -> dict:
+def export_gguf(run, out=None, dtype="f32", check=True, prompts=PROMPTS, max_new_tokens=16, threads=1,
+                llama_cpp=True) -> dict:
     """Write RUN's language model to OUT/model.gguf (default RUN/export/gguf); with `check`, greedy tokens
-    of the file read back (danlu's importer; llama.cpp when installed) against the run's own."""
+    of the file read back (danlu's importer; llama.cpp when installed and `llama_cpp`) against the run's own."""
     try:
         import gguf  # noqa: F401  (the writer and the importer use it)
     except ImportError:
@@ -70,7 +71,7 @@ def export_gguf(run, out=None, dtype="f32", check=True, prompts=PROMPTS, max_new
                           "llama.cpp does not, so text given to llama.cpp should be normalized the same way")
     if check:
         report["threads"] = threads
-        report["parity"] = check_gguf(model, run.tokenizer, path, prompts, max_new_tokens, threads)
+        report["parity"] = check_gguf(model, run.tokenizer, path, prompts, max_new_tokens, threads, llama_cpp)
     from danlu.files import atomic_write_json
 
     atomic_write_json(os.path.join(out, "export.json"), report)
@@ -302,7 +303,7 @@ def compare_tokens(expected, got):
     return {"same_tokens": first is None, "tokens_matched": matched, "tokens": total, "first_difference": first}
 
 
-def check_gguf(model, tokenizer, path, prompts=PROMPTS, max_new_tokens=16, threads=1) -> dict:
+def check_gguf(model, tokenizer, path, prompts=PROMPTS, max_new_tokens=16, threads=1, llama_cpp=True) -> dict:
     """Greedy tokens of the run's model, of the file through danlu's importer and through llama.cpp."""
     from danlu.runs.import_checkpoint import import_gguf
 
@@ -322,8 +323,10 @@ def check_gguf(model, tokenizer, path, prompts=PROMPTS, max_new_tokens=16, threa
                   "danlu_gguf": {**compare_tokens(expected, got), "max_abs_logit_diff": diff,
                                  "seconds": round(time.perf_counter() - started, 2)}}
         started = time.perf_counter()
-        llama = greedy_llama_cpp(path, prompts_ids, max_new_tokens, threads)
-        if llama is None:
+        llama = greedy_llama_cpp(path, prompts_ids, max_new_tokens, threads) if llama_cpp else None
+        if not llama_cpp:
+            result["llama_cpp"] = "not checked"
+        elif llama is None:
             result["llama_cpp"] = "not installed (pip install llama-cpp-python builds llama.cpp from source)"
         else:
             import llama_cpp
