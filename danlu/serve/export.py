@@ -26,7 +26,6 @@ batch shapes decides whether the export is right.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,7 +36,14 @@ import torch
 from torch import nn
 
 from danlu.registry import ConfigError
-from danlu.serve.onnx_runtime import TOLERANCE, ExportError, finish_report, median_ms_alternating, ort_session, quiet
+from danlu.serve.onnx_runtime import (
+    TOLERANCE,
+    convert,
+    finish_report,
+    latency_lines,
+    median_ms_alternating,
+    ort_session,
+)
 
 FORMATS = ("onnx", "gguf")
 COPIED = ("tokenizer.json", "labels.json", "config.yaml", "chat_template.jinja")
@@ -225,57 +231,14 @@ def _export_graph(graph, names, outputs, path, opset, pad_id, max_length, langua
     """Write the ONNX file; returns None (dynamic length) or the fixed sequence length."""
     vocab = graph.model.embed.num_embeddings
     example = _example(3, min(8, max_length), pad_id, vocab, language_model)
-    program = _convert(graph, example, names, outputs, opset)
+    program = convert(graph, example, names, outputs, opset)
     fixed = None
     if _static_length(program) is not None:  # the length specialized: fix it at the tokenizer's max_length
         example = _example(3, max_length, pad_id, vocab, language_model)
-        program = _convert(graph, example, names, outputs, opset)
+        program = convert(graph, example, names, outputs, opset)
         fixed = max_length
     program.save(path)
     return fixed, fixed or _min_length(program)
-
-
-def _convert(graph, example, names, outputs, opset, dynamic=None):
-    """An ONNXProgram with dynamic batch and sequence axes where torch.export keeps them (or the axes of
-    `dynamic`, {input name: {axis: Dim}}): torch.onnx's own capture first; a forward that branches on the
-    data then goes to draft_export, which records the branch the padded example takes."""
-    if dynamic is None:
-        batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        dynamic = {name: {0: batch, 1: length} for name in names}
-    options = {"input_names": names, "output_names": outputs, "opset_version": opset, "dynamo": True,
-               "verbose": False, "optimize": True}
-    with quiet(), _concrete_is_causal():
-        try:
-            return torch.onnx.export(graph, example, dynamic_shapes=dynamic, **options)
-        except Exception:  # noqa: BLE001  data-dependent branches: record the branch the padded example takes
-            try:
-                program = torch.export.draft_export(graph, example, dynamic_shapes=dynamic, strict=False)
-                return torch.onnx.export(program, example, **options)
-            except Exception as e:  # noqa: BLE001
-                raise ExportError(f"torch.export could not capture {type(graph.model).__name__}: "
-                                  f"{_first_line(e)}") from None
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-@contextlib.contextmanager
-def _concrete_is_causal():
-    """A model that computes SDPA's `is_causal` from the sequence length (`... and T > 1`) hands torch.export
-    a symbolic bool, which SDPA's argument parser refuses. Deciding it here records a guard on the length
-    instead (so the graph's shortest input becomes 2 tokens, padded by OnnxModel). Only while capturing."""
-    functional = torch.nn.functional
-    original = functional.scaled_dot_product_attention
-
-    def sdpa(*args, is_causal=False, **kwargs):
-        return original(*args, is_causal=bool(is_causal), **kwargs)
-
-    functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        functional.scaled_dot_product_attention = original
 
 
 def _min_length(program):
@@ -377,16 +340,6 @@ def format_report(report) -> str:
                      f"({'passed' if p['passed'] else 'FAILED'}, tolerance {p['tolerance']:g})")
         lines += latency_lines(report)
     return "\n".join(lines)
-
-
-def latency_lines(report, what="latency", length="length"):
-    """A blank line, then the report's latency rows as a markdown table."""
-    threads = report.get("threads", 1)
-    lines = ["", (f"{what}, median of alternating calls, {threads} CPU thread{'s' if threads != 1 else ''} for both "
-                  "(--threads):"),
-             f"| batch | {length} | PyTorch ms | ONNX Runtime ms | speed-up |", "|---:|---:|---:|---:|---:|"]
-    return lines + [f"| {r['batch']} | {r['length']} | {r['torch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
-                    f"{r['speedup']:.2f}x |" for r in report["latency"]]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,8 +73,7 @@ class DecoderStepGraph(nn.Module):
 def export_seq2seq_onnx(run, out=None, opset=18, check=True, repeats=20, threads=1) -> dict:
     """Write encoder.onnx and decoder.onnx for a seq2seq run; with `check`, parity and greedy-decoding latency
     against PyTorch (both on `threads` CPU threads)."""
-    from danlu.serve.export import _convert
-    from danlu.serve.onnx_runtime import finish_report, quiet
+    from danlu.serve.onnx_runtime import convert, finish_report, quiet
 
     out = os.fspath(out or os.path.join(run.path, "export", "onnx"))
     os.makedirs(out, exist_ok=True)
@@ -86,14 +85,14 @@ def export_seq2seq_onnx(run, out=None, opset=18, check=True, repeats=20, threads
     source, past = torch.export.Dim("source", max=positions), torch.export.Dim("past", max=positions - 1)
     ids, mask = _sources(3, 8, pad_id, run.tokenizer.vocab_size_, seed=0)
     started = time.perf_counter()
-    encoder = _convert(EncoderGraph(model).eval(), (ids, mask), ["input_ids", "attention_mask"], ["memory_kv"], opset,
+    encoder = convert(EncoderGraph(model).eval(), (ids, mask), ["input_ids", "attention_mask"], ["memory_kv"], opset,
                        dynamic={"input_ids": {0: batch, 1: source}, "attention_mask": {0: batch, 1: source}})
     encoder.save(os.path.join(out, "encoder.onnx"))
     with torch.inference_mode():
         memory_kv = EncoderGraph(model)(ids, mask)  # (2L, B, K, S, D)
     example = (torch.full((3, 1), target.token_id("<s>")), torch.zeros(2 * layers, 2, 3, c.kv_heads, c.head_dim),
                memory_kv, mask)
-    decoder = _convert(DecoderStepGraph(model).eval(), example, ["input_ids", "past", "memory_kv", "attention_mask"],
+    decoder = convert(DecoderStepGraph(model).eval(), example, ["input_ids", "past", "memory_kv", "attention_mask"],
                        ["logits", "present"], opset,
                        dynamic={"input_ids": {0: batch}, "past": {1: past, 2: batch}, "memory_kv": {1: batch, 3: source},
                                 "attention_mask": {0: batch, 1: source}})
@@ -194,7 +193,7 @@ def compare_greedy_latency(model, out, run, batch_sizes=(1, 16), length=24, repe
 
 
 def format_seq2seq_report(report) -> str:
-    from danlu.serve.export import latency_lines
+    from danlu.serve.onnx_runtime import latency_lines
 
     lines = [(f"exported {report['model']} (seq2seq) to {report.get('out', '')}/encoder.onnx and decoder.onnx "
               f"(one KV-cached step) in {report['export_seconds']:.1f} s")]
