@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_distributed import DDP_TOLERANCE, FSDP_TOLERANCE, assert_close, assert_same_run, losses, torchrun
+from test_vision import image_config, write_folder
 
 from danlu.files import load_tensors
 from danlu.jobs.train import train
-
-from test_distributed import DDP_TOLERANCE, FSDP_TOLERANCE, assert_close, assert_same_run, losses, torchrun
-from test_vision import image_config, write_folder
 
 torch.set_num_threads(1)
 
@@ -35,24 +34,32 @@ def config_file(path, bars, kind, model, **train_keys):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind, model, weights", [("cnn", CNN, DDP_TOLERANCE), ("vit", VIT, 1e-4)])
-def test_images_on_two_processes_match_one_and_resume_on_one(tmp_path, bars, kind, model, weights):
-    """`weights`: the final weights' tolerance. The ViT's losses agree to 1e-5, its weights measured 1.9e-5
-    apart: Adam divides by sqrt(v), so on weights whose gradient is near 0 the rounding of the 2-process
-    reduction is magnified (lr 0.01)."""
-    config = config_file(tmp_path / f"{kind}.yaml", bars, kind, model)
+def test_cnn_on_two_processes_matches_one_and_resumes_on_one(tmp_path, bars):
+    config = config_file(tmp_path / "cnn.yaml", bars, "cnn", CNN)
     reference = train(str(config), f"run.dir={tmp_path / 'one'}").path
     full = losses(reference)
     assert len(full) == 4  # 2 steps an epoch, the second on a short batch of 4 (2 per rank)
     done = torchrun(["train", config, f"run.dir={tmp_path / 'ddp'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close(losses(tmp_path / "ddp"), full, DDP_TOLERANCE)
-    assert max_difference(tmp_path / "ddp", reference) <= weights
+    assert max_difference(tmp_path / "ddp", reference) <= DDP_TOLERANCE
     done = torchrun(["train", config, f"run.dir={tmp_path / 'half'}", "train.epochs=1"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     train(str(tmp_path / "half"), "train.epochs=2", resume=True)  # a 2-process checkpoint on 1 process
     assert_close(losses(tmp_path / "half"), full, DDP_TOLERANCE)
-    assert max_difference(tmp_path / "half", reference) <= weights
+    assert max_difference(tmp_path / "half", reference) <= DDP_TOLERANCE
+
+
+@pytest.mark.distributed
+def test_vit_on_two_processes_matches_one(tmp_path, bars):
+    """The losses agree to 1e-5; the weights measured 1.9e-5 apart, hence 1e-4: Adam divides by sqrt(v),
+    so on weights whose gradient is near 0 the rounding of the 2-process reduction is magnified (lr 0.01)."""
+    config = config_file(tmp_path / "vit.yaml", bars, "vit", VIT)
+    reference = train(str(config), f"run.dir={tmp_path / 'one'}").path
+    done = torchrun(["train", config, f"run.dir={tmp_path / 'ddp'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close(losses(tmp_path / "ddp"), losses(reference), DDP_TOLERANCE)
+    assert max_difference(tmp_path / "ddp", reference) <= 1e-4
 
 
 def max_difference(run_dir, reference):
@@ -71,8 +78,8 @@ def test_cnn_under_fsdp_matches_one_process(tmp_path, bars):
     assert_same_run(tmp_path / "fsdp", reference, FSDP_TOLERANCE)
 
 
-@pytest.mark.parametrize("model", [CNN, {**CNN, "norm": "batch"}, {"size": "guide", "channels": [4], "hidden_dim": 8}],
-                         ids=["residual", "batchnorm", "guide"])
+@pytest.mark.parametrize("model", [{**CNN, "norm": "batch"}, {"size": "guide", "channels": [4], "hidden_dim": 8}],
+                         ids=["residual", "guide"])
 def test_cnn_with_compile_matches_eager_without_graph_breaks(tmp_path, bars, model):
     histories = {}
     torch._dynamo.reset()
