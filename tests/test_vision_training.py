@@ -1,7 +1,7 @@
 """Image models through the Trainer's other paths: torchrun on 2 CPU processes (DDP and FSDP give one
 process's loss curve, and a 2-process checkpoint resumes on one) and `train.compile`.
 
-Tiny 12x12 bar images (tests/test_vision.py), no dropout, no batch normalisation and no augmentation: with
+Tiny 12x12 bar images (tests/test_vision.py). Under torchrun no dropout, batch normalisation or augmentation: with
 those each rank's share of a batch would give other statistics or random draws than one process's."""
 import json
 from pathlib import Path

@@ -79,7 +79,7 @@ def sparsity(model):
 
 def prune_structured(model, heads=0.0, ffn=0.0, channels=0.0):
     """A copy of `model` without the fraction `heads` of each attention layer's heads, `ffn` of each
-    feed-forward layer's neurons and `channels` of each convolution's output channels (TextCNN), the
+    feed-forward layer's neurons and `channels` of each convolution's output channels (TextCNN, image CNN), the
     least important first. Pruning nothing returns an identical model."""
     for key, value in (("heads", heads), ("ffn", ffn), ("channels", channels)):
         if not 0 <= value < 1:
