@@ -63,8 +63,11 @@ def _explain_text(run, text, method, steps, batch_size):
         target = int(probs.argmax())
         result = {"label": run.labels[target], "score": float(probs[target])}
     score = _scorer(model, target)
+    if method == "integrated_gradients" and not _have_captum():
+        raise ConfigError("integrated gradients need Captum: pip install 'danlu[explain]' (or captum); "
+                          "the occlusion method needs nothing more")
     if method == "auto":
-        reached = gradients_reach(model, ids_t, mask)
+        reached = _have_captum() and gradients_reach(model, ids_t, mask)
         use_gradients = reached and (target is None or not _baseline_agrees(score, ids_t, mask, spans, pad_id))
         method = "integrated_gradients" if use_gradients else "occlusion"
     elif method == "integrated_gradients" and not gradients_reach(model, ids_t, mask):
@@ -181,6 +184,13 @@ def _baseline_agrees(score, ids, mask, spans, pad_id):
     they cannot show what pushed towards the label (Sturmfels et al. 2020, "Visualizing the Impact of Feature
     Attribution Baselines"); occlusion, which compares the text with itself less one token, still can."""
     return float(score(_baseline(ids, spans, pad_id), mask)) >= 0.0
+
+
+def _have_captum():
+    """Captum is an extra (danlu[explain]); without it auto explains by occlusion."""
+    import importlib.util
+
+    return importlib.util.find_spec("captum") is not None
 
 
 def _integrated_gradients(model, score, ids, mask, spans, pad_id, steps):
