@@ -207,10 +207,14 @@ def sample(logits, temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, top_p
     logits = logits.float()
     if seen is not None and repetition_penalty != 1.0:  # CTRL: shrink the logits of tokens already seen
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+        limit = torch.finfo(logits.dtype).max  # a penalty near 0 (5e-324 is a float) overflows: keep it finite
+        logits = torch.where(seen, penalized, logits).clamp(-limit, limit)
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not bool(scaled.isfinite().all()):  # a temperature so near 0 that logits overflow: its limit, greedy
+        return logits.argmax(-1)
+    logits = scaled
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -187,3 +187,19 @@ def test_a_model_can_train_after_generating(tokenizer):
     assert model.head.weight is model.embed.weight  # decoding gave the tied head its own copy, and took it back
     model(torch.tensor([[5, 6, 7]])).sum().backward()
     assert model.head.weight.grad is not None
+
+
+def test_sampling_with_a_temperature_or_penalty_near_zero_stays_finite():
+    """5e-324 is a valid float: dividing logits by it overflows to inf, and softmax over infs is NaN."""
+    logits = torch.tensor([[2.0, 5.0, -1.0, 0.5], [-3.0, -0.5, -2.0, 1.5]])
+    seen = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    g = torch.Generator().manual_seed(0)
+    # a temperature near 0 is greedy, its limit: 5 on row 0, and on row 1 1.5 (-0.5 is seen, so -0.5 x 1.1)
+    ids = sample(logits, temperature=5e-324, top_k=0, top_p=1.0, repetition_penalty=1.1, seen=seen, generator=g)
+    assert ids.tolist() == [1, 3]
+    # a penalty near 0 sends a seen positive logit (row 0's 2.0) beyond every other: it is always drawn
+    for temperature in (1.0, 5e-324):
+        for _ in range(20):
+            ids = sample(logits, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=5e-324, seen=seen,
+                         generator=g)
+            assert ids[0].item() == 0 and 0 <= ids[1].item() < 4
