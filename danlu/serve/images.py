@@ -92,12 +92,11 @@ class ImageUploadMiddleware:
         self.app, self.answer, self.api_error, self.request_class = app, answer, api_error, request_class
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/predict" or scope["method"] != "POST":
+        from danlu.serve.middleware import error_body, predict_upload, send_json
+
+        content_type, media_type = predict_upload(scope)
+        if media_type != b"multipart/form-data":
             return await self.app(scope, receive, send)
-        content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
-        if content_type.split(b";")[0].strip().lower() != b"multipart/form-data":
-            return await self.app(scope, receive, send)
-        from danlu.serve.middleware import send_json, error_body
 
         message = await receive()  # the guard has read the whole body (and answered 413 past the limit)
         try:

@@ -135,6 +135,15 @@ class MetricsMiddleware:
                                          time.perf_counter() - started)
 
 
+def predict_upload(scope):
+    """(Content-Type header, its media type lower-cased) of a POST /v1/predict, b"" when absent;
+    (None, None) for any other request."""
+    if scope["type"] != "http" or scope["path"] != "/v1/predict" or scope["method"] != "POST":
+        return None, None
+    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
+    return content_type, content_type.split(b";")[0].strip().lower()
+
+
 class LeanPredictMiddleware:
     """POST /v1/predict's valid requests, answered without FastAPI's request machinery.
 
@@ -150,13 +159,13 @@ class LeanPredictMiddleware:
         self.app, self.validate, self.answer, self.api_error = app, validate, answer, api_error
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/predict" or scope["method"] != "POST":
+        content_type, media_type = predict_upload(scope)
+        if content_type is None:
             return await self.app(scope, receive, send)
-        content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
         message = await receive()  # GuardMiddleware has read the whole body: one message
         body = message.get("body", b"")
         request = None
-        if content_type.split(b";")[0].strip().lower() == b"application/json" and not message.get("more_body"):
+        if media_type == b"application/json" and not message.get("more_body"):
             try:
                 request = self.validate(body)
             except ValueError:  # pydantic's ValidationError: FastAPI words the answer
