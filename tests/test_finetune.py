@@ -81,6 +81,10 @@ def test_classification_from_a_danlu_pretrained_run(base_run, data, tmp_path, me
     assert {"report.md", "report.html", "plots"} <= files  # every run has a report, fine-tunes included
     report = open(os.path.join(run.path, "report.md"), encoding="utf-8").read()
     assert "Confusion matrix" in report and "Most confident mistakes" in report
+    base = run.metrics["baselines"]  # the same baseline as `danlu train`, on the fine-tune's own split
+    assert base["model_minus_baseline"]["accuracy"] == pytest.approx(
+        run.metrics["test"]["accuracy"] - base["linear"]["accuracy"])
+    assert "model − linear baseline" in report
     assert ("adapter.safetensors" in files) == (method == "lora")
     assert ("model.safetensors" in files) == (method != "lora")
     texts = ["很好满意", "很差失望"]

@@ -68,6 +68,10 @@ class FinetuneJob(Job):
         out = {"epochs_run": len(history), "trainable_parameters": trainable, "trainable_fraction": trainable / total,
                "method": plan.cfg.finetune.method, "base": plan.cfg.finetune.base}
         self.examples = None
+        if plan.cfg.task == "classification":  # beside the same scikit-learn baselines as `danlu train`
+            from danlu.jobs.train import text_baseline_summary
+
+            out.update(text_baseline_summary(plan, metrics))
         if getattr(plan.test, "pairs", False):  # seq2seq pairs as chat: the test answers are generated and scored
             from danlu.jobs.seq2seq import score_chat_test
 

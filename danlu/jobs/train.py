@@ -49,13 +49,20 @@ class TrainJob(Job):
                 "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                          "skipped_rows": data.skipped, "tokenizer": plan.cfg.data.tokenizer.kind,
                          **({"tokenizer_choice": data.tokenizer.choice_} if getattr(data.tokenizer, "choice_", "") else {})}}
-        if plan.cfg.train.baseline and "test" in metrics and dist.is_main():  # beside scikit-learn baselines, same split
-            from danlu.evaluate.baseline import run_baselines, text_baselines
-
-            ex = data.examples
-            summary["baselines"] = run_baselines(
-                lambda: text_baselines(ex["train"], ex["test"], plan.cfg.task, data.labels), metrics["test"])
+        summary.update(text_baseline_summary(plan, metrics))
         return summary
+
+
+def text_baseline_summary(plan, metrics):
+    """{"baselines": ...} for metrics.json: scikit-learn baselines fitted on the plan's training texts and scored on
+    its test split, beside the model's test metrics; {} when `train.baseline` is off or there is no test split."""
+    if not (plan.cfg.train.baseline and "test" in metrics and dist.is_main()):
+        return {}
+    from danlu.evaluate.baseline import run_baselines, text_baselines
+
+    ex, labels = plan.data.examples, plan.data.labels
+    return {"baselines": run_baselines(lambda: text_baselines(ex["train"], ex["test"], plan.cfg.task, labels),
+                                       metrics["test"])}
 
 
 def train(config=None, *overrides, resume=False, overwrite=False, loggers=(), **sections):
