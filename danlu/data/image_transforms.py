@@ -150,6 +150,14 @@ class ImagePreprocess:
             x = torch.where(mirror, x.flip(-1), x)
         return x.contiguous()
 
+    def random(self):
+        """Whether the training transform differs from the evaluation one (padding, a random crop, flips)."""
+        return bool(self.pad_crop or self.flip or tuple(self.input_size_) != tuple(self.size_))
+
+    def fitted(self):
+        """Whether `fit` (or `load`) has set the learned state."""
+        return hasattr(self, "mean_")
+
     def _scale(self, pixels):
         x = pixels.float() / 255  # (B, C, H, W) in [0, 1]
         if self.normalize:
