@@ -134,7 +134,7 @@ class ImagePreprocess:
         random place, mirror half of the images when `flip`. `rng` is a numpy Generator: a batch's
         augmentation is a pure function of its seed, so a resumed run sees the same batches."""
         x = self._scale(pixels)  # (B, C, H, W)
-        B, _, H, W = x.shape
+        B = x.shape[0]
         h, w = self.input_size_
         p = self.pad_crop
         if p:

@@ -48,9 +48,9 @@ class ImageExamples:
 
 @dataclass
 class ImageBundle:
-    train: "ImageDataset"
-    val: "ImageDataset"
-    test: "ImageDataset"
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     examples: dict  # split name -> ImageExamples (their origins, in dataset order)
     preprocess: ImagePreprocess
     labels: tuple
@@ -402,7 +402,7 @@ def _pixel_shape(path, cfg, count):
             raise DataError(f"{path}: data.image.pixel_shape {list(shape)} holds {int(np.prod(shape))} pixels, "
                             f"but the table has {count} pixel columns")
         return shape
-    side = int(round(count ** 0.5))
+    side = round(count ** 0.5)
     if side * side != count:
         raise DataError(f"{path}: {count} pixel columns are not a square image; give data.image.pixel_shape "
                         f"(height, width) or (height, width, channels)")
