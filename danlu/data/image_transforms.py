@@ -134,7 +134,7 @@ class ImagePreprocess:
         random place, mirror half of the images when `flip`. `rng` is a numpy Generator: a batch's
         augmentation is a pure function of its seed, so a resumed run sees the same batches."""
         x = self._scale(pixels)  # (B, C, H, W)
-        B, _, H, W = x.shape
+        B = x.shape[0]
         h, w = self.input_size_
         p = self.pad_crop
         if p:
@@ -149,6 +149,14 @@ class ImagePreprocess:
             mirror = torch.from_numpy(rng.random(B) < 0.5)[:, None, None, None]  # (B, 1, 1, 1)
             x = torch.where(mirror, x.flip(-1), x)
         return x.contiguous()
+
+    def random(self):
+        """Whether the training transform differs from the evaluation one (padding, a random crop, flips)."""
+        return bool(self.pad_crop or self.flip or tuple(self.input_size_) != tuple(self.size_))
+
+    def fitted(self):
+        """Whether `fit` (or `load`) has set the learned state."""
+        return hasattr(self, "mean_")
 
     def _scale(self, pixels):
         x = pixels.float() / 255  # (B, C, H, W) in [0, 1]

@@ -48,14 +48,21 @@ class ImageExamples:
 
 @dataclass
 class ImageBundle:
-    train: "ImageDataset"
-    val: "ImageDataset"
-    test: "ImageDataset"
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     examples: dict  # split name -> ImageExamples (their origins, in dataset order)
     preprocess: ImagePreprocess
     labels: tuple
     spec: DataSpec
     skipped: int = 0
+
+
+INPUTS_CACHE_BYTES = 256 << 20
+"""A split whose float model inputs take at most this many bytes keeps them whole, prepared once (while the
+preprocessing is unchanged): a batch without random augmentation is then one index into them instead of a
+gather, a conversion to float and a normalisation per batch, the same values either way. 28x28 grayscale
+images fit 85,000 to a split; larger splits prepare every batch from the uint8 pixels."""
 
 
 class ImageDataset:
@@ -65,6 +72,7 @@ class ImageDataset:
     def __init__(self, pixels, targets, preprocess, augment=False, origins=None):
         self.pixels, self.targets, self.preprocess, self.augment = pixels, targets, preprocess, augment
         self.origins = origins or []
+        self._inputs = self._inputs_key = None  # the prepared split (see INPUTS_CACHE_BYTES) and what it was made from
 
     def __len__(self):
         return len(self.pixels)
@@ -74,20 +82,40 @@ class ImageDataset:
 
     def batches(self, batch_size, *, epoch=0, seed=0, skip=0, shuffle=True):
         n = len(self)
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+        random = shuffle and self.augment and self.preprocess.random()
+        inputs = None if random else self.prepared()
         for i, start in enumerate(range(0, n, batch_size)):
             if i < skip:
                 continue
-            index = order[start : start + batch_size]
-            raw = self.pixels[torch.from_numpy(index)]  # (B, C, H, W) uint8
-            if shuffle and self.augment:
-                x = self.preprocess.augment(raw, np.random.default_rng([seed, epoch, i]))
+            rows = order[start : start + batch_size]
+            index = torch.from_numpy(rows)  # (B,) int64
+            if inputs is not None:
+                x = inputs[index]  # (B, C, h, w)
+            elif random:
+                x = self.preprocess.augment(self.pixels[index], np.random.default_rng([seed, epoch, i]))
             else:
-                x = self.preprocess(raw)
-            batch = {"pixel_values": x, "index": torch.from_numpy(index.astype(np.int64))}  # x: (B, C, h, w)
+                x = self.preprocess(self.pixels[index])
+            batch = {"pixel_values": x, "index": index}
             if self.targets is not None:
-                batch["labels"] = torch.from_numpy(self.targets[index])
+                batch["labels"] = torch.from_numpy(self.targets[rows])
             yield batch
+
+    def prepared(self):
+        """The whole split as the model's float inputs (N, C, h, w), made once per preprocessing state; None
+        when it would take more than INPUTS_CACHE_BYTES."""
+        if not self.preprocess.fitted() or not len(self):
+            return None
+        key = (self.pixels, self.preprocess.to_dict())
+        if self._inputs_key is None or self._inputs_key[0] is not key[0] or self._inputs_key[1] != key[1]:
+            C, (h, w) = self.pixels.shape[1], self.preprocess.input_size_
+            if len(self) * C * h * w * 4 > INPUTS_CACHE_BYTES:
+                return None
+            inputs = torch.empty(len(self), C, h, w)
+            for start in range(0, len(self), 4096):  # a chunk at a time: no full-size temporaries
+                inputs[start : start + 4096] = self.preprocess(self.pixels[start : start + 4096])
+            self._inputs, self._inputs_key = inputs, key
+        return self._inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +402,7 @@ def _pixel_shape(path, cfg, count):
             raise DataError(f"{path}: data.image.pixel_shape {list(shape)} holds {int(np.prod(shape))} pixels, "
                             f"but the table has {count} pixel columns")
         return shape
-    side = int(round(count ** 0.5))
+    side = round(count ** 0.5)
     if side * side != count:
         raise DataError(f"{path}: {count} pixel columns are not a square image; give data.image.pixel_shape "
                         f"(height, width) or (height, width, channels)")

@@ -2,7 +2,10 @@
 
 Two kinds of stage, chosen by `blocks`:
   - blocks 0 (plain): per width, conv -> ReLU -> 2x2 max-pool; then flatten -> dense -> head, as the
-    guide's Keras CNN (Conv2D, MaxPooling2D, Flatten, Dense), initialised as Keras does.
+    guide's Keras CNN (Conv2D, MaxPooling2D, Flatten, Dense), initialised as Keras does. The layers run as
+    conv -> max-pool -> ReLU: the same function and the same gradients (ReLU is monotone, so the max of the
+    rectified window is the rectified max, and both orders route a window's gradient to its first largest
+    input, tests/test_vision.py), with the ReLU on a map 4x smaller.
   - blocks N (residual): a 3x3 stem, then per width N basic blocks (conv-BN-ReLU-conv-BN + shortcut,
     He et al. 2016, §3.3 and Fig. 2); every stage after the first halves height and width with a stride-2
     first block and a 1x1 projection shortcut. Global average pooling -> head, so any image size works.
@@ -93,8 +96,8 @@ class BasicBlock(nn.Module):
         self.shortcut = conv_norm(in_ch, out_ch, 1, stride, norm) if stride != 1 or in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
-        h = torch.relu(self.conv1(x))  # (B, out, H / stride, W / stride)
-        return torch.relu(self.conv2(h) + self.shortcut(x))
+        h = torch.relu_(self.conv1(x))  # (B, out, H / stride, W / stride); in place: no backward reads it
+        return torch.relu_(self.conv2(h) + self.shortcut(x))
 
 
 class CNN(nn.Module):
@@ -108,19 +111,20 @@ class CNN(nn.Module):
         if config.blocks == 0:
             in_ch = spec.channels
             for width in widths:
-                layers += [conv_norm(in_ch, width, k, 1, norm), nn.ReLU()]
+                layers.append(conv_norm(in_ch, width, k, 1, norm))
                 if min(H, W) >= 2:  # a 1-pixel map is not pooled further
-                    layers.append(nn.MaxPool2d(2))
+                    layers.append(nn.MaxPool2d(2))  # before the ReLU: see the module docstring
                     H, W = H // 2, W // 2
+                layers.append(nn.ReLU(inplace=True))  # nothing saved for backward reads the pool's output
                 in_ch = width
         else:
             factor = config.downsample or stem_factor(H, W)
             if factor > 1:  # patchify: each factor x factor patch -> one position
                 stem = nn.Conv2d(spec.channels, widths[0], factor, factor, bias=norm == "none")
-                layers += [nn.Sequential(stem, nn.BatchNorm2d(widths[0]) if norm == "batch" else nn.Identity()), nn.ReLU()]
+                layers += [nn.Sequential(stem, nn.BatchNorm2d(widths[0]) if norm == "batch" else nn.Identity()), nn.ReLU(inplace=True)]
                 H, W = H // factor, W // factor
             else:
-                layers += [conv_norm(spec.channels, widths[0], k, 1, norm), nn.ReLU()]  # the stem
+                layers += [conv_norm(spec.channels, widths[0], k, 1, norm), nn.ReLU(inplace=True)]  # the stem
             in_ch = widths[0]
             for s, width in enumerate(widths):
                 for b in range(config.blocks):
@@ -142,5 +146,5 @@ class CNN(nn.Module):
         x = self.features(pixel_values)  # (B, C', H', W')
         x = x.flatten(1) if self.config.pooling == "flatten" else x.mean((2, 3))  # (B, C' H' W') or (B, C')
         if self.hidden is not None:
-            x = self.dropout(torch.relu(self.hidden(x)))  # (B, hidden_dim)
+            x = self.dropout(torch.relu_(self.hidden(x)))  # (B, hidden_dim)
         return self.head(self.dropout(x))  # (B, num_classes)

@@ -181,7 +181,7 @@ class Trainer:
                 loss, outputs = task.loss(self._forward, batch)
             count, correct, units = task.counts(outputs, batch)
             if mode == "none":
-                (loss / cfg.grad_accum).backward()
+                (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()  # no division (nor its backward) by 1
                 loss_sum = loss.item() * count
             else:  # weight by this rank's share of the global count: the mean over ranks of the
                 # gradients (what DDP and FSDP take) is then the gradient of the global batch's mean loss
