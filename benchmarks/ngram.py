@@ -76,11 +76,12 @@ def danlu_ngram(cfg, run_dir):
     data = build_data(cfg.data, task=cfg.task, seed=cfg.run.seed)
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, data.spec)
+    model.adapt(data.train)  # the idf of the training split, as `danlu train` measures it
     trainer = Trainer(model, ClassificationTask(data.labels), cfg.train, run_dir=run_dir, seed=cfg.run.seed)
     history = trainer.fit(data.train, data.val)
     seconds = time.perf_counter() - start
     m = cfg.model
-    return {"model": f"danlu ngram (orders {list(m.ngrams)}, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
+    return {"model": f"danlu ngram (orders {list(m.ngrams)}, {m.weighting}, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
                      f"params, {cfg.data.tokenizer.kind} tokens, {len(history)} epochs)",
             "val_accuracy": max(history.series("val_accuracy")),
             "test_accuracy": trainer.evaluate(data.test)["accuracy"], "seconds": seconds}
