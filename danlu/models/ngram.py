@@ -9,6 +9,11 @@ The n-gram ids are computed inside `forward` from the token ids by integer arith
 `predict`, `serve` and the exported ONNX graph see the very same features from the same tokenizer.
 Padding never reaches the average: an n-gram counts only when its last token is real (texts are padded on
 the right), so appending padding leaves the logits unchanged.
+
+With `weighting: idf` each row also has a weight, its n-gram's inverse document frequency on the training split
+(measured by `adapt` before training, a buffer saved with the weights), and the text is the weighted sum of its
+n-grams' embeddings divided by the L2 norm of their weights: the pooling of a TF-IDF row (Salton & Buckley 1988)
+that a linear model then reads, with raw term frequencies (an n-gram seen twice counts twice).
 """
 from dataclasses import dataclass
 from typing import Literal
