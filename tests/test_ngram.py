@@ -75,12 +75,55 @@ def test_unigrams_alone_need_no_hashed_rows():
     assert build(ngrams=(1, 2)).embed.num_embeddings == SPEC.vocab_size + 97
 
 
-def test_a_tiny_run_learns_predicts_and_exports_with_the_same_answers(tmp_path):
+def test_idf_is_scikit_learns_smoothed_idf_of_the_training_texts():
+    from danlu.data.batching import TextDataset
+
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), weighting="idf"), SPEC)
+    texts = [[5, 9, 5, 9], [5, 7], [9, 5, 11], [12]]
+    model.adapt(TextDataset([torch.tensor(t).int().numpy() for t in texts], None, 0), batch_size=3)
+    df = {}
+    for tokens in texts:
+        for row in set(python_rows(tokens, (1, 2), SPEC.vocab_size, 97)):
+            df[row] = df.get(row, 0) + 1
+    n = len(texts)
+    for row in range(model.embed.num_embeddings):  # ln((1 + n) / (1 + df)) + 1; unseen rows: df 0
+        want = torch.log(torch.tensor((1.0 + n) / (1.0 + df.get(row, 0)))) + 1
+        assert model.idf[row].item() == pytest.approx(want.item(), abs=1e-6), row
+    assert df[5] == 3 and model.idf[5] < model.idf[7] < model.idf[0]  # (5) in three texts, (7) in one, pad in none
+
+
+def test_idf_logits_are_the_head_of_the_idf_weighted_sum_over_its_l2_norm():
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), weighting="idf"), SPEC).eval()
+    with torch.no_grad():
+        model.idf.uniform_(1.0, 3.0)
+        texts = [[5, 9, 7, 5, 9, 11], [12, 13], [8]]
+        ids = torch.tensor([t + [0] * (6 - len(t)) for t in texts])
+        logits = model(ids, ids != 0)
+        for i, tokens in enumerate(texts):
+            rows = python_rows(tokens, (1, 2), SPEC.vocab_size, 97)
+            w = model.idf[rows]
+            pooled = (w[:, None] * model.embed.weight[rows]).sum(0) / w.square().sum().sqrt()
+            torch.testing.assert_close(logits[i], model.head(pooled), rtol=0, atol=1e-6)
+    assert "idf" in model.state_dict() and "idf" not in build().state_dict()  # saved only when used
+
+
+@pytest.mark.parametrize("weighting", ["mean", "idf"])
+def test_a_tiny_run_learns_predicts_and_exports_with_the_same_answers(tmp_path, weighting):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
+    from danlu.runs import load_run
     from danlu.serve.export import TOLERANCE, OnnxModel, export
 
-    run = classifier_run(str(tmp_path / "ngram"), kind="ngram", rows=120, epochs=4, buckets=4096, ngrams=[1, 2])
+    run = classifier_run(str(tmp_path / "ngram"), kind="ngram", rows=120, epochs=4, buckets=4096, ngrams=[1, 2],
+                         weighting=weighting)
+    if weighting == "idf":  # measured on the training split, saved in model.safetensors, loaded back
+        assert run.model.idf.min() >= 1 and run.model.idf.max() > run.model.idf.min()
+        again = load_run(run.path, device="cpu")
+        torch.testing.assert_close(again.model.idf, run.model.idf, rtol=0, atol=0)
+        ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 3, 0, 0]])
+        with torch.no_grad():
+            torch.testing.assert_close(again.model(ids, ids != 0), run.model.eval()(ids, ids != 0), rtol=0, atol=0)
     texts = ["很好喜欢推荐", "很差失望退货", "质量物流很好满意", "包装糟糕后悔"]
     predicted = run.predict(texts)
     assert [p["label"] for p in predicted] == ["正面", "负面", "正面", "负面"]

@@ -9,8 +9,14 @@ The n-gram ids are computed inside `forward` from the token ids by integer arith
 `predict`, `serve` and the exported ONNX graph see the very same features from the same tokenizer.
 Padding never reaches the average: an n-gram counts only when its last token is real (texts are padded on
 the right), so appending padding leaves the logits unchanged.
+
+With `weighting: idf` each row also has a weight, its n-gram's inverse document frequency on the training split
+(measured by `adapt` before training, a buffer saved with the weights), and the text is the weighted sum of its
+n-grams' embeddings divided by the L2 norm of their weights: the pooling of a TF-IDF row (Salton & Buckley 1988)
+that a linear model then reads, with raw term frequencies (an n-gram seen twice counts twice).
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,6 +42,9 @@ class NgramConfig:
     """Hashed rows shared by every n-gram longer than one token (collisions share a row)."""
     dropout: Fraction = 0.0
     """Dropout on the averaged vector."""
+    weighting: Literal["mean", "idf"] = "mean"
+    """mean: the plain average of fastText. idf: each n-gram weighted by its inverse document frequency on the
+    training split and the weighted sum divided by the weights' L2 norm, as TF-IDF rows are normalised."""
 
     def __post_init__(self):
         if not self.ngrams:  # each order's range is checked at load
@@ -52,6 +61,8 @@ class NgramClassifier(nn.Module):
         self.vocab_size = spec.vocab_size
         hashed = config.buckets if max(self.orders) > 1 else 0
         self.embed = nn.Embedding(spec.vocab_size + hashed, config.embed_dim)
+        if config.weighting == "idf":  # one weight per row, measured on the training split by `adapt`; saved with the model
+            self.register_buffer("idf", torch.ones(spec.vocab_size + hashed))
         # fastText's initialisation: uniform in +-1/dim, so that an average of many rows starts near zero
         nn.init.uniform_(self.embed.weight, -1.0 / config.embed_dim, 1.0 / config.embed_dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -79,11 +90,40 @@ class NgramClassifier(nn.Module):
             real.append(mask[:, n - 1:n - 1 + length])  # (B, T): the n-gram's last token is real
         return torch.cat(rows, 1), torch.cat(real, 1)  # (B, T * orders) each
 
+    @torch.no_grad()
+    def adapt(self, dataset, batch_size=256):
+        """Measure the idf of every row on `dataset` (the training split: a TextDataset) when `weighting` is idf.
+
+        idf = ln((1 + N) / (1 + df)) + 1, with df the number of texts an n-gram occurs in (scikit-learn's smoothed
+        idf, TfidfVectorizer(smooth_idf=True)); a row never seen in training gets the largest value, as there.
+        """
+        if self.config.weighting != "idf":
+            return
+        df = torch.zeros(self.embed.num_embeddings, dtype=torch.float64)
+        for start in range(0, len(dataset.ids), batch_size):
+            chunk = dataset.ids[start:start + batch_size]
+            length = max(len(x) for x in chunk)
+            ids = torch.zeros(len(chunk), length, dtype=torch.long)
+            mask = torch.zeros(len(chunk), length, dtype=torch.bool)
+            for i, x in enumerate(chunk):
+                ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+                mask[i, :len(x)] = True
+            rows, real = self.ngram_ids(ids, mask)  # (b, L)
+            for r, keep in zip(rows, real):
+                df[torch.unique(r[keep])] += 1  # each text counts once per row
+        n = len(dataset.ids)
+        self.idf.copy_(torch.log((1.0 + n) / (1.0 + df)) + 1.0)
+
     def forward(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         rows, real = self.ngram_ids(input_ids, attention_mask)  # (B, L)
         weight = real.to(self.embed.weight.dtype).unsqueeze(-1)  # (B, L, 1)
+        if self.config.weighting == "idf":
+            weight = weight * self.idf[rows].unsqueeze(-1)  # (B, L, 1) idf of each real n-gram, 0 on padding
+            norm = weight.square().sum(1).sqrt()  # (B, 1) L2 norm of the text's weights, as TF-IDF rows are normalised
+        else:
+            norm = weight.sum(1)  # (B, 1) the number of real n-grams: a mean
         x = self.embed(rows) * weight  # (B, L, E), padding zeroed
-        pooled = x.sum(1) / weight.sum(1).clamp(min=1.0)  # (B, E) mean over the real n-grams
+        pooled = x.sum(1) / norm.clamp(min=1.0)  # (B, E)
         return self.head(self.dropout(pooled))  # (B, C)
