@@ -36,8 +36,8 @@ class EndsAfter(GPT):
         super().__init__(config, spec)
         self.stop_at, self.eos = prompt_length + after, spec.eos_id
 
-    def forward(self, input_ids, attention_mask=None, cache=None, positions=None):
-        logits = super().forward(input_ids, attention_mask, cache, positions)
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, **options):
+        logits = super().forward(input_ids, attention_mask, cache, positions, **options)
         if cache is not None and cache.length >= self.stop_at:
             logits[..., self.eos] = 1e4
         return logits
