@@ -137,7 +137,7 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens=SAMPLI
                 next_id = next_id.masked_fill(done, eos_id)
                 done |= next_id == eos_id
             yield next_id
-            if step + 1 == max_new_tokens or bool(done.all()):
+            if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 return
             if seen is not None:
                 seen[torch.arange(B, device=device), next_id] = True

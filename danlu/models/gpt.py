@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from danlu.models.blocks import (Block, KVCache, causal_padding_mask, init_weights, make_norm, mean_over_tokens,
-                                 rope_tables)
+from danlu.models.blocks import (Block, KVCache, causal_padding_mask, init_weights, make_dropout, make_norm,
+                                 mean_over_tokens, rope_tables)
 from danlu.models.shapes import TransformerShape
 from danlu.registry import ConfigError
 from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
@@ -97,7 +97,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, C)
         if config.positions == "learned":
             self.positions = nn.Embedding(max(config.max_positions, spec.max_length), C)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(C, config.num_heads, config.kv_heads, config.ffn_dim, config.mlp, config.norm,
                   config.norm_eps, config.bias, config.dropout, causal=True)
