@@ -13,6 +13,10 @@ both; what differs is the work around them (masks, positions, cache bookkeeping,
 
     python benchmarks/run.py --only generate [--quick]
     python benchmarks/generate.py --quick
+
+With --generate-steps it times one decoding step instead (a cache of prompt + new/2 tokens), each side's whole
+step against its GEMMs alone (the same linear layers and head at the same shapes, run back to back): how much
+of a step the shared matrix products take, and so the most any work around them can gain.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ def add_arguments(parser):
     group.add_argument("--generate-rounds", type=int, help="alternating rounds (default 5; 2 with --quick)")
     group.add_argument("--generate-precision", default=None,
                        help="comma-separated fp32, bf16 (default both where bf16 is native; with --quick the faster)")
+    group.add_argument("--generate-steps", action="store_true",
+                       help="time one decoding step and its GEMMs alone, for both (instead of whole generations)")
 
 
 def run(args):
@@ -68,7 +74,10 @@ def run(args):
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         ours, theirs = base_model.to(dtype), base_hf.to(dtype)  # the same weights, cast for both
-        rows += _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids)
+        if getattr(args, "generate_steps", False):
+            rows += [row for B in batches for row in _step_shares(ours, theirs, precision, B, prompt + new // 2, rounds, V)]
+        else:
+            rows += _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids)
     return rows
 
 
@@ -113,6 +122,71 @@ def _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, a
 
 
 
+def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
+    """One decoding step at `cached` tokens, for both, against the step's GEMMs alone: median ms of `repeats` steps
+    per round, the rounds alternating (CPU; the cache is rewound after each step, so every step is the same)."""
+    import torch
+    from torch import nn
+    from transformers import DynamicCache
+
+    from danlu.generation import decode_layout
+
+    ids = torch.randint(1, V, (B, cached), generator=torch.Generator().manual_seed(B))
+    one = ids[:, -1:]  # (B, 1)
+    rows_in = {}  # in_features -> (B, in) input of a linear layer
+
+    def inputs(n):
+        return rows_in.setdefault(n, torch.randn(B, n, dtype=ours.embed.weight.dtype))
+
+    with decode_layout(ours, rows=B), torch.inference_mode():
+        cache = ours.new_cache(B, cached + 1)
+        ours(ids[:, :-1], cache=cache)
+        linears = [m for m in ours.modules() if isinstance(m, nn.Linear)]  # blocks' projections, then the head
+
+        def our_step():
+            cache.length = cached - 1
+            return ours(one, cache=cache)
+
+        def our_gemms():
+            for m in linears:
+                nn.functional.linear(inputs(m.in_features), m.weight, m.bias)
+
+        their_cache = DynamicCache()
+        theirs(input_ids=ids[:, :-1], past_key_values=their_cache, use_cache=True)
+        mask, position = torch.ones(B, cached, dtype=torch.long), torch.full((B, 1), cached - 1)
+        convs = [m for m in theirs.modules() if type(m).__name__ == "Conv1D"]  # GPT-2's (in, out) linear layers
+
+        def their_step():
+            theirs(input_ids=one, past_key_values=their_cache, attention_mask=mask, position_ids=position, use_cache=True)
+            their_cache.crop(-1)
+
+        def their_gemms():
+            for m in convs:
+                torch.addmm(m.bias, inputs(m.weight.shape[0]), m.weight)
+            nn.functional.linear(inputs(theirs.lm_head.in_features), theirs.lm_head.weight)
+
+        runs = {"transformers step": their_step, "transformers GEMMs": their_gemms, "danlu step": our_step,
+                "danlu GEMMs": our_gemms}
+        ms = {name: [] for name in runs}
+        for fn in runs.values():
+            fn()  # warm-up
+        for r in range(rounds):
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    runs[name]()
+                ms[name].append((time.perf_counter() - start) / repeats * 1e3)
+    med = {name: statistics.median(values) for name, values in ms.items()}
+    rows = []
+    for side in ("transformers", "danlu"):
+        step, gemms = med[f"{side} step"], med[f"{side} GEMMs"]
+        rows.append({"contender": side, "precision": precision, "batch": B, "cached_tokens": cached,
+                     "step_ms": round(step, 3), "gemm_ms": round(gemms, 3), "gemm_share": round(gemms / step, 3),
+                     "step_vs_transformers": round(med["transformers step"] / step, 3),
+                     "ceiling_vs_transformers": round(med["transformers step"] / gemms, 3),
+                     "spread": f"{min(ms[f'{side} step']):.2f}-{max(ms[f'{side} step']):.2f}",
+                     "threads": torch.get_num_threads()})
+    return rows
 
 
 if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]

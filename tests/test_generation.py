@@ -36,8 +36,8 @@ class EndsAfter(GPT):
         super().__init__(config, spec)
         self.stop_at, self.eos = prompt_length + after, spec.eos_id
 
-    def forward(self, input_ids, attention_mask=None, cache=None, positions=None):
-        logits = super().forward(input_ids, attention_mask, cache, positions)
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, **options):
+        logits = super().forward(input_ids, attention_mask, cache, positions, **options)
         if cache is not None and cache.length >= self.stop_at:
             logits[..., self.eos] = 1e4
         return logits
@@ -203,3 +203,56 @@ def test_sampling_with_a_temperature_or_penalty_near_zero_stays_finite():
             ids = sample(logits, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=5e-324, seen=seen,
                          generator=g)
             assert ids[0].item() == 0 and 0 <= ids[1].item() < 4
+
+
+def test_last_only_keeps_the_last_positions_logits(model, tokenizer):
+    """The prompt's forward before decoding computes the head for the last position only; its logits are the full
+    forward's last ones, with and without the cache and with left padding."""
+    ids, mask = encode_prompts(tokenizer, ["the king speaks", "a"], 32)
+    with torch.no_grad():
+        full = model(ids, mask)  # (B, T, V)
+        last = model(ids, mask, last_only=True)
+        cached = model(ids, mask, cache=model.new_cache(2, ids.shape[1]), last_only=True)
+    assert last.shape == cached.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(cached, full[:, -1:])
+
+
+def test_decode_layout_re_lays_the_weights_only_for_batches(model):
+    """One row a step runs as fast on nn.Linear's own layout, so the transposing copies in and out are skipped; from
+    LAYOUT_MIN_ROWS rows on the weights are stored (in, out) while decoding, and come back after."""
+    from danlu.generation import LAYOUT_MIN_ROWS, decode_layout
+
+    weight = model.blocks[0].ffn.up.weight
+    storage = weight.data_ptr()
+    with decode_layout(model, rows=1):
+        assert weight.is_contiguous() and weight.data_ptr() == storage
+        assert model.head.weight is model.embed.weight
+    with decode_layout(model, rows=LAYOUT_MIN_ROWS):
+        assert not weight.is_contiguous() and weight.t().is_contiguous()
+        assert model.head.weight is not model.embed.weight and model.head.weight.t().is_contiguous()
+    assert weight.is_contiguous() and model.head.weight is model.embed.weight
+
+
+def test_layouts_decode_the_same_tokens(model, tokenizer):
+    """A batch of one and the same prompt among a batch of LAYOUT_MIN_ROWS (re-laid weights) pick the same tokens."""
+    from danlu.generation import LAYOUT_MIN_ROWS
+
+    prompts = ["the king", "to be or not to be", "我们", "a storm in the"][:LAYOUT_MIN_ROWS]
+    together = generate(model, tokenizer, prompts, max_new_tokens=12, temperature=0)
+    assert together[0] == generate(model, tokenizer, prompts[:1], max_new_tokens=12, temperature=0)[0]
+
+
+def test_dropout_of_zero_is_no_module_call_and_dropout_still_drops():
+    from danlu.models.blocks import make_dropout
+
+    assert isinstance(make_dropout(0.0), torch.nn.Identity)
+    drop = make_dropout(0.5).train()
+    assert isinstance(drop, torch.nn.Dropout) and (drop(torch.ones(1000)) == 0).any()
+    from danlu.data.spec import DataSpec
+
+    torch.manual_seed(0)
+    spec = DataSpec(vocab_size=64, num_classes=0, max_length=64)
+    dropped = GPT(GPTConfig(num_layers=1, embed_dim=16, num_heads=2, max_positions=64, dropout=0.5), spec).train()
+    ids = torch.randint(0, 64, (2, 8))
+    assert not torch.equal(dropped(ids), dropped(ids))  # training with dropout > 0 stays random

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from danlu.models.blocks import (Block, KVCache, causal_padding_mask, init_weights, make_norm, mean_over_tokens,
-                                 rope_tables)
+from danlu.models.blocks import (Block, KVCache, causal_padding_mask, init_weights, make_dropout, make_norm,
+                                 mean_over_tokens, rope_tables)
 from danlu.models.shapes import TransformerShape
 from danlu.registry import ConfigError
 from danlu.schema import Annotated, Fraction, Literal, NonNegative, Positive, Range
@@ -97,7 +97,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, C)
         if config.positions == "learned":
             self.positions = nn.Embedding(max(config.max_positions, spec.max_length), C)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(C, config.num_heads, config.kv_heads, config.ffn_dim, config.mlp, config.norm,
                   config.norm_eps, config.bias, config.dropout, causal=True)
@@ -126,7 +126,8 @@ class GPT(nn.Module):
         head = self.head
         return head if self.num_classes == 0 and type(head) is nn.Linear and head.bias is None else None
 
-    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, return_hidden=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, positions=None, return_hidden=False,
+                last_only=False):
         """input_ids (B, T); attention_mask (B, T) bool, True = real token, padding on either side.
 
         With `cache`, input_ids are the next T tokens after those already cached (the whole prompt
@@ -134,6 +135,9 @@ class GPT(nn.Module):
         and defaults to all real. `positions` (B, T) overrides the position ids, which otherwise
         count real tokens from each row's first one. Returns logits (B, T, vocab) or (B, num_classes);
         with `return_hidden`, the final (normed) hidden states (B, T, C) that the head maps to logits.
+        `last_only` (a language model's) keeps the last position alone, (B, 1, vocab) or (B, 1, C): a prompt's
+        forward pass before decoding needs no other, and the head over every prompt token costs as much as
+        dozens of decoding steps' heads.
         """
         B, T = input_ids.shape
         mask, start, end = None, 0, T  # mask None: plain causal attention, SDPA's fastest path
@@ -173,6 +177,8 @@ class GPT(nn.Module):
             x = block(x, mask, rope, cache.layer(i) if cache is not None else None, start)  # (B, T, C)
         if cache is not None:
             cache.length = end
+        if last_only and self.num_classes == 0:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)  # (B, T, C)
         if return_hidden:
             return x  # (B, T, C)
@@ -198,7 +204,7 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         cache = self.new_cache(B, T + max_new_tokens)
-        logits = self(input_ids, attention_mask, cache=cache)[:, -1]  # (B, vocab)
+        logits = self(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]  # (B, vocab)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
