@@ -162,6 +162,19 @@ class _Calls:
         return [(rows, tokens) for rows, tokens, _ in self.calls if tokens > 1]
 
 
+def resume_and_record(engine, jobs, model):
+    """Start a paused engine and wait for its `jobs` (from collect) -> the _Calls of the model meanwhile."""
+    calls = _Calls(model)
+    try:
+        engine.resume()
+        for _, _, finished in jobs:
+            assert finished.wait(30)
+    finally:
+        calls.handle.remove()
+        engine.close()
+    return calls
+
+
 def test_prompts_joining_at_one_step_are_prefilled_together_and_decode_as_alone(lm_run):
     """Prompts of 1 to 40 characters that arrive together are one left-padded prefill call; greedy rows still
     give generate()'s text alone, and a seeded row the same text as when it ran alone."""
@@ -177,14 +190,7 @@ def test_prompts_joining_at_one_step_are_prefilled_together_and_decode_as_alone(
     engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8, paused=True)
     jobs = [collect(engine, predictor.encode(p), seeded if i == 2 else greedy, stream=i % 2 == 0)
             for i, p in enumerate(prompts)]
-    calls = _Calls(lm_run.model)
-    try:
-        engine.resume()
-        for _, _, finished in jobs:
-            assert finished.wait(30)
-    finally:
-        calls.handle.remove()
-        engine.close()
+    calls = resume_and_record(engine, jobs, lm_run.model)
     widths = [len(predictor.encode(p)) for p in prompts]
     assert calls.prefills() == [(len(prompts), max(widths))]  # one call for all six
     for i, (prompt, (_, out, _)) in enumerate(zip(prompts, jobs)):
@@ -205,14 +211,7 @@ def test_the_prefill_budget_bounds_the_prompt_tokens_between_two_steps(lm_run):
     short, long = len(predictor.encode(prompts[0])), len(predictor.encode(prompts[-1]))
     engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8, paused=True, prefill_tokens=2 * short)
     jobs = [collect(engine, predictor.encode(p), greedy) for p in prompts]
-    calls = _Calls(lm_run.model)
-    try:
-        engine.resume()
-        for _, _, finished in jobs:
-            assert finished.wait(30)
-    finally:
-        calls.handle.remove()
-        engine.close()
+    calls = resume_and_record(engine, jobs, lm_run.model)
     # two prompts of 6 per step, then the long one alone (a prompt longer than the budget still joins)
     assert calls.prefills() == [(2, short), (2, short), (1, short), (1, long)]
     for prompt, (_, out, _) in zip(prompts, jobs):
