@@ -15,6 +15,7 @@ a server alone would reach; the comparison between the two modes is what the tab
 
     python benchmarks/run.py --only serve [--quick] [--device cpu|cuda]
     python benchmarks/serve.py --quick
+    python benchmarks/serve.py --serve-only streams      # one part: classifier, completions, streams, hostile
 """
 from __future__ import annotations
 
