@@ -7,13 +7,16 @@ and waiting requests join (the iteration-level scheduling of Orca, Yu et al. 202
 request in a preallocated cache rather than vLLM's pages). A short request is therefore never stuck
 behind a long one, and a stream gets its tokens at the batch's pace.
 
-The cache: rows × columns, all rows writing their next token into the same column. A request joins by
-running its prompt alone (a prefill of P tokens) and copying its keys and values into the P columns
-before the current one, its earlier columns masked out: to the model that is a left-padded row, whose
-positions count from its first real token (`GPT.forward` with a cache). When a prompt is longer than
-the columns behind the current one, every row moves right; when the columns run out, every row moves
-left by the padding all rows share. A row that leaves is filled by the last row, so that the model
-only ever runs the first n rows.
+The cache: rows × columns, all rows writing their next token into the same column. The requests that
+arrive between two steps join together: their prompts run as one left-padded batch (one prefill call,
+at most `prefill_tokens` tokens with padding; the others wait for the next step, so that a step's
+length stays bounded, the decode-first idea of Sarathi, Agrawal et al. 2023), and each prompt's keys
+and values are copied into the P columns before the current one, its earlier columns masked out: to
+the model that is a left-padded row, whose positions count from its first real token (`GPT.forward`
+with a cache). A step reads the columns from its oldest row's first one on, so that short rows stop
+paying for a long row once it has left. When a prompt is longer than the columns behind the current
+one, every row moves right; when the columns run out, every row moves left by the padding all rows
+share. A row that leaves is filled by the last row, so that the model only ever runs the first n rows.
 
 Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
 a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
