@@ -84,8 +84,9 @@ def serve(run, host="127.0.0.1", port=8000, api_key=None, device="cpu", access_l
     gc.freeze()
     # The model thread makes many short torch calls, each of which lets go of Python's lock; while the event
     # loop is busy, taking it back waits up to the switch interval every time (5 ms by default), so a decoding
-    # step stretched to several times its length under load. Measured with benchmarks/serve.py (16 clients,
-    # 10% streams): 0.5 ms gave 1.5-3x the throughput and a third of the stream latency of the default.
+    # step stretched to several times its length under load. Measured with the client of benchmarks/serve.py
+    # (16 clients, 10% streams, 3 rounds alternating): 0.5 ms gave 1.2-3x the throughput of the default and
+    # streams' p50 of 94-164 ms against 257-348 ms.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     sock = bind(host, port)
     shown = sock.getsockname()
