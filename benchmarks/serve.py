@@ -15,6 +15,7 @@ a server alone would reach; the comparison between the two modes is what the tab
 
     python benchmarks/run.py --only serve [--quick] [--device cpu|cuda]
     python benchmarks/serve.py --quick
+    python benchmarks/serve.py --serve-only streams      # one part: classifier, completions, streams, hostile
 """
 from __future__ import annotations
 
@@ -42,8 +43,11 @@ def add_arguments(parser):
     group.add_argument("--serve-no-lm", action="store_true", help="skip the language-model (completions) rows")
     group.add_argument("--serve-hostile", type=int, help="requests of the hostile mix (default 2000; 300 with --quick; "
                                                           "0 skips it)")
+    group.add_argument("--serve-only", nargs="+", choices=PARTS, help="run these parts only (default: all): "
+                                                                      + ", ".join(PARTS))
 
 
+PARTS = ("classifier", "completions", "streams", "hostile")
 MODES = {"off": ["--max-batch", "1"], "on (32 / 2 ms)": ["--max-batch", "32", "--max-wait-ms", "2"]}
 
 
@@ -54,54 +58,63 @@ def run(args):
     device = getattr(args, "device", "cpu") or "cpu"
     device = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
     threads = getattr(args, "threads", 0) or 1  # the server's torch threads; 1 is best on a shared CPU
+    parts = set(getattr(args, "serve_only", None) or PARTS)
+    if getattr(args, "serve_no_lm", False):
+        parts -= {"completions", "streams", "hostile"}
+    hostile = getattr(args, "serve_hostile", None)
+    if ((300 if quick else 2000) if hostile is None else hostile) == 0:
+        parts.discard("hostile")
     rows = []
     with tempfile.TemporaryDirectory(prefix="danlu-bench-serve-") as tmp:
         from danlu.testing import classifier_run, language_model_run
 
-        classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128, embed_dim=128,
-                                    hidden_dim=128)
-        rows += _measure(classifier.path, device, seconds, rounds, threads, "lstm classifier", "/v1/predict",
-                         [{"texts": text} for text in _texts(200)])
-        if not getattr(args, "serve_no_lm", False):
+        if "classifier" in parts:
+            classifier = classifier_run(os.path.join(tmp, "lstm"), kind="lstm", rows=200, max_length=128,
+                                        embed_dim=128, hidden_dim=128)
+            rows += _measure(classifier.path, device, seconds, rounds, threads, "lstm classifier", "/v1/predict",
+                             [{"texts": text} for text in _texts(200)])
+        prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
+        if parts & {"completions", "streams"}:
             lm = language_model_run(os.path.join(tmp, "gpt"), steps=10, embed_dim=128, num_heads=4, num_layers=4)
-            prompts = ["你好", "今天天气", "丹炉可以", "hello, i am", "the quick"]
+        if "completions" in parts:
             rows += _measure(lm.path, device, seconds, rounds, threads, "gpt completions, 16 tokens", "/v1/completions",
                              [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts])
+        if "streams" in parts:
             rows += _streams(lm.path, device, seconds, rounds, threads, prompts)
-        hostile = getattr(args, "serve_hostile", None)
-        hostile = (300 if quick else 2000) if hostile is None else hostile
-        if hostile and not getattr(args, "serve_no_lm", False):
-            rows.append(_hostile(os.path.join(tmp, "gpt-hostile"), device, threads, hostile))
+        if "hostile" in parts:
+            rows.append(_hostile(os.path.join(tmp, "gpt-hostile"), device, threads,
+                                 (300 if quick else 2000) if hostile is None else hostile))
     return rows
 
 
 def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, share=0.1):
     """16 closed-loop clients, 10% of whose requests are streamed chats (16 tokens) and the rest 16-token
     completions, against the same clients sending streams only: the streams' p50 (whole stream) in the mix
-    over their p50 alone (the same 16 clients streaming only, and one client streaming on an idle server).
-    With continuous batching both kinds share every decoding step."""
+    over their p50 alone (`vs_alone`: the same 16 clients streaming only; `vs_one`: one client streaming on an
+    idle server). With continuous batching both kinds share every decoding step. The three loads alternate
+    within each round, so that load from elsewhere on the machine falls on all of them."""
     stream = [{"model": "gpt", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0,
                "stream": True} for p in prompts]
     plain = [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts]
-    runs = {"mix": (clients, share), "streams alone": (clients, 1.0), "one stream alone": (1, 1.0)}
+    runs = {f"{share:.0%} streams": (clients, share), "streams only": (clients, 1.0), "one stream alone": (1, 1.0)}
     results = {name: [] for name in runs}
     with _Server(run_dir, device, "--threads", str(threads), "--max-batch", "32") as url:
         for _ in range(rounds):
             for name, (n, part) in runs.items():
                 results[name].append(_run_loop(_mixed(url, stream, plain, n, seconds, part)))
-    alone = statistics.median(r["stream_p50"] for r in results["streams alone"])
+    alone = statistics.median(r["stream_p50"] for r in results["streams only"])
     one = statistics.median(r["stream_p50"] for r in results["one stream alone"])
     rows = []
     for name, rs in results.items():
         p50 = statistics.median(r["stream_p50"] for r in rs)
         n, part = runs[name]
-        rows.append({"model": f"gpt 16-token chats, streams {part:.0%}", "batching": "continuous", "clients": n,
+        rows.append({"model": f"gpt 16-token chats, {name}", "batching": "continuous", "clients": n,
                      "requests": sum(r["ok"] for r in rs), "errors": sum(r["errors"] for r in rs),
                      "throughput_rps": round(statistics.median(r["throughput"] for r in rs), 1),
                      "stream_p50_ms": round(p50, 1), "stream_p50_vs_alone": round(p50 / alone, 2),
                      "stream_p50_vs_one": round(p50 / one, 2),
                      "completion_p50_ms": round(statistics.median(r["plain_p50"] for r in rs), 1)
-                     if name == "mix" else None})
+                     if part < 1 else None})
     return rows
 
 

@@ -145,3 +145,144 @@ def test_a_prompt_the_model_cannot_read_fails_only_its_own_request(lm_run):
         assert finished.wait(30)
         assert out["done"][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
     engine.close()
+
+
+class _Calls:
+    """Records every model call: (rows, tokens per row, the columns its cache reads)."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids, cache = args[0], kwargs.get("cache")
+        self.calls.append((ids.shape[0], ids.shape[1], None if cache is None else cache.length + ids.shape[1]))
+
+    def prefills(self):
+        return [(rows, tokens) for rows, tokens, _ in self.calls if tokens > 1]
+
+
+def resume_and_record(engine, jobs, model):
+    """Start a paused engine and wait for its `jobs` (from collect) -> the _Calls of the model meanwhile."""
+    calls = _Calls(model)
+    try:
+        engine.resume()
+        for _, _, finished in jobs:
+            assert finished.wait(30)
+    finally:
+        calls.handle.remove()
+        engine.close()
+    return calls
+
+
+def test_prompts_joining_at_one_step_are_prefilled_together_and_decode_as_alone(lm_run):
+    """Prompts of 1 to 40 characters that arrive together are one left-padded prefill call; greedy rows still
+    give generate()'s text alone, and a seeded row the same text as when it ran alone."""
+    predictor = Predictor(lm_run)
+    text = "".join(CORPUS)
+    prompts = [text[:1], text[3:40], text[50:55], text[60:61], text[70:95], text[100:112]]
+    greedy = {"max_new_tokens": 12, "temperature": 0}
+    seeded = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 20, "seed": 5}
+    alone = Engine(lm_run.model, lm_run.tokenizer, max_batch=8)
+    _, want_seeded, done = collect(alone, predictor.encode(prompts[2]), seeded)
+    assert done.wait(30)
+    alone.close()
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8, paused=True)
+    jobs = [collect(engine, predictor.encode(p), seeded if i == 2 else greedy, stream=i % 2 == 0)
+            for i, p in enumerate(prompts)]
+    calls = resume_and_record(engine, jobs, lm_run.model)
+    widths = [len(predictor.encode(p)) for p in prompts]
+    assert calls.prefills() == [(len(prompts), max(widths))]  # one call for all six
+    for i, (prompt, (_, out, _)) in enumerate(zip(prompts, jobs)):
+        if i == 2:
+            assert out["done"] == want_seeded["done"]
+            continue
+        want = generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
+        assert out["done"][0] == want, prompt
+        if out["deltas"]:
+            assert "".join(out["deltas"]) == want
+
+
+def test_the_prefill_budget_bounds_the_prompt_tokens_between_two_steps(lm_run):
+    predictor = Predictor(lm_run)
+    text = "".join(CORPUS)
+    prompts = [text[i * 7 : i * 7 + 6] for i in range(5)] + [text[:30]]  # five of 6 characters, one of 30
+    greedy = {"max_new_tokens": 6, "temperature": 0}
+    short, long = len(predictor.encode(prompts[0])), len(predictor.encode(prompts[-1]))
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8, paused=True, prefill_tokens=2 * short)
+    jobs = [collect(engine, predictor.encode(p), greedy) for p in prompts]
+    calls = resume_and_record(engine, jobs, lm_run.model)
+    # two prompts of 6 per step, then the long one alone (a prompt longer than the budget still joins)
+    assert calls.prefills() == [(2, short), (2, short), (1, short), (1, long)]
+    for prompt, (_, out, _) in zip(prompts, jobs):
+        assert out["done"][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
+
+
+def test_a_step_reads_only_the_columns_of_the_rows_in_the_batch(tmp_path):
+    """Once a long row leaves, the rows left behind attend over their own columns only, not over the padding
+    the long one kept in front of them."""
+    run = language_model_run(str(tmp_path / "lm"), steps=0)  # untrained: greedy text runs to max_tokens
+    predictor = Predictor(run)
+    engine = Engine(run.model, run.tokenizer, max_batch=4)
+    calls = _Calls(run.model)
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        long = collect(engine, predictor.encode("".join(CORPUS)[:50]), {"max_new_tokens": 150, "temperature": 0})
+        wait_for(lambda: len(calls.calls) >= 40)  # the long row is 40 steps in: it spans ~90 columns
+        short_prompt = predictor.encode("你好")
+        short = collect(engine, short_prompt, {"max_new_tokens": 60, "temperature": 0})
+        wait_for(lambda: sum(1 for rows, _, _ in calls.calls if rows == 2) >= 5)  # both rows decode together
+        long[0].cancelled.set()
+        assert short[2].wait(30) and short[1]["done"][1] == 60
+    finally:
+        calls.handle.remove()
+        engine.close()
+    together = [columns for rows, _, columns in calls.calls if rows == 2]
+    last = max(i for i, (rows, _, _) in enumerate(calls.calls) if rows == 2)
+    after = [columns for _, _, columns in calls.calls[last + 1 :]]
+    assert min(together) > 90
+    assert after and max(after) <= len(short_prompt) + 60, after
+
+
+def test_a_steps_events_reach_the_event_loop_in_one_call(lm_run):
+    """Four streams decoding together: each step wakes the server's event loop once, not once per row, and
+    every stream still gets its events in order."""
+    import asyncio
+
+    from danlu.serve.app import _Outbox, _queue_emitter
+
+    predictor = Predictor(lm_run)
+    loop = asyncio.new_event_loop()
+    wakeups, steps, finished = [], [], threading.Semaphore(0)
+    wake = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (wakeups.append(args), wake(*args))[1]
+    outbox = _Outbox()
+    engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=4, paused=True, on_step=steps.append,
+                    flush=outbox.flush)
+    greedy = {"max_new_tokens": 8, "temperature": 0}
+    prompts, queues = ["你好", "丹炉", "今天", "我是"], [asyncio.Queue() for _ in range(4)]
+    for prompt, events in zip(prompts, queues):
+        emit = _queue_emitter(outbox, loop, events)
+        engine.submit(Request(predictor.encode(prompt), dict(greedy), stream=True,
+                              emit=lambda kind, value, emit=emit: (emit(kind, value), kind == "done" and finished.release())))
+    try:
+        engine.resume()
+        for _ in prompts:
+            assert finished.acquire(timeout=30)
+        time.sleep(0.2)  # the last flush
+        loop.run_until_complete(asyncio.sleep(0))  # the calls handed over run
+    finally:
+        engine.close()
+        loop.close()
+    assert 0 < len(wakeups) <= len(steps) + 1  # the joint prefill's first tokens, then one per step
+    for prompt, events in zip(prompts, queues):
+        got = [events.get_nowait() for _ in range(events.qsize())]
+        assert got[-1][0] == "done"
+        assert "".join(v for k, v in got if k == "delta") == got[-1][1][0]
+        assert got[-1][1][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]

@@ -403,10 +403,11 @@ class _State:
         # a language model's runs decode in the continuous-batching engine (its own model thread); a classifier,
         # a seq2seq run (beam search decodes a whole batch at once) or a predictor without an engine goes
         # through the micro-batcher
-        self.engine = None
+        self.engine, self.outbox = None, _Outbox()
         if predictor.kind == "language_model" and hasattr(predictor, "engine"):
             self.engine = predictor.engine(options.max_batch, options.max_queue,
                                            on_step=lambda rows: self.metrics.observe_batch("generate", rows))
+            self.engine.flush = self.outbox.flush
         fn = self._classify_batch if kind == "predict" else self._generate_batch
         self.batcher = MicroBatcher(fn, options.max_batch, options.max_wait_ms, options.max_queue, size=len,
                                     on_batch=lambda units, _: self.metrics.observe_batch(kind, units))
@@ -481,7 +482,7 @@ class _State:
         try:
             for ids in prompts:
                 future = loop.create_future()
-                requests.append(Generation(ids, dict(sampling), _emitter(loop, future)))
+                requests.append(Generation(ids, dict(sampling), _emitter(self.outbox, loop, future)))
                 futures.append(future)
                 self.engine.submit(requests[-1])
         except Overloaded as e:
@@ -616,7 +617,7 @@ class _State:
         loop = asyncio.get_running_loop()
         chat, chunk, usage_event = self._chunker(object_name)
         events = asyncio.Queue()
-        request = Generation(prompt, dict(sampling), _queue_emitter(loop, events), stream=True)
+        request = Generation(prompt, dict(sampling), _queue_emitter(self.outbox, loop, events), stream=True)
         scored = None  # the logprobs of the next delta
         self.streams += 1  # counted here, not before: a generator that never starts never ends either
         try:
@@ -731,7 +732,36 @@ class Job(list):
         self.cancelled = threading.Event()
 
 
-def _emitter(loop, future):
+class _Outbox:
+    """What the engine's thread hands to event loops, one call per loop and decoding step however many rows
+    the step answered (streams' tokens, finished completions): each call wakes the loop, which then holds
+    Python's lock while the model thread waits for it."""
+
+    def __init__(self):
+        self._lock, self._calls = threading.Lock(), {}
+
+    def put(self, loop, fn, *args):
+        """Queue `fn(*args)` for `loop` (in the engine's thread)."""
+        with self._lock:
+            self._calls.setdefault(loop, []).append((fn, args))
+
+    def flush(self):
+        """Hand what was queued to the loops (the engine calls it after each step)."""
+        with self._lock:
+            calls, self._calls = self._calls, {}
+        for loop, queued in calls.items():
+            try:
+                loop.call_soon_threadsafe(_call_all, queued)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                pass
+
+
+def _call_all(calls):
+    for fn, args in calls:
+        fn(*args)
+
+
+def _emitter(outbox, loop, future):
     """The engine's emit for a plain completion: the final result (or error) settles `future` in the loop."""
     def settle(kind, value):
         if future.done():
@@ -743,20 +773,15 @@ def _emitter(loop, future):
 
     def emit(kind, value):
         if kind != "delta":
-            try:
-                loop.call_soon_threadsafe(settle, kind, value)
-            except RuntimeError:  # the event loop is closed: nobody waits any more
-                pass
+            outbox.put(loop, settle, kind, value)
 
     return emit
 
 
-def _queue_emitter(loop, events):
+def _queue_emitter(outbox, loop, events):
+    """The engine's emit for a stream: every event goes to the `events` queue in the loop."""
     def emit(kind, value):
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-        except RuntimeError:
-            pass
+        outbox.put(loop, events.put_nowait, (kind, value))
 
     return emit
 

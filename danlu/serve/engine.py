@@ -7,13 +7,16 @@ and waiting requests join (the iteration-level scheduling of Orca, Yu et al. 202
 request in a preallocated cache rather than vLLM's pages). A short request is therefore never stuck
 behind a long one, and a stream gets its tokens at the batch's pace.
 
-The cache: rows × columns, all rows writing their next token into the same column. A request joins by
-running its prompt alone (a prefill of P tokens) and copying its keys and values into the P columns
-before the current one, its earlier columns masked out: to the model that is a left-padded row, whose
-positions count from its first real token (`GPT.forward` with a cache). When a prompt is longer than
-the columns behind the current one, every row moves right; when the columns run out, every row moves
-left by the padding all rows share. A row that leaves is filled by the last row, so that the model
-only ever runs the first n rows.
+The cache: rows × columns, all rows writing their next token into the same column. The requests that
+arrive between two steps join together: their prompts run as one left-padded batch (one prefill call,
+at most `prefill_tokens` tokens with padding; the others wait for the next step, so that a step's
+length stays bounded, the decode-first idea of Sarathi, Agrawal et al. 2023), and each prompt's keys
+and values are copied into the P columns before the current one, its earlier columns masked out: to
+the model that is a left-padded row, whose positions count from its first real token (`GPT.forward`
+with a cache). A step reads the columns from its oldest row's first one on, so that short rows stop
+paying for a long row once it has left. When a prompt is longer than the columns behind the current
+one, every row moves right; when the columns run out, every row moves left by the padding all rows
+share. A row that leaves is filled by the last row, so that the model only ever runs the first n rows.
 
 Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
 a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
@@ -32,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from danlu.serve.batching import ModelThread, Overloaded
+
+PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled between two decoding steps; the first prompt always
 
 
 @dataclass
@@ -80,6 +85,7 @@ class _Row:
             self.seen[torch.tensor(request.ids, device=device)] = True
         self.key = None if seed is not None else (self.temperature, self.top_k, self.top_p, self.penalty)
         self.text, self.sent, self.used, self.last = "", 0, 0, None
+        self.start = 0  # the cache column of its first prompt token
         self.top_logprobs = s.get("logprobs")  # None: no log probabilities; k >= 0: the k most likely too
         self.logprobs, self.logprobs_sent = [], 0
 
@@ -134,14 +140,19 @@ class Engine:
     """The model thread of a language-model server, decoding every admitted request in one batch.
 
     `submit(request)` queues a Request (Overloaded when `max_queue` are waiting); at most `max_batch` rows
-    decode at once. `on_step(rows)` is called after each decoding step (metrics). With `paused=True` the
-    thread starts only at `resume()`, so that requests queued before join the first batch together."""
+    decode at once, and the prompts joining between two steps are prefilled in one call of at most
+    `prefill_tokens` tokens (padding included; the first prompt joins whatever its length). `on_step(rows)`
+    is called after each decoding step (metrics), `flush()` after each step's emits (a server hands the
+    step's events to its event loop in one call). With `paused=True` the thread starts only at `resume()`,
+    so that requests queued before join the first batch together."""
 
-    def __init__(self, model, tokenizer, max_batch=32, max_queue=256, on_step=None, paused=False):
+    def __init__(self, model, tokenizer, max_batch=32, max_queue=256, on_step=None, paused=False,
+                 prefill_tokens=PREFILL_TOKENS, flush=None):
         from danlu.generation import context_length
 
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_queue, self.on_step = max(1, max_batch), max_queue, on_step
+        self.max_batch, self.max_queue, self.on_step, self.flush = max(1, max_batch), max_queue, on_step, flush
+        self.prefill_tokens = max(1, prefill_tokens)
         self.context = context_length(model)
         self.eos = tokenizer.token_id("</s>")
         self._queue = queue.SimpleQueue()
@@ -192,6 +203,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001  a failure of the batch: every request in it answers 500
                 for request in [row.request for row in self._rows] + self._pending:
                     request.emit("error", e)
+                if self.flush is not None:
+                    self.flush()
             finally:
                 self.cache, self._rows, self._pending, self.active = None, [], [], 0
 
@@ -212,99 +225,157 @@ class Engine:
                     self._closed = True
                 else:
                     pending.append(entry)
-            while pending:
-                request = pending.pop(0)
-                if request.cancelled.is_set():
-                    continue
-                try:
-                    column = self._join(request, rows, column, device)
-                except Exception as e:  # noqa: BLE001  this prompt's prefill failed: only this request answers 500
-                    request.emit("error", e)
+            pending[:] = [request for request in pending if not request.cancelled.is_set()]
+            if pending:  # the prompts that fit this step's prefill budget, in one call; the others wait
+                joining = self._within_budget(pending)
+                del pending[: len(joining)]
+                column = self._join(joining, rows, column, device)
             self.active = len(rows)
-            if not rows:
-                break
-            column = self._room(len(rows), column)
-            cache = self.cache
-            view = _view(cache, len(rows), column)
-            ids = torch.tensor([[row.last] for row in rows], device=device)  # (n, 1)
-            logits = self.model(ids, cache=view)[:, -1]  # (n, V)
-            column += 1
-            tokens = self._sample(rows, logits)
-            scores = self._score(rows, logits, tokens)
-            for i, row in enumerate(rows):
-                row.done = row.take(tokens[i], scores[i])
-            if self.on_step is not None:
-                self.on_step(len(rows))
-            self._drop(rows, self.cache, lambda row: row.done is not None or row.request.cancelled.is_set())
+            if rows:
+                column = self._step(rows, column, device)
+            if self.flush is not None:  # this step's events, handed over together
+                self.flush()
         self.active = 0
         return open_
 
-    def _room(self, n, column, extra=1, rows=None, at_least=0):
-        """Make the cache hold `rows` rows (default n) and `needed` columns: first by moving every row left by
-        the padding they all share, then by a larger cache (columns at most twice the context: a row spans
-        at most the context, so after the move at least a context's worth is free). Returns the column."""
-        cache = self.cache
+    def _step(self, rows, column, device):
+        """One decoding step of every row; the rows that are done or cancelled leave. Returns the next column."""
+        column = self._room(rows, column)
+        lead = min(row.start for row in rows)
+        view = _view(self.cache, len(rows), lead, column, any(row.start != lead for row in rows))
+        ids = torch.tensor([[row.last] for row in rows], device=device)  # (n, 1)
+        logits = self.model(ids, cache=view)[:, -1]  # (n, V)
+        column += 1
+        tokens = self._sample(rows, logits)
+        scores = self._score(rows, logits, tokens)
+        for i, row in enumerate(rows):
+            row.done = row.take(tokens[i], scores[i])
+        if self.on_step is not None:
+            self.on_step(len(rows))
+        self._drop(rows, column, lambda row: row.done is not None or row.request.cancelled.is_set())
+        return column
+
+    def _prompt(self, request):
+        """The prompt tokens the model reads (the last context - 1), its max_new_tokens cut to what fits."""
+        prompt = list(request.ids)[-(self.context - 1):] or [self.eos]
+        limit = min(request.sampling.get("max_new_tokens", 64), self.context - len(prompt))
+        request.sampling = {**request.sampling, "max_new_tokens": max(1, limit)}
+        return prompt
+
+    def _within_budget(self, pending):
+        """The first waiting requests whose prompts, left-padded to the longest, hold at most `prefill_tokens`
+        tokens (at least one request): the bound on the prefill work between two decoding steps."""
+        width, count = 0, 0
+        for request in pending:
+            width = max(width, min(len(request.ids), self.context - 1))
+            if count and (count + 1) * width > self.prefill_tokens:
+                break
+            count += 1
+        return pending[:count]
+
+    def _room(self, rows, column, extra=1, height=None, at_least=0):
+        """Make the cache hold `height` rows (default len(rows)) and `needed` columns: first by moving every row
+        left by the padding they all share, then by a larger cache (columns at most twice the context: a row
+        spans at most the context, so after the move at least a context's worth is free). Returns the column."""
+        cache, n = self.cache, len(rows)
         needed = max(column + extra, at_least)
-        if needed > cache.max_length and column > 0 and n > 0:
-            lead = int(cache.mask[:n, :column].float().argmax(-1).min())
-            if lead > 0:
-                keep = column - lead
-                cache.keys[:, :n, :, :keep] = cache.keys[:, :n, :, lead:column].clone()
-                cache.values[:, :n, :, :keep] = cache.values[:, :n, :, lead:column].clone()
-                cache.mask[:n, :keep] = cache.mask[:n, lead:column].clone()
-                cache.mask[:n, keep:] = False
-                column = keep
-                needed = max(column + extra, at_least)
-        rows = rows or n
-        if needed > cache.max_length or rows > cache.keys.shape[1]:
+        lead = min((row.start for row in rows), default=0)
+        if needed > cache.max_length and lead > 0:
+            keep = column - lead
+            cache.keys[:, :n, :, :keep] = cache.keys[:, :n, :, lead:column].clone()
+            cache.values[:, :n, :, :keep] = cache.values[:, :n, :, lead:column].clone()
+            cache.mask[:n, :keep] = cache.mask[:n, lead:column].clone()
+            cache.mask[:n, keep:] = False
+            for row in rows:
+                row.start -= lead
+            column = keep
+            needed = max(column + extra, at_least)
+        height = height or n
+        if needed > cache.max_length or height > cache.keys.shape[1]:
             width = min(2 * self.context, max(cache.max_length, 2 * needed))
-            height = min(self.max_batch, max(cache.keys.shape[1], 2 * rows))
-            grown = self.model.new_cache(height, width)
+            grown = self.model.new_cache(min(self.max_batch, max(cache.keys.shape[1], 2 * height)), width)
             grown.keys[:, :n, :, :column] = cache.keys[:, :n, :, :column]
             grown.values[:, :n, :, :column] = cache.values[:, :n, :, :column]
             grown.mask[:n, :column] = cache.mask[:n, :column]
             self.cache = grown
         return column
 
-    def _join(self, request, rows, column, device):
-        """Prefill `request` alone, copy its keys and values into a new row ending at `column`; its first
-        token is sampled from the prefill's logits. Returns the (possibly moved) current column."""
-        from danlu.generation import IncrementalDecoder, context_length
+    def _prefill(self, prompts, device):
+        """Run `prompts` as one left-padded batch (positions count from each row's first real token) ->
+        (their KVCache (m, width), the logits of each prompt's last token (m, V))."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (m, width)
+        real = torch.zeros(len(prompts), width, dtype=torch.bool)  # (m, width)
+        for j, prompt in enumerate(prompts):
+            ids[j, width - len(prompt):] = torch.tensor(prompt)
+            real[j, width - len(prompt):] = True
+        cache = self.model.new_cache(len(prompts), width)
+        mask = None if bool(real.all()) else real.to(device)
+        head = getattr(self.model, "lm_head", None)  # only the last token's logits: (m, V), not (m, width, V)
+        if head is None:
+            return cache, self.model(ids.to(device), mask, cache=cache)[:, -1]
+        hidden = self.model(ids.to(device), mask, cache=cache, return_hidden=True)[:, -1]  # (m, C)
+        return cache, head(hidden)
 
-        prompt = list(request.ids)[-(self.context - 1):] or [self.eos]
-        limit = min(request.sampling.get("max_new_tokens", 64), context_length(self.model) - len(prompt))
-        request.sampling = {**request.sampling, "max_new_tokens": max(1, limit)}
-        P = len(prompt)
-        single = self.model.new_cache(1, P)
-        logits = self.model(torch.tensor([prompt], device=device), cache=single)[:, -1]  # (1, V)
-        row = _Row(request, IncrementalDecoder(self.tokenizer), self.eos, logits.shape[-1], device)
-        token = int(self._sample([row], logits)[0])
-        done = row.take(token, self._score([row], logits, [token])[0])
-        if done is not None or request.cancelled.is_set():
+    def _join(self, requests, rows, column, device):
+        """Prefill `requests` in one call and copy each one's keys and values into a new row ending at `column`;
+        their first tokens are sampled from the prefill's logits. If the call fails, each prompt runs alone,
+        so that only the request whose prompt fails answers with the error. Returns the current column."""
+        from danlu.generation import IncrementalDecoder
+
+        prompts = [self._prompt(request) for request in requests]
+        try:
+            single, logits = self._prefill(prompts, device)
+            joining = [_Row(request, IncrementalDecoder(self.tokenizer), self.eos, logits.shape[-1], device)
+                       for request in requests]
+            tokens = self._sample(joining, logits)
+            scores = self._score(joining, logits, tokens)
+        except Exception as e:  # noqa: BLE001  the prompt that fails answers alone
+            if len(requests) == 1:
+                requests[0].emit("error", e)
+                return column
+            for request in requests:
+                column = self._join([request], rows, column, device)
+            return column
+        staying = []
+        for j, row in enumerate(joining):
+            try:
+                done = row.take(tokens[j], scores[j])
+            except Exception as e:  # noqa: BLE001  e.g. a tokenizer that cannot decode this token
+                row.request.emit("error", e)
+                continue
             if done is not None:
                 row.finish(done)
+            elif not row.request.cancelled.is_set():
+                staying.append(j)
+        if not staying:
             return column
-        n = len(rows)
-        column = self._room(n, column, rows=n + 1, at_least=P + 1)
-        cache = self.cache
-        if column < P:  # move every row right, to make room for the prompt before the current column
+        P = max(len(prompts[j]) for j in staying)
+        column = self._room(rows, column, height=len(rows) + len(staying), at_least=P + 1)
+        cache, n = self.cache, len(rows)
+        if column < P:  # move every row right, to make room for the prompts before the current column
             shift = P - column
             cache.keys[:, :n, :, shift : shift + column] = cache.keys[:, :n, :, :column].clone()
             cache.values[:, :n, :, shift : shift + column] = cache.values[:, :n, :, :column].clone()
             cache.mask[:n, shift : shift + column] = cache.mask[:n, :column].clone()
             cache.mask[:n, :shift] = False
+            for row in rows:
+                row.start += shift
             column = P
-        i = len(rows)
-        cache.keys[:, i, :, column - P : column] = single.keys[:, 0]
-        cache.values[:, i, :, column - P : column] = single.values[:, 0]
-        cache.mask[i, :column] = False
-        cache.mask[i, column - P : column] = True
-        row.done = None
-        rows.append(row)
+        width = single.max_length
+        for j in staying:
+            i, p, row = len(rows), len(prompts[j]), joining[j]
+            cache.keys[:, i, :, column - p : column] = single.keys[:, j, :, width - p :]
+            cache.values[:, i, :, column - p : column] = single.values[:, j, :, width - p :]
+            cache.mask[i, :column] = False
+            cache.mask[i, column - p : column] = True
+            row.done, row.start = None, column - p
+            rows.append(row)
         return column
 
-    def _drop(self, rows, cache, leaving):
+    def _drop(self, rows, column, leaving):
         """Finish the rows that are done, forget the cancelled ones; the last row fills each gap."""
+        cache = self.cache
         i = 0
         while i < len(rows):
             row = rows[i]
@@ -315,9 +386,9 @@ class Engine:
                 row.finish(row.done)
             last = len(rows) - 1
             if i != last:
-                cache.keys[:, i] = cache.keys[:, last]
-                cache.values[:, i] = cache.values[:, last]
-                cache.mask[i] = cache.mask[last]
+                cache.keys[:, i, :, :column] = cache.keys[:, last, :, :column]
+                cache.values[:, i, :, :column] = cache.values[:, last, :, :column]
+                cache.mask[i, :column] = cache.mask[last, :column]
                 rows[i] = rows[last]
             rows.pop()
 
@@ -365,13 +436,16 @@ class Engine:
         return out
 
 
-def _view(cache, n, column):
-    """The first n rows of `cache` as a cache whose next token goes to `column` (writes go through)."""
+def _view(cache, n, lead, column, padded):
+    """The first n rows of `cache` from column `lead` on, as a cache whose next token goes to `column` (writes go
+    through). Every row's tokens start at `lead` or later: attention, whose cost grows with the columns it
+    reads, skips the padding all rows share, and positions count real tokens, so they do not change. Without
+    `padded` (all rows start at `lead`) the step needs no mask."""
     from danlu.models.blocks import KVCache
 
     view = KVCache.__new__(KVCache)
-    view.keys, view.values, view.mask = cache.keys[:, :n], cache.values[:, :n], cache.mask[:n]
-    view.length, view.padded = column, True
+    view.keys, view.values, view.mask = cache.keys[:, :n, :, lead:], cache.values[:, :n, :, lead:], cache.mask[:n, lead:]
+    view.length, view.padded = column - lead, padded
     return view
 
 
