@@ -7,7 +7,12 @@ import torch
 
 from danlu.data.spec import DataSpec
 from danlu.kernels import attention, table_gelu
-from danlu.kernels.attention import causal_attention, masked_attention, unfused_causal_attention, unfused_masked_attention
+from danlu.kernels.attention import (
+    causal_attention,
+    masked_attention,
+    unfused_causal_attention,
+    unfused_masked_attention,
+)
 from danlu.kernels.lm_loss import lm_head_loss
 from danlu.kernels.table_gelu import gelu
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig

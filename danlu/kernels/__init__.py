@@ -19,7 +19,12 @@ on CPU; benchmarks/gpt_train.py times whole training steps with them against tra
 Measured in docs/pretraining.md. This package sits below danlu.models and danlu.training and imports
 torch only.
 """
-from danlu.kernels.attention import causal_attention, masked_attention, unfused_causal_attention, unfused_masked_attention
+from danlu.kernels.attention import (
+    causal_attention,
+    masked_attention,
+    unfused_causal_attention,
+    unfused_masked_attention,
+)
 from danlu.kernels.lm_loss import lm_head_loss
 from danlu.kernels.table_gelu import gelu
 
