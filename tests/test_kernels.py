@@ -7,7 +7,12 @@ import torch
 
 from danlu.data.spec import DataSpec
 from danlu.kernels import attention, table_gelu
-from danlu.kernels.attention import causal_attention, unfused_causal_attention
+from danlu.kernels.attention import (
+    causal_attention,
+    masked_attention,
+    unfused_causal_attention,
+    unfused_masked_attention,
+)
 from danlu.kernels.lm_loss import lm_head_loss
 from danlu.kernels.table_gelu import gelu
 from danlu.models.gpt import GPT, SIZE_PRESETS, GPTConfig
@@ -95,6 +100,33 @@ def test_unfused_bf16_attention_gradients_are_as_close_as_sdpas_own():
     for a, b, r in zip(ours, theirs, ref):
         scale = r.abs().max()
         assert (a - r).abs().max() / scale < max(0.01, 1.5 * ((b - r).abs().max() / scale))
+
+
+def test_unfused_masked_attention_matches_sdpa_forward_and_backward(monkeypatch):
+    """Attention under a padding mask (encoders, cross-attention): the unfused path computes what SDPA does,
+    for a key mask (B, 1, 1, S) and a full (B, 1, T, S) one, forward and backward; bf16 on CPU takes it,
+    fp32 and shared key heads stay on SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 7, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(3, 2, 11, 8, generator=g, requires_grad=True) for _ in range(2))
+    key_mask = (torch.arange(11)[None, :] < torch.tensor([11, 4, 1])[:, None])[:, None, None, :]  # (3, 1, 1, 11)
+    full_mask = key_mask & (torch.rand(3, 1, 7, 11, generator=g) < 0.7)
+    full_mask[..., 0] = True  # every query sees a key
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for mask in (None, key_mask, full_mask):
+        out, ref = unfused_masked_attention(q, k, v, mask), sdpa(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    calls = []
+    monkeypatch.setattr(attention, "unfused_masked_attention", lambda *a: calls.append(1) or unfused_masked_attention(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(masked_attention(q, k, v, key_mask), sdpa(q, k, v, attn_mask=key_mask), rtol=0, atol=0)
+        masked_attention(q, k[:, :1], v[:, :1], key_mask)  # grouped-query heads: SDPA broadcasts them
+        assert not calls
+        half = [t.bfloat16() for t in (q, k, v)]
+        torch.testing.assert_close(masked_attention(*half, key_mask), sdpa(*half, attn_mask=key_mask), rtol=0.02, atol=0.02)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

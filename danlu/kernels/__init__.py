@@ -9,6 +9,9 @@ on CPU; benchmarks/gpt_train.py times whole training steps with them against tra
   windows up to 512 tokens, three plain ops with the mask added inside the first matmul
   (`unfused_causal_attention`) instead of torch's fused kernel, which computes in fp32 there. Used by
   models.blocks.Attention. The benchmark's ablation row: 1.24x transformers without it, 1.51x with it.
+- `attention.masked_attention(q, k, v, mask)`: attention under a boolean (padding) mask, unfused the same
+  way in bf16 on CPU: a bidirectional `blocks.Attention` (encoders) and the seq2seq cross-attention.
+  78 -> 20 ms forward and backward at verse length; the translation training step 1.24x faster.
 - `table_gelu.gelu(x, approximate)`: F.gelu, with the tanh approximation of 16-bit CPU tensors looked
   up in a table of all 65,536 inputs, bit for bit torch's values and gradients. Used by
   models.blocks.FeedForward. +1.7-2.0%, then +3.0% for chunked lookups.
@@ -16,8 +19,14 @@ on CPU; benchmarks/gpt_train.py times whole training steps with them against tra
 Measured in docs/pretraining.md. This package sits below danlu.models and danlu.training and imports
 torch only.
 """
-from danlu.kernels.attention import causal_attention, unfused_causal_attention
+from danlu.kernels.attention import (
+    causal_attention,
+    masked_attention,
+    unfused_causal_attention,
+    unfused_masked_attention,
+)
 from danlu.kernels.lm_loss import lm_head_loss
 from danlu.kernels.table_gelu import gelu
 
-__all__ = ["causal_attention", "gelu", "lm_head_loss", "unfused_causal_attention"]
+__all__ = ["causal_attention", "gelu", "lm_head_loss", "masked_attention", "unfused_causal_attention",
+           "unfused_masked_attention"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from danlu.kernels.attention import causal_attention
+from danlu.kernels.attention import causal_attention, masked_attention
 from danlu.kernels.table_gelu import gelu
 
 
@@ -155,7 +155,8 @@ class Attention(nn.Module):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads
     (Ainslie et al. 2023): `num_kv_heads` key/value heads, each shared by num_heads / num_kv_heads
     query heads. One fused qkv projection; the heads run in one `scaled_dot_product_attention` call, or
-    for a whole causal window in `danlu.kernels.causal_attention` (the same result, faster on CPU in bf16)."""
+    for a whole causal window in `danlu.kernels.causal_attention`, bidirectional (padding masked) in
+    `danlu.kernels.masked_attention` (the same results, faster on CPU in bf16)."""
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, bias=True, dropout=0.0, causal=False):
         super().__init__()
@@ -193,6 +194,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.causal and mask is None and kv is None:  # one whole window
             y = causal_attention(q, k, v, dropout)  # (B, H, T, D)
+        elif not self.causal and kv is None:  # bidirectional (an encoder), padding masked
+            y = masked_attention(q, k, v, mask, dropout)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(
                 q,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from danlu.kernels.attention import masked_attention
 from danlu.models.blocks import Attention, Block, FeedForward, init_weights, make_norm, padding_mask, sinusoidal_table
 from danlu.models.shapes import TransformerShape
 from danlu.schema import Literal, NonNegative, Positive
@@ -94,9 +94,7 @@ class CrossAttention(nn.Module):
         N, T, C = x.shape
         B = kv[0].shape[0]
         q = self.q(x).view(B, N // B * T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, g*T, D)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, g*T, D)
+        y = masked_attention(q, kv[0], kv[1], mask, self.dropout if self.training else 0.0)  # (B, H, g*T, D)
         return self.out_dropout(self.out(y.transpose(1, 2).reshape(N, T, C)))  # (B*g, T, C)
 
 
