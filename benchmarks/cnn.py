@@ -33,6 +33,9 @@ def add_arguments(parser):
     group.add_argument("--cnn-epochs", type=int, help="epochs for every tool (default 10; 2 with --quick)")
     group.add_argument("--cnn-tools", default="danlu,keras,pytorch",
                        help="comma-separated: danlu, keras, pytorch (default all three)")
+    group.add_argument("--cnn-seeds", default="0",
+                       help="comma-separated run seeds (default 0); with several, each tool's test accuracy is the "
+                            "mean over them (each seed's in accuracy_by_seed) and samples/s counts every timed epoch")
 
 
 def _seed_lstm():
@@ -142,32 +145,51 @@ def run(args):
     tools = [t.strip() for t in args.cnn_tools.split(",") if t.strip()]
     if not tools or set(tools) - {"danlu", "keras", "pytorch"}:
         raise SystemExit(f"--cnn-tools: expected danlu, keras and / or pytorch, got {args.cnn_tools!r}")
-    cfg = load(CONFIG, GUIDE + [f"train.device={device}", f"train.batch_size={BATCH}", "train.optimizer=adam",
-                                "train.lr=0.001", "train.weight_decay=0", "train.schedule=constant",
-                                "train.warmup_steps=0", f"train.epochs={epochs}"])
-    data = build_image_data(cfg.data, cfg.run.seed)
-    n = len(data.train)
-    with tempfile.TemporaryDirectory(prefix="danlu-bench-") as run_dir:
-        make = {"keras": lambda: KerasSide(data, device, cfg.run.seed), "danlu": lambda: _seed_lstm().DanluSide(cfg, data, run_dir),
-                "pytorch": lambda: PyTorchSide(data, device, cfg.run.seed)}
-        order = [t for t in ("keras", "danlu", "pytorch") if t in tools]  # Keras first: the baseline row
-        sides = [make[t]() for t in order]
-        for epoch in range(1, epochs + 1):  # alternate: each side trains one more epoch in turn
-            for side in sides:
-                side.train_to(epoch)
-        rows = [_row(side, n, epochs) for side in sides]
+    try:
+        seeds = [int(s) for s in args.cnn_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--cnn-seeds: expected comma-separated integers, got {args.cnn_seeds!r}") from None
+    order = [t for t in ("keras", "danlu", "pytorch") if t in tools]  # Keras first: the baseline row
+    runs = {t: [] for t in order}  # tool -> [(seconds per epoch, test accuracy)] per seed
+    for seed in seeds or [0]:
+        cfg = load(CONFIG, GUIDE + [f"train.device={device}", f"train.batch_size={BATCH}", "train.optimizer=adam",
+                                    "train.lr=0.001", "train.weight_decay=0", "train.schedule=constant",
+                                    "train.warmup_steps=0", f"train.epochs={epochs}", f"run.seed={seed}"])
+        data = build_image_data(cfg.data, cfg.run.seed)
+        n = len(data.train)
+        with tempfile.TemporaryDirectory(prefix="danlu-bench-") as run_dir:
+            sides = [_side(t, cfg, data, device, seed, run_dir) for t in order]
+            for epoch in range(1, epochs + 1):  # alternate: each side trains one more epoch in turn
+                for side in sides:
+                    side.train_to(epoch)
+            for t, side in zip(order, sides):
+                runs[t].append((side.seconds[:epochs], side.test_accuracy(), side.tool))
+    rows = [_row(runs[t], n, epochs) for t in order]
     if order[0] == "keras":
         for row in rows:
             row["vs_keras"] = row["samples_per_s"] / rows[0]["samples_per_s"]
     return rows
 
 
-def _row(side, n, epochs):
-    seconds = side.seconds[:epochs]
-    timed, which = (seconds[1:], f"2-{epochs}" if epochs > 2 else "2") if epochs > 1 else (seconds, "1 (the warm-up one)")
-    return {"tool": side.tool, "examples": n, "epochs": epochs, "timed_epochs": which,
-            "seconds_per_epoch": sum(timed) / len(timed), "samples_per_s": n * len(timed) / sum(timed),
-            "test_accuracy": side.test_accuracy()}
+def _side(tool, cfg, data, device, seed, run_dir):
+    if tool == "keras":
+        return KerasSide(data, device, seed)
+    if tool == "danlu":
+        return _seed_lstm().DanluSide(cfg, data, run_dir)
+    return PyTorchSide(data, device, seed)
+
+
+def _row(runs, n, epochs):
+    """One tool's row from its runs [(seconds of each epoch, test accuracy, tool name)], one per seed."""
+    which = (f"2-{epochs}" if epochs > 2 else "2") if epochs > 1 else "1 (the warm-up one)"
+    timed = [s for seconds, _, _ in runs for s in (seconds[1:] if epochs > 1 else seconds)]
+    accuracy = [a for _, a, _ in runs]
+    row = {"tool": runs[0][2], "examples": n, "epochs": epochs, "timed_epochs": which,
+           "seconds_per_epoch": sum(timed) / len(timed), "samples_per_s": n * len(timed) / sum(timed),
+           "test_accuracy": sum(accuracy) / len(accuracy)}
+    if len(runs) > 1:
+        row["accuracy_by_seed"] = " ".join(f"{a:.4f}" for a in accuracy)
+    return row
 
 
 if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]
