@@ -75,5 +75,5 @@ def unfused_masked_attention(q, k, v, mask=None):
     the softmax runs in the scores' own dtype."""
     scores = (q @ k.transpose(-1, -2)).mul_(q.size(-1) ** -0.5)  # (B, H, T, S)
     if mask is not None:
-        scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1) @ v  # (B, H, T, D)

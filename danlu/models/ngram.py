@@ -99,16 +99,11 @@ class NgramClassifier(nn.Module):
         """
         if self.config.weighting != "idf":
             return
+        from danlu.data.batching import iterate
+
         df = torch.zeros(self.embed.num_embeddings, dtype=torch.float64)
-        for start in range(0, len(dataset.ids), batch_size):
-            chunk = dataset.ids[start:start + batch_size]
-            length = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), length, dtype=torch.long)
-            mask = torch.zeros(len(chunk), length, dtype=torch.bool)
-            for i, x in enumerate(chunk):
-                ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-                mask[i, :len(x)] = True
-            rows, real = self.ngram_ids(ids, mask)  # (b, L)
+        for batch in iterate(dataset, batch_size, dataset.pad_id, shuffle=False, bucket=False):
+            rows, real = self.ngram_ids(batch["input_ids"], batch["attention_mask"])  # (b, L)
             for r, keep in zip(rows, real):
                 df[torch.unique(r[keep])] += 1  # each text counts once per row
         n = len(dataset.ids)
