@@ -286,3 +286,43 @@ def test_a_steps_events_reach_the_event_loop_in_one_call(lm_run):
         assert got[-1][0] == "done"
         assert "".join(v for k, v in got if k == "delta") == got[-1][1][0]
         assert got[-1][1][0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0]
+
+
+def test_streamed_rows_take_steps_of_their_own_and_every_row_still_decodes_as_alone(tmp_path):
+    """One greedy stream among five completions (a seeded one, one with log probabilities): the stream steps
+    twice for each step of the batch, so it finishes in about half the batch's steps; the completions, whose
+    columns of the stream's own steps are masked out, give the same text (and log probabilities) as alone."""
+    lm_run = language_model_run(str(tmp_path / "lm"), steps=0)  # untrained: every row runs to max_new_tokens
+    predictor = Predictor(lm_run)
+    text = "".join(CORPUS)
+    prompts = [text[:3], text[10:30], text[40:44], text[50:51], text[60:75], text[80:90]]
+    greedy = {"max_new_tokens": 24, "temperature": 0}
+    seeded = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 20, "seed": 3}
+    scored = {**greedy, "logprobs": 2}
+    settings = [greedy, greedy, seeded, greedy, scored, greedy]  # row 0 streams
+
+    def run(stream_steps):
+        engine = Engine(lm_run.model, lm_run.tokenizer, max_batch=8, paused=True, stream_steps=stream_steps)
+        jobs = [collect(engine, predictor.encode(p), s, stream=i == 0) for i, (p, s) in enumerate(zip(prompts, settings))]
+        calls = resume_and_record(engine, jobs, lm_run.model)
+        return [out["done"] for _, out, _ in jobs], [rows for rows, tokens, _ in calls.calls if tokens == 1], jobs[0][1]
+
+    plain, plain_steps, _ = run(1)
+    first, steps, stream = run(2)
+    assert plain_steps == [6] * 23  # one prefill, then 23 steps of all six rows
+    # the stream's 23 steps: 11 pairs and one more step of the batch, after which it leaves; the rest go on
+    assert steps == [6, 1] * 11 + [6] + [5] * 11
+    assert [done[:3] for done in first] == [done[:3] for done in plain]  # text, tokens, finish reason
+    # log probabilities: the same tokens, the same values up to float rounding (a sum over more, masked, columns)
+    for got, want in zip(first[4][3], plain[4][3]):
+        assert (got.token, got.offset, [t for t, _, _ in got.top]) == (want.token, want.offset, [t for t, _, _ in want.top])
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+    for i, (prompt, done) in enumerate(zip(prompts, first)):
+        if settings[i] is not seeded:
+            assert done[0] == generate(lm_run.model, lm_run.tokenizer, [prompt], **greedy)[0], prompt
+    assert "".join(stream["deltas"]) == first[0][0]
+    alone = Engine(lm_run.model, lm_run.tokenizer, max_batch=8)
+    _, want_seeded, done = collect(alone, predictor.encode(prompts[2]), seeded)
+    assert done.wait(30)
+    alone.close()
+    assert first[2] == want_seeded["done"]

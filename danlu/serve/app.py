@@ -68,6 +68,9 @@ class ServeOptions:
     which defeats DNS rebinding: a web page cannot reach the local server through its own domain."""
     template_time_s: float = 2.0
     """Longest a chat template may render for one request (a template that loops is stopped: 400)."""
+    stream_steps: int = 2
+    """Decoding steps a language model's streamed requests take for each step of the whole batch, while
+    they are at most half of it (1: streams wait for the batch like the others)."""
 
     def __post_init__(self):
         """Refuse limits that would refuse every request (`--max-queue 0`) at start, naming the flag."""
@@ -406,7 +409,8 @@ class _State:
         self.engine, self.outbox = None, _Outbox()
         if predictor.kind == "language_model" and hasattr(predictor, "engine"):
             self.engine = predictor.engine(options.max_batch, options.max_queue,
-                                           on_step=lambda rows: self.metrics.observe_batch("generate", rows))
+                                           on_step=lambda rows: self.metrics.observe_batch("generate", rows),
+                                           stream_steps=options.stream_steps)
             self.engine.flush = self.outbox.flush
         fn = self._classify_batch if kind == "predict" else self._generate_batch
         self.batcher = MicroBatcher(fn, options.max_batch, options.max_wait_ms, options.max_queue, size=len,

@@ -96,11 +96,13 @@ class Predictor:
             return None
         return [(text, *self._finish(recorder, row, text, sampling)) for row, text in enumerate(texts)]
 
-    def engine(self, max_batch=32, max_queue=256, on_step=None):
-        """The continuous-batching Engine that decodes this run's requests (danlu.serve.engine)."""
+    def engine(self, max_batch=32, max_queue=256, on_step=None, **options):
+        """The continuous-batching Engine that decodes this run's requests (danlu.serve.engine; `options`: its
+        other keywords, e.g. stream_steps)."""
         from danlu.serve.engine import Engine
 
-        return Engine(self.run.model, self.run.tokenizer, max_batch=max_batch, max_queue=max_queue, on_step=on_step)
+        return Engine(self.run.model, self.run.tokenizer, max_batch=max_batch, max_queue=max_queue, on_step=on_step,
+                      **options)
 
     def stream(self, prompt, **sampling):
         """An iterator of text deltas; once exhausted, `.result()` is (completion_tokens, finish_reason)."""
