@@ -91,17 +91,30 @@ def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, sha
     """16 closed-loop clients, 10% of whose requests are streamed chats (16 tokens) and the rest 16-token
     completions, against the same clients sending streams only: the streams' p50 (whole stream) in the mix
     over their p50 alone (`vs_alone`: the same 16 clients streaming only; `vs_one`: one client streaming on an
-    idle server). With continuous batching both kinds share every decoding step. The three loads alternate
-    within each round, so that load from elsewhere on the machine falls on all of them."""
+    idle server). With continuous batching both kinds share every decoding step, and the streamed rows take a
+    step of their own after each (`--stream-steps 2`, the default); the same mix on a second server with
+    `--stream-steps 1` (streams wait for the batch like the others) is the A/B of that priority. The loads
+    alternate within each round, so that load from elsewhere on the machine falls on all of them."""
     stream = [{"model": "gpt", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0,
                "stream": True} for p in prompts]
     plain = [{"model": "gpt", "prompt": p, "max_tokens": 16, "temperature": 0} for p in prompts]
-    runs = {f"{share:.0%} streams": (clients, share), "streams only": (clients, 1.0), "one stream alone": (1, 1.0)}
+    mix = f"{share:.0%} streams"
+    runs = {mix: (clients, share), f"{mix}, --stream-steps 1": (clients, share), "streams only": (clients, 1.0),
+            "one stream alone": (1, 1.0)}
     results = {name: [] for name in runs}
-    with _Server(run_dir, device, "--threads", str(threads), "--max-batch", "32") as url:
+    servers = [_Server(run_dir, device, "--threads", str(threads), "--max-batch", "32", *flags)
+               for flags in ((), ("--stream-steps", "1"))]
+    urls = []
+    try:
+        for server in servers:
+            urls.append(server.__enter__())
         for _ in range(rounds):
             for name, (n, part) in runs.items():
+                url = urls[1] if "--stream-steps 1" in name else urls[0]
                 results[name].append(_run_loop(_mixed(url, stream, plain, n, seconds, part)))
+    finally:
+        for server in servers[: len(urls)]:
+            server.__exit__()
     alone = statistics.median(r["stream_p50"] for r in results["streams only"])
     one = statistics.median(r["stream_p50"] for r in results["one stream alone"])
     rows = []
