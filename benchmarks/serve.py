@@ -91,8 +91,8 @@ def _streams(run_dir, device, seconds, rounds, threads, prompts, clients=16, sha
     """16 closed-loop clients, 10% of whose requests are streamed chats (16 tokens) and the rest 16-token
     completions, against the same clients sending streams only: the streams' p50 (whole stream) in the mix
     over their p50 alone (`vs_alone`: the same 16 clients streaming only; `vs_one`: one client streaming on an
-    idle server). With continuous batching both kinds share every decoding step, and the streamed rows take a
-    step of their own after each (`--stream-steps 2`, the default); the same mix on a second server with
+    idle server). With continuous batching both kinds share every decoding step, and the streamed rows take two
+    steps of their own after each (`--stream-steps 3`, the default); the same mix on a second server with
     `--stream-steps 1` (streams wait for the batch like the others) is the A/B of that priority. The loads
     alternate within each round, so that load from elsewhere on the machine falls on all of them."""
     stream = [{"model": "gpt", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 0,

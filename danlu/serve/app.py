@@ -68,7 +68,7 @@ class ServeOptions:
     which defeats DNS rebinding: a web page cannot reach the local server through its own domain."""
     template_time_s: float = 2.0
     """Longest a chat template may render for one request (a template that loops is stopped: 400)."""
-    stream_steps: int = 2
+    stream_steps: int = 3
     """Decoding steps a language model's streamed requests take for each step of the whole batch, while
     they are at most half of it (1: streams wait for the batch like the others)."""
 

@@ -18,13 +18,14 @@ paying for a long row once it has left. When a prompt is longer than the columns
 one, every row moves right; when the columns run out, every row moves left by the padding all rows
 share. A row that leaves is filled by the last row, so that the model only ever runs the first n rows.
 
-Streamed rows go first (`stream_steps`, default 2): after a step of the whole batch, the streamed rows take
-stream_steps - 1 more steps alone while the others wait, when they are at most half the batch. A stream's tokens then come at
-the pace of a small batch (on a CPU a step of 16 rows of a small model costs about 1.7 steps of one
-row, and the joining prompts' prefill falls between the full steps only), while the other rows make one
-token per two steps; a waiting row's column is masked out (a hole that positions, counted over real
-tokens, skip), so that every row still decodes exactly as it would alone. The priority of interactive
-requests over batch work in a shared decoding batch is the idea of, e.g., FastServe (Wu et al. 2023).
+Streamed rows go first (`stream_steps`, default 3): while the streamed rows are at most half the batch,
+they take stream_steps - 1 more steps alone after each step of the whole batch, and the other rows wait.
+On a CPU a step of 16 rows of a small GPT costs about 1.75 steps of one row, and the prefills of joining
+prompts fall before the steps of the whole batch only, so a stream among completions gets its tokens at
+nearly the pace of a stream alone, and the completions one token per stream_steps steps while it runs.
+A waiting row's column of such a step is masked out: positions count real tokens, so the row decodes
+exactly as it would alone. Waiting requests that are preempted step by step for others is the
+iteration-level preemption of FastServe (Wu et al. 2023), here with a fixed priority: streams first.
 
 Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
 a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
@@ -45,7 +46,7 @@ import torch
 from danlu.serve.batching import ModelThread, Overloaded
 
 PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled between two decoding steps; the first prompt always
-STREAM_STEPS = 2  # steps of the streamed rows per step of the whole batch, while they are at most half of it
+STREAM_STEPS = 3  # steps of the streamed rows per step of the whole batch, while they are at most half of it
 
 
 @dataclass
