@@ -24,8 +24,8 @@ On a CPU a step of 16 rows of a small GPT costs about 1.75 steps of one row, and
 prompts fall before the steps of the whole batch only, so a stream among completions gets its tokens at
 nearly the pace of a stream alone, and the completions one token per stream_steps steps while it runs.
 A waiting row's column of such a step is masked out: positions count real tokens, so the row decodes
-exactly as it would alone. Waiting requests that are preempted step by step for others is the
-iteration-level preemption of FastServe (Wu et al. 2023), here with a fixed priority: streams first.
+exactly as it would alone. Holding some requests back step by step for others is the iteration-level
+preemption of FastServe (Wu et al. 2023); here the priority is fixed: streams first.
 
 Sampling settings are per row: rows with the same settings (and no seed) are sampled in one call, and
 a seeded row alone with its own generator, as `generate_ids` does, so a seeded reply does not depend
