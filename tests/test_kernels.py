@@ -195,3 +195,29 @@ def test_lm_head_loss_equals_cross_entropy_of_the_logits(autocast, spread):
     grads = torch.autograd.grad(loss, (h, w))
     for a, b in zip(grads, ref_grads):  # bf16: within one bf16 rounding step of the largest gradient
         torch.testing.assert_close(a, b, rtol=0.02 if autocast else 1e-5, atol=4e-3 * b.abs().max().item() if autocast else 1e-7)
+
+
+@pytest.mark.skipif(not __import__("danlu.kernels.packed_linear", fromlist=["x"]).packing_available(),
+                    reason="this torch has no MKL packed sgemm")
+def test_packed_linear_is_nn_linear_for_its_rows_and_plain_for_others():
+    """A linear layer packed for 4 rows: 4-row inputs give nn.Linear's values (another summation order, so close, not
+    bitwise), any other row count nn.Linear's exact result; gradients fall back to nn.Linear; unpacking restores it."""
+    from danlu.kernels.packed_linear import pack_linear, packable, unpack_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    names = list(layer.state_dict())
+    assert packable(layer) and not packable(torch.nn.Linear(4, 4).bfloat16())
+    step, prompt = torch.randn(4, 1, 48), torch.randn(2, 3, 48)
+    with torch.no_grad():
+        want_step, want_prompt = layer(step), layer(prompt)
+    pack_linear(layer, 4)
+    assert not packable(layer) and list(layer.state_dict()) == names
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(step), want_step, rtol=1e-6, atol=1e-6)
+        assert torch.equal(layer(prompt), want_prompt)
+    x = step.clone().requires_grad_()
+    layer(x).sum().backward()  # the packed op has no backward: the plain product takes over
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x))
+    unpack_linear(layer)
+    assert "forward" not in vars(layer) and packable(layer)
