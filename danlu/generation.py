@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from danlu.kernels.packed_linear import pack_linear, packable, unpack_linear
+from danlu.kernels.packed_linear import pack_linear, packable, release_freed_memory, unpack_linear
 from danlu.registry import ConfigError
 from danlu.sampling import SAMPLING
 
@@ -216,6 +216,8 @@ def decode_layout(model, rows=None):
         with torch.no_grad(), torch.inference_mode(False):
             for module in packed:
                 unpack_linear(module)
+            if packed:
+                release_freed_memory()
             for w in changed:
                 w.data = w.data.contiguous()
             for module, w in swapped:

@@ -221,3 +221,26 @@ def test_packed_linear_is_nn_linear_for_its_rows_and_plain_for_others():
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x))
     unpack_linear(layer)
     assert "forward" not in vars(layer) and packable(layer)
+
+
+@pytest.mark.skipif(not __import__("danlu.kernels.packed_linear", fromlist=["x"]).packing_available()
+                    or not __import__("os").path.exists("/proc/self/statm"), reason="needs MKL packed sgemm and Linux")
+def test_packing_again_and_again_keeps_resident_memory_flat():
+    """MKL reserves ~4.5x a weight for its packed copy and writes ~1x, at another place of the reserve each time the
+    freed block is reused: without giving the freed pages back, 20 decodes of these 40 MiB of layers (a 6-layer
+    GPT's blocks, width 384) ratchet the resident memory up by ~120 MiB; with it, it stays flat."""
+    from danlu.generation import decode_layout
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE") / 2**20
+
+    shapes = ((1152, 384), (384, 384), (1536, 384), (384, 1536)) * 6
+    model = torch.nn.ModuleList(torch.nn.Linear(n_in, n_out) for n_out, n_in in shapes)
+    with decode_layout(model, rows=8):
+        assert all("forward" in vars(m) for m in model)
+    first = rss_mib()
+    for i in range(20):
+        with decode_layout(model, rows=(8, 4, 6, 5)[i % 4]):
+            pass
+    assert rss_mib() - first < 20, "resident memory grew by half the weights' size or more over 20 decodes"
