@@ -221,10 +221,11 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
         for (n_out, n_in), m in layers.items():
             x, w, b = torch.randn(B, n_in, dtype=m.weight.dtype), m.weight, m.bias
             wt = w.t().contiguous().t()
-            runs = {"plain": lambda: F.linear(x, w, b), "transposed": lambda: F.linear(x, wt, b)}
+            runs = {"plain": lambda x=x, w=w, b=b: F.linear(x, w, b),
+                    "transposed": lambda x=x, wt=wt, b=b: F.linear(x, wt, b)}
             if pack:
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(w, B)
-                runs["packed"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w, b, B)
+                runs["packed"] = lambda x=x, packed=packed, w=w, b=b: torch.ops.mkl._mkl_linear(x, packed, w, b, B)
             us = {name: [] for name in runs}
             for fn in runs.values():
                 fn()
