@@ -179,15 +179,7 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
 
         runs = {"transformers step": their_step, "transformers GEMMs": their_gemms, "danlu step": our_step,
                 "danlu GEMMs": our_gemms}
-        ms = {name: [] for name in runs}
-        for fn in runs.values():
-            fn()  # warm-up
-        for r in range(rounds):
-            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    runs[name]()
-                ms[name].append((time.perf_counter() - start) / repeats * 1e3)
+        ms = _alternate(runs, rounds, repeats, scale=1e3)
     med = {name: statistics.median(values) for name, values in ms.items()}
     rows = []
     for side in ("transformers", "danlu"):
@@ -226,15 +218,7 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
             if pack:
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(w, B)
                 runs["packed"] = lambda x=x, packed=packed, w=w, b=b: torch.ops.mkl._mkl_linear(x, packed, w, b, B)
-            us = {name: [] for name in runs}
-            for fn in runs.values():
-                fn()
-            for r in range(rounds):
-                for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        runs[name]()
-                    us[name].append((time.perf_counter() - start) / repeats * 1e6)
+            us = _alternate(runs, rounds, repeats, scale=1e6)
             rows.append({"layer": f"{n_out}x{n_in}", "precision": precision, "batch": B,
                          **{f"{name}_us": round(statistics.median(v), 1) for name, v in us.items()},
                          "threads": torch.get_num_threads()})
@@ -254,6 +238,21 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
                      "rss_growth_held_mib": round(held - before, 1), "rss_growth_after_mib": round(after - before, 1),
                      "rss_growth_after_6_mib": round(_rss() - before, 1)})
     return rows
+
+
+def _alternate(runs, rounds, repeats, scale):
+    """{name: [time per call of each round, x scale]}: each function warmed up once, then `repeats` calls a round, the
+    order reversed every other round."""
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                runs[name]()
+            times[name].append((time.perf_counter() - start) / repeats * scale)
+    return times
 
 
 def _rss():
