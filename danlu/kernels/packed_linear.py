@@ -3,8 +3,8 @@
 A decoding step multiplies a few rows (one per sequence) by every weight matrix. MKL can copy a weight once into
 the layout its GEMM kernel reads (`cblas_sgemm_pack`, exposed by torch as `torch.ops.mkl._mkl_reorder_linear_weight`
 and `torch.ops.mkl._mkl_linear`); the product then skips packing the weight at every call. Measured at 8 rows
-(one thread, AVX-512): 1536x384 81 us against 110 us for the transposed layout and 176 us for nn.Linear's, the
-8192x384 head 591 against 785 and 1,429 us; at 1 or 2 rows it gains nothing (docs/results/generate.md).
+(one thread, AVX-512, medians): 1536x384 85 us against 110 us for the transposed layout and 177 us for nn.Linear's,
+the 8192x384 head 870 against 1,096 and 1,871 us; at 1 or 2 rows it gains nothing (docs/results/generate.md).
 
 The packed copy serves one number of rows (`rows`): an input with any other count (a prompt's forward pass) is
 computed by `_mkl_linear` from the plain weight, with nn.Linear's result. MKL reserves about 4.5x the weight's
