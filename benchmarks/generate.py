@@ -14,12 +14,19 @@ both; what differs is the work around them (masks, positions, cache bookkeeping,
     python benchmarks/run.py --only generate [--quick]
     python benchmarks/generate.py --quick
 
+With --generate-layers it times each distinct linear layer at the batch's rows (median us per call, CPU) with
+nn.Linear's (out, in) weight, the weight stored transposed, and MKL's packed copy (what `decode_layout` uses for a
+fixed batch), then reports the memory a packed copy of every weight takes: what MKL reserves, and what the process's
+resident set (RSS) grows by while `decode_layout(rows=batch)` holds them, after it exits (the allocator may keep
+the freed pages for the next decode) and after six decodes (no growth: nothing accumulates).
+
 With --generate-steps it times one decoding step instead (a cache of prompt + new/2 tokens), each side's whole
 step against its GEMMs alone (the same linear layers and head at the same shapes, run back to back): how much
 of a step the shared matrix products take, and so the most any work around them can gain.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -39,6 +46,9 @@ def add_arguments(parser):
                        help="comma-separated fp32, bf16 (default both where bf16 is native; with --quick the faster)")
     group.add_argument("--generate-steps", action="store_true",
                        help="time one decoding step and its GEMMs alone, for both (instead of whole generations)")
+    group.add_argument("--generate-layers", action="store_true",
+                       help="time each linear layer at the batch's rows in every weight layout, and the memory "
+                            "decode_layout holds (instead of whole generations)")
 
 
 def run(args):
@@ -74,7 +84,9 @@ def run(args):
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         ours, theirs = base_model.to(dtype), base_hf.to(dtype)  # the same weights, cast for both
-        if getattr(args, "generate_steps", False):
+        if getattr(args, "generate_layers", False):
+            rows += [row for B in batches for row in _layer_costs(ours, precision, B, rounds)]
+        elif getattr(args, "generate_steps", False):
             rows += [row for B in batches for row in _step_shares(ours, theirs, precision, B, prompt + new // 2, rounds, V)]
         else:
             rows += _compare(ours, theirs, precision, batches, prompt, new, rounds, V, device, agreement, generate_ids)
@@ -147,9 +159,9 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
             cache.length = cached - 1
             return ours(one, cache=cache)
 
-        def our_gemms():
+        def our_gemms():  # each layer's own call: its packed weight where decode_layout packs them
             for m in linears:
-                nn.functional.linear(inputs(m.in_features), m.weight, m.bias)
+                m(inputs(m.in_features))
 
         their_cache = DynamicCache()
         theirs(input_ids=ids[:, :-1], past_key_values=their_cache, use_cache=True)
@@ -167,15 +179,7 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
 
         runs = {"transformers step": their_step, "transformers GEMMs": their_gemms, "danlu step": our_step,
                 "danlu GEMMs": our_gemms}
-        ms = {name: [] for name in runs}
-        for fn in runs.values():
-            fn()  # warm-up
-        for r in range(rounds):
-            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    runs[name]()
-                ms[name].append((time.perf_counter() - start) / repeats * 1e3)
+        ms = _alternate(runs, rounds, repeats, scale=1e3)
     med = {name: statistics.median(values) for name, values in ms.items()}
     rows = []
     for side in ("transformers", "danlu"):
@@ -187,6 +191,77 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
                      "spread": f"{min(ms[f'{side} step']):.2f}-{max(ms[f'{side} step']):.2f}",
                      "threads": torch.get_num_threads()})
     return rows
+
+
+def _layer_costs(ours, precision, B, rounds, repeats=50):
+    """Each distinct linear layer of `ours` at B rows in the three layouts (alternating rounds, median us), then the
+    resident memory of the packed copies (CPU)."""
+    import torch
+    from torch import nn
+
+    from danlu.generation import decode_layout
+    from danlu.kernels.packed_linear import packing_available
+
+    F = nn.functional
+    layers = {}  # (out, in) -> the first nn.Linear of that shape
+    for m in ours.modules():
+        if isinstance(m, nn.Linear):
+            layers.setdefault(tuple(m.weight.shape), m)
+    pack = packing_available() and precision == "fp32"
+    rows = []
+    with torch.inference_mode():
+        for (n_out, n_in), m in layers.items():
+            x, w, b = torch.randn(B, n_in, dtype=m.weight.dtype), m.weight, m.bias
+            wt = w.t().contiguous().t()
+            runs = {"plain": lambda x=x, w=w, b=b: F.linear(x, w, b),
+                    "transposed": lambda x=x, wt=wt, b=b: F.linear(x, wt, b)}
+            if pack:
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, B)
+                runs["packed"] = lambda x=x, packed=packed, w=w, b=b: torch.ops.mkl._mkl_linear(x, packed, w, b, B)
+            us = _alternate(runs, rounds, repeats, scale=1e6)
+            rows.append({"layer": f"{n_out}x{n_in}", "precision": precision, "batch": B,
+                         **{f"{name}_us": round(statistics.median(v), 1) for name, v in us.items()},
+                         "threads": torch.get_num_threads()})
+    if pack:
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in ours.modules() if isinstance(m, nn.Linear))
+        reserved = sum(torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), B).numel() * 4
+                       for m in ours.modules() if isinstance(m, nn.Linear))
+        before = _rss()
+        with decode_layout(ours, rows=B):
+            held = _rss()
+        after = _rss()
+        for _ in range(5):  # more decodes: the freed copies' pages are reused, nothing accumulates
+            with decode_layout(ours, rows=B):
+                pass
+        rows.append({"layer": "all (memory, MiB)", "precision": precision, "batch": B,
+                     "linear_weights_mib": round(weights / 2**20, 1), "packed_reserved_mib": round(reserved / 2**20, 1),
+                     "rss_growth_held_mib": round(held - before, 1), "rss_growth_after_mib": round(after - before, 1),
+                     "rss_growth_after_6_mib": round(_rss() - before, 1)})
+    return rows
+
+
+def _alternate(runs, rounds, repeats, scale):
+    """{name: [time per call of each round, x scale]}: each function warmed up once, then `repeats` calls a round, the
+    order reversed every other round."""
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                runs[name]()
+            times[name].append((time.perf_counter() - start) / repeats * scale)
+    return times
+
+
+def _rss():
+    """This process's resident memory in MiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 if __name__ == "__main__":  # the same as: python benchmarks/run.py --only NAME [options]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from danlu.kernels.packed_linear import pack_linear, packable, release_freed_memory, unpack_linear
 from danlu.registry import ConfigError
 from danlu.sampling import SAMPLING
 
@@ -163,26 +164,32 @@ def set_decode_precision(model, precision):
 
 
 LAYOUT_MIN_ROWS = 4
-"""Fewest rows per decoding step for which `decode_layout` re-lays the weights."""
+"""Fewest rows per decoding step for which `decode_layout` packs or re-lays the weights."""
 
 
 @contextlib.contextmanager
 def decode_layout(model, rows=None):
-    """While decoding on CPU, keep fp32 Linear weights transposed in memory (same values and shapes).
+    """While decoding on CPU, give fp32 Linear layers the weight layout fastest for a few rows a step (same values).
 
-    A decoding step multiplies one row per sequence by every weight matrix, and at 4 rows or more the BLAS
-    does that about a third faster reading a weight stored (in, out) than nn.Linear's (out, in) (measured on
-    AVX-512 with MKL, 8 rows: 0.96 against 1.8 ms for a 8192x384 head, 0.18 against 0.28 ms for 1536x384).
-    At 1 row both layouts run as fast, and at 2 the (out, in) one is faster, so with `rows` (the batch of
-    each step) under LAYOUT_MIN_ROWS nothing is re-laid: the copies in and out cost as much as ten
-    decoding steps of a small model (the head's transpose alone, 10 ms at 8192x384). Without `rows` the
-    weights are re-laid. The layout goes back on exit; weights that are already non-contiguous (another
-    decode in progress) are left alone.
+    A decoding step multiplies one row per sequence by every weight matrix. With `rows` (the rows of every step,
+    fixed for the whole decode) of LAYOUT_MIN_ROWS or more, each plain fp32 nn.Linear computes from a copy of its
+    weight packed by MKL for exactly that many rows (`danlu.kernels.packed_linear`; a prompt's forward, with
+    another row count, uses the plain weight): at 8 rows the qkv, MLP and head products run 11-23% faster than
+    with the transposed layout below (docs/results/generate.md), and packing takes about half as long as
+    transposing, with nothing to undo on exit. The copies, about the size of the weights, are held until exit,
+    and their pages given back then. Without MKL (another CPU, another build) the layers are re-laid instead.
 
-    A head tied to the token embedding gets its own transposed copy instead: re-laying the shared matrix
-    would make every embedding lookup a strided gather (one cache miss per value of the row).
+    Without `rows` (a batch that changes size from step to step), fp32 Linear weights are kept transposed in
+    memory (same shapes): at 4 rows or more the BLAS reads a weight stored (in, out) about a third faster than
+    nn.Linear's (out, in) (AVX-512 with MKL, 8 rows: 0.96 against 1.8 ms for a 8192x384 head, 0.18 against 0.28
+    ms for 1536x384), and the layout goes back on exit; weights that are already non-contiguous (another decode
+    in progress) are left alone. A head tied to the token embedding gets its own transposed copy instead:
+    re-laying the shared matrix would make every embedding lookup a strided gather.
+
+    With `rows` under LAYOUT_MIN_ROWS nothing changes: at 1 row every layout runs as fast, at 2 the (out, in)
+    one is the fastest, and the copies would cost as much as ten decoding steps of a small model.
     """
-    changed, swapped = [], []
+    changed, swapped, packed = [], [], []
     wanted = rows is None or rows >= LAYOUT_MIN_ROWS
     # the copies are made outside inference mode (generate_ids runs in it): an inference tensor left as a weight
     # would refuse requires_grad, and so any training or LoRA merge of the model afterwards
@@ -190,6 +197,10 @@ def decode_layout(model, rows=None):
         with torch.no_grad(), torch.inference_mode(False):
             embedded = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
             for module in model.modules():
+                if rows is not None and packable(module):
+                    pack_linear(module, rows)
+                    packed.append(module)
+                    continue
                 w = module.weight if isinstance(module, nn.Linear) else None
                 if w is None or w.dtype != torch.float32 or not w.is_contiguous() or w.shape[0] <= 1 or \
                         any(w is c for c in changed):
@@ -204,6 +215,10 @@ def decode_layout(model, rows=None):
         yield
     finally:
         with torch.no_grad(), torch.inference_mode(False):
+            for module in packed:
+                unpack_linear(module)
+            if packed:
+                release_freed_memory()
             for w in changed:
                 w.data = w.data.contiguous()
             for module, w in swapped:

@@ -218,20 +218,49 @@ def test_last_only_keeps_the_last_positions_logits(model, tokenizer):
     torch.testing.assert_close(cached, full[:, -1:])
 
 
-def test_decode_layout_re_lays_the_weights_only_for_batches(model):
-    """One row a step runs as fast on nn.Linear's own layout, so the transposing copies in and out are skipped; from
-    LAYOUT_MIN_ROWS rows on the weights are stored (in, out) while decoding, and come back after."""
+def test_decode_layout_packs_or_re_lays_the_weights_only_for_batches(model, monkeypatch):
+    """One row a step runs as fast on nn.Linear's own layout, so nothing is copied. From LAYOUT_MIN_ROWS rows on,
+    a decode of a fixed batch computes every linear layer from MKL's packed copy of its weight (the weights
+    themselves untouched), or, without MKL, from weights stored (in, out); a batch of changing size (rows=None)
+    gets the (in, out) layout. Everything comes back after, and the logits are the plain layout's."""
+    from danlu import generation
     from danlu.generation import LAYOUT_MIN_ROWS, decode_layout
+    from danlu.kernels.packed_linear import packing_available
 
     weight = model.blocks[0].ffn.up.weight
     storage = weight.data_ptr()
+    ids = torch.randint(0, 300, (LAYOUT_MIN_ROWS, 6), generator=torch.Generator().manual_seed(0))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    names = list(model.state_dict())
+
+    def step_logits():  # a prompt, then one decoding step of LAYOUT_MIN_ROWS rows
+        with torch.inference_mode():
+            cache = model.new_cache(LAYOUT_MIN_ROWS, 7)
+            model(ids[:, :-1], cache=cache)
+            return model(ids[:, -1:], cache=cache)
+
+    plain = step_logits()
     with decode_layout(model, rows=1):
         assert weight.is_contiguous() and weight.data_ptr() == storage
         assert model.head.weight is model.embed.weight
-    with decode_layout(model, rows=LAYOUT_MIN_ROWS):
-        assert not weight.is_contiguous() and weight.t().is_contiguous()
-        assert model.head.weight is not model.embed.weight and model.head.weight.t().is_contiguous()
-    assert weight.is_contiguous() and model.head.weight is model.embed.weight
+    for packing in ([True, False] if packing_available() else [False]):
+        monkeypatch.setattr(generation, "packable", generation.packable if packing else lambda module: False)
+        with decode_layout(model, rows=LAYOUT_MIN_ROWS):
+            if packing:
+                assert weight.is_contiguous() and weight.data_ptr() == storage
+                assert model.head.weight is model.embed.weight
+                assert all("forward" in vars(m) for m in linears)
+                assert list(model.state_dict()) == names
+            else:
+                assert not weight.is_contiguous() and weight.t().is_contiguous()
+                assert model.head.weight is not model.embed.weight and model.head.weight.t().is_contiguous()
+            torch.testing.assert_close(step_logits(), plain, rtol=1e-5, atol=1e-5)
+        assert weight.is_contiguous() and model.head.weight is model.embed.weight
+        assert not any("forward" in vars(m) for m in linears)
+    monkeypatch.undo()
+    with decode_layout(model):  # rows unknown (a serving batch): the (in, out) layout, never a packed copy
+        assert not weight.is_contiguous() and not any("forward" in vars(m) for m in linears)
+    assert weight.is_contiguous()
 
 
 def test_layouts_decode_the_same_tokens(model, tokenizer):
