@@ -1,0 +1,160 @@
+/* 2x2, stride-2, unpadded, floor-mode max-pool of contiguous float32 planes (NCHW: planes = N * C), forward
+ * and backward. Plain C, no torch headers: danlu/kernels/maxpool.py compiles it with the system C compiler
+ * on first use and calls it through ctypes on tensors' data pointers. Single-threaded.
+ *
+ * The winner of a window follows torch's CPU kernel (aten/src/ATen/native/cpu/MaxPoolKernel.cpp): the window
+ * is read in row-major order, starting from -inf at its first element, and an element wins when it is
+ * greater than the maximum so far or is NaN. So among equal maxima the first wins, a window of -infs keeps
+ * its first element, and a window with NaNs keeps its last NaN. The winner is stored as its position in the
+ * window, 0..3 (row * 2 + column), and the output is the winner's value, bit for bit. The backward writes
+ * 0 + gradient at the winner (torch adds the gradient to zeros: -0 becomes +0) and 0 elsewhere; the rows and
+ * columns that floor mode drops get 0.
+ *
+ * Comparisons are selects, not branches (on random data a branch is mispredicted about once a window), and
+ * on x86-64 four windows at a time go through SSE2, which every x86-64 processor has; other processors run
+ * the scalar loop, which computes the same.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* Whether v takes the window from the maximum so far: torch's `val > maxval || isnan(val)`. */
+#define WINS(v, best) (((v) > (best)) | ((v) != (v)))
+
+/* Windows j0.. of one pair of rows. */
+static void forward_row(const float *top, const float *bottom, float *o, uint8_t *w, int64_t j0, int64_t OW) {
+    for (int64_t j = j0; j < OW; j++) {
+        /* the first element beats the starting -inf unless it is -inf, and then it stays the winner */
+        const float a = top[2 * j], b = top[2 * j + 1], c = bottom[2 * j], d = bottom[2 * j + 1];
+        const int take_b = WINS(b, a);
+        const float ab = take_b ? b : a;
+        const int take_c = WINS(c, ab);
+        const float abc = take_c ? c : ab;
+        const int take_d = WINS(d, abc);
+        o[j] = take_d ? d : abc;
+        w[j] = (uint8_t)(take_d ? 3 : take_c ? 2 : take_b);
+    }
+}
+
+static void backward_row(const float *g, const uint8_t *w, float *top, float *bottom, int64_t j0, int64_t OW) {
+    for (int64_t j = j0; j < OW; j++) {
+        const int k = w[j];
+        const float v = 0.0f + g[j];
+        top[2 * j] = k == 0 ? v : 0.0f;
+        top[2 * j + 1] = k == 1 ? v : 0.0f;
+        bottom[2 * j] = k == 2 ? v : 0.0f;
+        bottom[2 * j + 1] = k == 3 ? v : 0.0f;
+    }
+}
+
+#if defined(__SSE2__)
+static inline __m128 wins4(__m128 v, __m128 best) {  /* all ones where WINS(v, best) */
+    return _mm_or_ps(_mm_cmpgt_ps(v, best), _mm_cmpunord_ps(v, v));
+}
+
+static inline __m128 select4(__m128 mask, __m128 yes, __m128 no) {
+    return _mm_or_ps(_mm_and_ps(mask, yes), _mm_andnot_ps(mask, no));
+}
+
+static inline __m128i select4i(__m128i mask, __m128i yes, __m128i no) {
+    return _mm_or_si128(_mm_and_si128(mask, yes), _mm_andnot_si128(mask, no));
+}
+
+/* Windows j .. j + 3 of one pair of rows. */
+static inline void forward4(const float *top, const float *bottom, float *o, uint8_t *w, int64_t j) {
+    const __m128 t0 = _mm_loadu_ps(top + 2 * j), t1 = _mm_loadu_ps(top + 2 * j + 4);
+    const __m128 b0 = _mm_loadu_ps(bottom + 2 * j), b1 = _mm_loadu_ps(bottom + 2 * j + 4);
+    const __m128 a = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)), b = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m128 c = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)), d = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m128 take_b = wins4(b, a), ab = select4(take_b, b, a);
+    const __m128 take_c = wins4(c, ab), abc = select4(take_c, c, ab);
+    const __m128 take_d = wins4(d, abc);
+    _mm_storeu_ps(o + j, select4(take_d, d, abc));
+    __m128i k = _mm_and_si128(_mm_castps_si128(take_b), _mm_set1_epi32(1));
+    k = select4i(_mm_castps_si128(take_c), _mm_set1_epi32(2), k);
+    k = select4i(_mm_castps_si128(take_d), _mm_set1_epi32(3), k);
+    k = _mm_packs_epi32(k, k);   /* 4 x int32 -> 4 x int16 */
+    k = _mm_packus_epi16(k, k);  /* -> 4 x uint8 */
+    const int32_t bytes = _mm_cvtsi128_si32(k);
+    memcpy(w + j, &bytes, 4);
+}
+
+static inline void backward4(const float *g, const uint8_t *w, float *top, float *bottom, int64_t j) {
+    int32_t bytes;
+    memcpy(&bytes, w + j, 4);
+    __m128i k = _mm_cvtsi32_si128(bytes);
+    k = _mm_unpacklo_epi8(k, _mm_setzero_si128());
+    k = _mm_unpacklo_epi16(k, _mm_setzero_si128());  /* 4 x int32 */
+    const __m128 v = _mm_add_ps(_mm_setzero_ps(), _mm_loadu_ps(g + j));
+    const __m128 v0 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(0))), v);
+    const __m128 v1 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(1))), v);
+    const __m128 v2 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(2))), v);
+    const __m128 v3 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(3))), v);
+    _mm_storeu_ps(top + 2 * j, _mm_unpacklo_ps(v0, v1));
+    _mm_storeu_ps(top + 2 * j + 4, _mm_unpackhi_ps(v0, v1));
+    _mm_storeu_ps(bottom + 2 * j, _mm_unpacklo_ps(v2, v3));
+    _mm_storeu_ps(bottom + 2 * j + 4, _mm_unpackhi_ps(v2, v3));
+}
+
+/* All windows of one pair of rows, four at a time, when there are four or more: the last four overlap the
+ * ones before when OW is not a multiple of 4 (recomputed windows get the same values); returns the first
+ * window left to the scalar loop. */
+static int64_t forward_row4(const float *top, const float *bottom, float *o, uint8_t *w, int64_t OW) {
+    if (OW < 4) return 0;
+    for (int64_t j = 0; j + 4 <= OW; j += 4) forward4(top, bottom, o, w, j);
+    if (OW % 4) forward4(top, bottom, o, w, OW - 4);
+    return OW;
+}
+
+static int64_t backward_row4(const float *g, const uint8_t *w, float *top, float *bottom, int64_t OW) {
+    if (OW < 4) return 0;
+    for (int64_t j = 0; j + 4 <= OW; j += 4) backward4(g, w, top, bottom, j);
+    if (OW % 4) backward4(g, w, top, bottom, OW - 4);
+    return OW;
+}
+#else
+static int64_t forward_row4(const float *top, const float *bottom, float *o, uint8_t *w, int64_t OW) {
+    (void)top, (void)bottom, (void)o, (void)w, (void)OW;
+    return 0;
+}
+
+static int64_t backward_row4(const float *g, const uint8_t *w, float *top, float *bottom, int64_t OW) {
+    (void)g, (void)w, (void)top, (void)bottom, (void)OW;
+    return 0;
+}
+#endif
+
+/* x: (planes, H, W); out and where: (planes, H / 2, W / 2). */
+void danlu_maxpool2x2_forward(const float *x, float *out, uint8_t *where, int64_t planes, int64_t H, int64_t W) {
+    const int64_t OH = H / 2, OW = W / 2;
+    for (int64_t p = 0; p < planes; p++) {
+        for (int64_t i = 0; i < OH; i++) {
+            const float *top = x + p * H * W + 2 * i * W;
+            float *o = out + (p * OH + i) * OW;
+            uint8_t *w = where + (p * OH + i) * OW;
+            forward_row(top, top + W, o, w, forward_row4(top, top + W, o, w, OW), OW);
+        }
+    }
+}
+
+/* grad_out and where: (planes, H / 2, W / 2); grad_in: (planes, H, W), every element written. */
+void danlu_maxpool2x2_backward(const float *grad_out, const uint8_t *where, float *grad_in,
+                               int64_t planes, int64_t H, int64_t W) {
+    const int64_t OH = H / 2, OW = W / 2;
+    for (int64_t p = 0; p < planes; p++) {
+        float *plane = grad_in + p * H * W;
+        for (int64_t i = 0; i < OH; i++) {
+            float *top = plane + 2 * i * W, *bottom = top + W;
+            const float *g = grad_out + (p * OH + i) * OW;
+            const uint8_t *w = where + (p * OH + i) * OW;
+            backward_row(g, w, top, bottom, backward_row4(g, w, top, bottom, OW), OW);
+            if (W & 1) {
+                top[W - 1] = 0.0f;
+                bottom[W - 1] = 0.0f;
+            }
+        }
+        if (H & 1) memset(plane + (H - 1) * W, 0, (size_t)W * sizeof(float));
+    }
+}

@@ -1,0 +1,185 @@
+"""danlu.kernels.max_pool2d against F.max_pool2d: the C kernel's values and gradients bit for bit (ties,
+NaNs, infinities, signed zeros, odd sizes), and torch's own pool wherever the kernel must not run."""
+import subprocess
+import sys
+import threading
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from danlu.kernels import maxpool
+
+torch.set_num_threads(1)
+NAN_BITS = (0x7FC00001, 0x7FC00002, -0x003FFFFD)  # three quiet NaNs told apart by their payloads (the last negative)
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+def inputs(kind, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(shape, generator=g)
+    x = torch.randint(-2, 3, shape, generator=g).float()  # integers: windows full of equal maxima
+    if kind == "special":  # NaNs (with distinct payloads), infinities and zeros of both signs
+        codes = torch.randint(0, 8, shape, generator=g)
+        for code, value in enumerate(NAN_BITS):
+            x.view(torch.int32)[codes == code] = value
+        x[codes == 3] = -float("inf")
+        x[codes == 4] = float("inf")
+        x[codes == 5] = -0.0
+    return x
+
+
+def pooled_with_grads(pool, x, grad):
+    xi = x.clone().requires_grad_()
+    y = pool(xi, 2)
+    y.backward(grad)
+    return y, xi.grad
+
+
+def native_only(monkeypatch):
+    """Make the kernel module's torch pool fail, so a passing call proves the C kernel ran."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.max_pool2d called")
+    monkeypatch.setattr(maxpool, "F", types.SimpleNamespace(max_pool2d=refuse))
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 8, 8), (3, 5, 7, 9), (2, 3, 11, 30), (4, 6, 5), (1, 1, 2, 2), (2, 2, 3, 2)])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+def test_values_and_gradients_are_torchs_bit_for_bit(shape, kind, monkeypatch):
+    x = inputs(kind, shape)
+    out_shape = (*shape[:-2], shape[-2] // 2, shape[-1] // 2)
+    grad = inputs("random", out_shape, seed=1)
+    grad.view(-1)[::7] = -0.0  # torch's backward adds the gradient to zeros: -0 arrives as +0
+    expected_y, expected_grad = pooled_with_grads(F.max_pool2d, x, grad)
+    native_only(monkeypatch)
+    y, got_grad = pooled_with_grads(maxpool.max_pool2d, x, grad)
+    assert torch.equal(bits(y), bits(expected_y)) and torch.equal(bits(got_grad), bits(expected_grad))
+    with torch.no_grad():
+        assert torch.equal(bits(maxpool.max_pool2d(x, 2)), bits(expected_y))
+    if kind == "ties" and shape == (32, 32, 8, 8):
+        windows = x.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (32, 32, 4, 4, 4)
+        assert ((windows == windows.amax(-1, keepdim=True)).sum(-1) > 1).sum() > 2000
+    if kind == "special" and shape == (32, 32, 8, 8):
+        windows = x.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+        assert (windows.isnan().sum(-1) > 1).sum() > 500  # windows where the last NaN must win
+        assert expected_y.isnan().any() and (expected_grad.view(torch.int32) == -0x80000000).sum() == 0
+
+
+def test_an_expanded_gradient_and_double_backward_match_torch():
+    x = inputs("ties", (2, 3, 6, 7))
+    grads = []
+    for pool in (F.max_pool2d, maxpool.max_pool2d):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((pool(xi, 2) ** 2).sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad((g * torch.arange(float(g.numel())).view(g.shape)).sum(), xi)
+        y = pool(xi, 2)
+        y.sum().backward()  # an expanded, non-contiguous gradient
+        grads.append((g.detach(), gg, xi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("case", ["float64", "kernel 3", "stride 1", "padding", "ceil mode", "indices", "channels last",
+                                  "transposed", "one row", "meta device", "switched off", "two threads, large map",
+                                  "compiling", "tracing"])
+def test_torch_pools_what_the_kernel_does_not(case, monkeypatch):
+    x, args, kwargs = inputs("random", (2, 3, 8, 10)), (2,), {}
+    if case == "float64":
+        x = x.double()
+    elif case == "kernel 3":
+        args = (3,)
+    elif case == "stride 1":
+        args = (2, 1)
+    elif case == "padding":
+        args = (2, 2, 1)
+    elif case == "ceil mode":
+        kwargs = {"ceil_mode": True}
+    elif case == "indices":
+        kwargs = {"return_indices": True}
+    elif case == "channels last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "transposed":
+        x = x.transpose(2, 3)
+    elif case == "one row":
+        x = x[:, :, :1]
+    elif case == "meta device":
+        x = x.to("meta")
+    elif case == "switched off":
+        monkeypatch.setenv("DANLU_NATIVE_KERNELS", "0")
+    elif case == "two threads, large map":
+        x = inputs("random", (32, 32, 28, 28))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    elif case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(a)
+        return F.max_pool2d(*a, **kw)
+    monkeypatch.setattr(maxpool, "F", types.SimpleNamespace(max_pool2d=spy))
+    if case == "tracing":
+        traced = torch.jit.trace(lambda t: maxpool.max_pool2d(t, 2), x)
+        assert "max_pool2d" in str(traced.graph) and torch.equal(traced(x), F.max_pool2d(x, 2))
+        return
+    if case == "one row":
+        with pytest.raises(RuntimeError):  # torch's own error for an output of zero rows
+            maxpool.max_pool2d(x, *args, **kwargs)
+        assert len(calls) == 1
+        return
+    got = maxpool.max_pool2d(x, *args, **kwargs)
+    assert len(calls) == 1
+    expected = F.max_pool2d(x, *args, **kwargs)
+    if case == "meta device":
+        assert got.device.type == "meta" and got.shape == expected.shape
+    elif case == "indices":
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    else:
+        assert torch.equal(got, expected)
+
+
+def test_a_compiler_that_fails_warns_once_and_torch_pools(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", sys.executable + " -c 'raise SystemExit(1)'")
+    monkeypatch.setattr(maxpool, "_LIBRARY", {})
+    x = inputs("random", (2, 3, 8, 8))
+    with pytest.warns(UserWarning, match="native 2x2 max-pool is not available"):
+        assert torch.equal(maxpool.max_pool2d(x, 2), F.max_pool2d(x, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(maxpool.max_pool2d(x, 2), F.max_pool2d(x, 2))
+    assert not list((tmp_path / "danlu").glob("*"))  # no half-written library left behind
+
+
+def test_threads_load_one_library_compiled_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(maxpool, "_LIBRARY", {})
+    compiled, real = [], maxpool._compile
+    monkeypatch.setattr(maxpool, "_compile", lambda *a: compiled.append(1) or real(*a))
+    libraries = []
+    threads = [threading.Thread(target=lambda: libraries.append(maxpool._library())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(compiled) == 1 and len(libraries) == 6 and all(lib is libraries[0] is not None for lib in libraries)
+    assert [p.name for p in (tmp_path / "danlu").iterdir()] == [maxpool._compile(maxpool.SOURCE, ["cc"]).name]
+
+
+def test_two_processes_compiling_at_once_each_get_a_whole_library(tmp_path):
+    """Both compile into the same fresh cache at the same time; each renames a whole file into place."""
+    root = Path(__file__).resolve().parents[1]
+    script = ("import torch; from danlu.kernels import maxpool; x = torch.randn(4, 3, 6, 8);"
+              "assert maxpool._library() is not None;"
+              "assert torch.equal(maxpool.max_pool2d(x, 2), torch.nn.functional.max_pool2d(x, 2))")
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        assert run.wait(timeout=120) == 0, run.stderr.read()
+    assert [p.suffix for p in (tmp_path / "danlu").iterdir()] == [".so"]
