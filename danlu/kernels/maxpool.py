@@ -9,8 +9,8 @@ and loaded with ctypes. Results are bit for bit F.max_pool2d's, values and gradi
 included (tests/test_maxpool.py).
 
 F.max_pool2d runs instead — the same results — for any other pool, dtype, device or layout, under ONNX
-export, tracing, torch.export and torch.compile, when torch has more than one thread and the input is large
-(the C loop is single-threaded: MAXPOOL_NATIVE_MAX_ELEMENTS), when no compiler works (one warning) and when
+export, tracing, torch.export and torch.compile, when torch runs on more than 4 threads (the C loop is
+single-threaded: MAXPOOL_NATIVE_MAX_THREADS), when no compiler works (one warning) and when
 DANLU_NATIVE_KERNELS=0.
 """
 import ctypes
@@ -28,9 +28,10 @@ from torch.nn import functional as F
 
 SOURCE = Path(__file__).with_name("maxpool2x2.c")
 COMPILE = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]  # no FP-exception flags to keep: selects vectorise
-# Above this many input elements, with torch running more than one thread, torch's parallel kernel is used:
-# the C loop runs on one core (measured in docs/results/cnn.md).
-MAXPOOL_NATIVE_MAX_ELEMENTS = 1 << 18
+# The C loop runs on one core; torch's pool runs on all of torch's threads. On one thread torch's takes 5-12x
+# as long (forward and backward: 4.7 against 0.87 ms on (32, 32, 28, 28)), on two 4-27x (docs/results/cnn.md),
+# so even with a perfect speed-up torch's would not catch up before about 5 threads: beyond 4, torch's is used.
+MAXPOOL_NATIVE_MAX_THREADS = 4
 
 _LOCK = threading.Lock()
 _LIBRARY = {}  # "lib": the loaded ctypes library, or None once loading failed (warned once)
@@ -95,7 +96,7 @@ def _native(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices
     if kernel_size not in _TWO or (stride not in _TWO and stride is not None and stride != []) \
             or padding not in _ZERO or dilation not in _ONE:
         return False
-    if x.numel() > MAXPOOL_NATIVE_MAX_ELEMENTS and torch.get_num_threads() > 1:
+    if torch.get_num_threads() > MAXPOOL_NATIVE_MAX_THREADS:
         return False
     return native_kernels_enabled() and not torch.onnx.is_in_onnx_export() and _library() is not None
 

@@ -62,23 +62,44 @@ static inline __m128i select4i(__m128i mask, __m128i yes, __m128i no) {
     return _mm_or_si128(_mm_and_si128(mask, yes), _mm_andnot_si128(mask, no));
 }
 
+/* The winners and maxima of four windows from their elements a, b, c, d (in window order). */
+static inline __m128 window4(__m128 a, __m128 b, __m128 c, __m128 d, __m128i *k) {
+    const __m128 take_b = wins4(b, a), ab = select4(take_b, b, a);
+    const __m128 take_c = wins4(c, ab), abc = select4(take_c, c, ab);
+    const __m128 take_d = wins4(d, abc);
+    *k = _mm_and_si128(_mm_castps_si128(take_b), _mm_set1_epi32(1));
+    *k = select4i(_mm_castps_si128(take_c), _mm_set1_epi32(2), *k);
+    *k = select4i(_mm_castps_si128(take_d), _mm_set1_epi32(3), *k);
+    return select4(take_d, d, abc);
+}
+
 /* Windows j .. j + 3 of one pair of rows. */
 static inline void forward4(const float *top, const float *bottom, float *o, uint8_t *w, int64_t j) {
     const __m128 t0 = _mm_loadu_ps(top + 2 * j), t1 = _mm_loadu_ps(top + 2 * j + 4);
     const __m128 b0 = _mm_loadu_ps(bottom + 2 * j), b1 = _mm_loadu_ps(bottom + 2 * j + 4);
-    const __m128 a = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)), b = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
-    const __m128 c = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)), d = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1));
-    const __m128 take_b = wins4(b, a), ab = select4(take_b, b, a);
-    const __m128 take_c = wins4(c, ab), abc = select4(take_c, c, ab);
-    const __m128 take_d = wins4(d, abc);
-    _mm_storeu_ps(o + j, select4(take_d, d, abc));
-    __m128i k = _mm_and_si128(_mm_castps_si128(take_b), _mm_set1_epi32(1));
-    k = select4i(_mm_castps_si128(take_c), _mm_set1_epi32(2), k);
-    k = select4i(_mm_castps_si128(take_d), _mm_set1_epi32(3), k);
+    __m128i k;
+    _mm_storeu_ps(o + j, window4(_mm_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)),
+                                 _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1)), &k));
     k = _mm_packs_epi32(k, k);   /* 4 x int32 -> 4 x int16 */
     k = _mm_packus_epi16(k, k);  /* -> 4 x uint8 */
     const int32_t bytes = _mm_cvtsi128_si32(k);
     memcpy(w + j, &bytes, 4);
+}
+
+/* Window j alone, in the first lane: the scalar compiler output branches on each comparison. */
+static inline void forward1(const float *top, const float *bottom, float *o, uint8_t *w, int64_t j) {
+    __m128i k;
+    _mm_store_ss(o + j, window4(_mm_load_ss(top + 2 * j), _mm_load_ss(top + 2 * j + 1), _mm_load_ss(bottom + 2 * j),
+                                _mm_load_ss(bottom + 2 * j + 1), &k));
+    w[j] = (uint8_t)_mm_cvtsi128_si32(k);
+}
+
+/* The gradients of four windows' elements: v where the winner k is that element, else 0. */
+static inline void grads4(__m128i k, __m128 v, __m128 *v0, __m128 *v1, __m128 *v2, __m128 *v3) {
+    *v0 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(0))), v);
+    *v1 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(1))), v);
+    *v2 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(2))), v);
+    *v3 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(3))), v);
 }
 
 static inline void backward4(const float *g, const uint8_t *w, float *top, float *bottom, int64_t j) {
@@ -87,29 +108,41 @@ static inline void backward4(const float *g, const uint8_t *w, float *top, float
     __m128i k = _mm_cvtsi32_si128(bytes);
     k = _mm_unpacklo_epi8(k, _mm_setzero_si128());
     k = _mm_unpacklo_epi16(k, _mm_setzero_si128());  /* 4 x int32 */
-    const __m128 v = _mm_add_ps(_mm_setzero_ps(), _mm_loadu_ps(g + j));
-    const __m128 v0 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(0))), v);
-    const __m128 v1 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(1))), v);
-    const __m128 v2 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(2))), v);
-    const __m128 v3 = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(3))), v);
+    __m128 v0, v1, v2, v3;
+    grads4(k, _mm_add_ps(_mm_setzero_ps(), _mm_loadu_ps(g + j)), &v0, &v1, &v2, &v3);
     _mm_storeu_ps(top + 2 * j, _mm_unpacklo_ps(v0, v1));
     _mm_storeu_ps(top + 2 * j + 4, _mm_unpackhi_ps(v0, v1));
     _mm_storeu_ps(bottom + 2 * j, _mm_unpacklo_ps(v2, v3));
     _mm_storeu_ps(bottom + 2 * j + 4, _mm_unpackhi_ps(v2, v3));
 }
 
-/* All windows of one pair of rows, four at a time, when there are four or more: the last four overlap the
- * ones before when OW is not a multiple of 4 (recomputed windows get the same values); returns the first
- * window left to the scalar loop. */
+static inline void backward1(const float *g, const uint8_t *w, float *top, float *bottom, int64_t j) {
+    __m128 v0, v1, v2, v3;
+    grads4(_mm_cvtsi32_si128(w[j]), _mm_add_ss(_mm_setzero_ps(), _mm_load_ss(g + j)), &v0, &v1, &v2, &v3);
+    _mm_store_ss(top + 2 * j, v0);
+    _mm_store_ss(top + 2 * j + 1, v1);
+    _mm_store_ss(bottom + 2 * j, v2);
+    _mm_store_ss(bottom + 2 * j + 1, v3);
+}
+
+/* All windows of one pair of rows: four at a time when there are four or more (the last four overlap the
+ * ones before when OW is not a multiple of 4: recomputed windows get the same values), else one at a time;
+ * returns the first window left to the scalar loop (none). */
 static int64_t forward_row4(const float *top, const float *bottom, float *o, uint8_t *w, int64_t OW) {
-    if (OW < 4) return 0;
+    if (OW < 4) {
+        for (int64_t j = 0; j < OW; j++) forward1(top, bottom, o, w, j);
+        return OW;
+    }
     for (int64_t j = 0; j + 4 <= OW; j += 4) forward4(top, bottom, o, w, j);
     if (OW % 4) forward4(top, bottom, o, w, OW - 4);
     return OW;
 }
 
 static int64_t backward_row4(const float *g, const uint8_t *w, float *top, float *bottom, int64_t OW) {
-    if (OW < 4) return 0;
+    if (OW < 4) {
+        for (int64_t j = 0; j < OW; j++) backward1(g, w, top, bottom, j);
+        return OW;
+    }
     for (int64_t j = 0; j + 4 <= OW; j += 4) backward4(g, w, top, bottom, j);
     if (OW % 4) backward4(g, w, top, bottom, OW - 4);
     return OW;
