@@ -57,7 +57,8 @@ def _compile(source, compiler):
     path = cache_dir() / f"{source.stem}-{key}.so"
     if not path.exists():
         with atomic_path(path, suffix=".so") as tmp:  # compiled under a temporary name, renamed in one step
-            done = subprocess.run([*command, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([*command, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120,
+                                  check=False)
             if done.returncode != 0:
                 raise OSError(f"{shlex.join(command)} failed: {done.stderr.strip()[-500:]}")
     return path
@@ -136,7 +137,7 @@ class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (where,) = ctx.saved_tensors
-        *lead, H, W = ctx.input_shape
+        H, W = ctx.input_shape[-2:]
         if torch.is_grad_enabled():  # a graph of the backward is wanted (double backward): torch's own op
             return _torch_backward(grad, where, ctx.input_shape)
         grad = grad.contiguous()  # float32, as the output
@@ -149,7 +150,7 @@ class _MaxPool2x2(torch.autograd.Function):
 def _torch_backward(grad, where, input_shape):
     """The same gradient from aten's max-pool backward, which is differentiable: the winners' places become
     torch's flat indices into each (H, W) plane."""
-    H, W = input_shape[-2:]
+    W = input_shape[-1]
     OH, OW = where.shape[-2:]
     rows = torch.arange(OH).mul_(2).view(OH, 1) + (where // 2).long()  # (..., OH, OW)
     cols = torch.arange(OW).mul_(2).view(1, OW) + (where % 2).long()
