@@ -44,7 +44,8 @@ def pooled_with_grads(pool, x, grad):
 
 
 def native_only(monkeypatch):
-    """Make the kernel module's torch pool fail, so a passing call proves the C kernel ran."""
+    """Make the kernel module's torch pool fail, so a passing call proves the C kernel ran (small inputs too)."""
+    monkeypatch.setattr(maxpool, "MAXPOOL_NATIVE_MIN_ELEMENTS", 0)
     def refuse(*args, **kwargs):
         raise AssertionError("F.max_pool2d called")
     monkeypatch.setattr(maxpool, "F", types.SimpleNamespace(max_pool2d=refuse))
@@ -72,7 +73,8 @@ def test_values_and_gradients_are_torchs_bit_for_bit(shape, kind, monkeypatch):
         assert expected_y.isnan().any() and (expected_grad.view(torch.int32) == -0x80000000).sum() == 0
 
 
-def test_an_expanded_gradient_and_double_backward_match_torch():
+def test_an_expanded_gradient_and_double_backward_match_torch(monkeypatch):
+    native_only(monkeypatch)
     x = inputs("ties", (2, 3, 6, 7))
     grads = []
     for pool in (F.max_pool2d, maxpool.max_pool2d):
@@ -86,10 +88,10 @@ def test_an_expanded_gradient_and_double_backward_match_torch():
 
 
 @pytest.mark.parametrize("case", ["float64", "kernel 3", "stride 1", "padding", "ceil mode", "indices", "channels last",
-                                  "transposed", "one row", "meta device", "switched off", "many threads",
+                                  "transposed", "one row", "meta device", "switched off", "small", "many threads",
                                   "compiling", "tracing"])
 def test_torch_pools_what_the_kernel_does_not(case, monkeypatch):
-    x, args, kwargs = inputs("random", (2, 3, 8, 10)), (2,), {}
+    x, args, kwargs = inputs("random", (32, 32, 8, 10)), (2,), {}
     if case == "float64":
         x = x.double()
     elif case == "kernel 3":
@@ -112,6 +114,8 @@ def test_torch_pools_what_the_kernel_does_not(case, monkeypatch):
         x = x.to("meta")
     elif case == "switched off":
         monkeypatch.setenv("DANLU_NATIVE_KERNELS", "0")
+    elif case == "small":
+        x = inputs("random", (2, 3, 8, 10))
     elif case == "many threads":
         monkeypatch.setattr(torch, "get_num_threads", lambda: maxpool.MAXPOOL_NATIVE_MAX_THREADS + 1)
     elif case == "compiling":
@@ -146,7 +150,7 @@ def test_a_compiler_that_fails_warns_once_and_torch_pools(tmp_path, monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", sys.executable + " -c 'raise SystemExit(1)'")
     monkeypatch.setattr(maxpool, "_LIBRARY", {})
-    x = inputs("random", (2, 3, 8, 8))
+    x = inputs("random", (32, 32, 8, 8))
     with pytest.warns(UserWarning, match="native 2x2 max-pool is not available"):
         assert torch.equal(maxpool.max_pool2d(x, 2), F.max_pool2d(x, 2))
     with warnings.catch_warnings():
@@ -173,7 +177,7 @@ def test_threads_load_one_library_compiled_once(tmp_path, monkeypatch):
 def test_two_processes_compiling_at_once_each_get_a_whole_library(tmp_path):
     """Both compile into the same fresh cache at the same time; each renames a whole file into place."""
     root = Path(__file__).resolve().parents[1]
-    script = ("import torch; from danlu.kernels import maxpool; x = torch.randn(4, 3, 6, 8);"
+    script = ("import torch; from danlu.kernels import maxpool; x = torch.randn(32, 32, 8, 8);"
               "assert maxpool._library() is not None;"
               "assert torch.equal(maxpool.max_pool2d(x, 2), torch.nn.functional.max_pool2d(x, 2))")
     env = {"XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -182,3 +186,28 @@ def test_two_processes_compiling_at_once_each_get_a_whole_library(tmp_path):
     for run in runs:
         assert run.wait(timeout=120) == 0, run.stderr.read()
     assert [p.suffix for p in (tmp_path / "danlu").iterdir()] == [".so"]
+
+
+def test_the_guide_cnn_trains_to_the_same_weights_with_the_kernel_and_without(monkeypatch):
+    from danlu.data.spec import DataSpec
+    from danlu.models.cnn import CNN, CNNConfig
+
+    spec = DataSpec(vocab_size=0, num_classes=10, channels=1, image_size=(8, 8))
+    config = CNNConfig(channels=(32,), blocks=0, norm="none", pooling="flatten", hidden_dim=128)
+    torch.manual_seed(0)
+    x, y = inputs("ties", (32, 1, 8, 8)), torch.randint(0, 10, (32,))
+    weights, ran = [], []
+    real = maxpool._forward
+    monkeypatch.setattr(maxpool, "_forward", lambda t: ran.append(t.shape) or real(t))
+    for native in ("1", "0"):
+        monkeypatch.setenv("DANLU_NATIVE_KERNELS", native)
+        torch.manual_seed(1)
+        model = CNN(config, spec).train()
+        optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert ran == [(32, 32, 8, 8)] * 3  # the C kernel in the first model's three steps, not in the second's
+    assert all(torch.equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == 6
