@@ -214,3 +214,17 @@ def test_the_guide_cnn_trains_to_the_same_weights_with_the_kernel_and_without(mo
         weights.append([p.detach().clone() for p in model.parameters()])
     assert ran == [(32, 32, 8, 8)] * 3  # the C kernel in the first model's three steps, not in the second's
     assert all(torch.equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == 6
+
+
+def test_the_benchmark_times_both_pools_on_the_same_bits(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    assert harness.main(["--only", "maxpool", "--quick", "--threads", "1", "--results", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "maxpool.json").read_text(encoding="utf-8"))["rows"]
+    assert [r["measured"].split(" (")[0] for r in rows] == ["forward", "forward + backward", "guide CNN training step"]
+    assert all(r["same_bits"] is True and r["reps"] == 30 and r["torch_min_us"] > 0 and r["danlu_min_us"] > 0
+               for r in rows)
