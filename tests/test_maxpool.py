@@ -1,5 +1,6 @@
 """danlu.kernels.max_pool2d against F.max_pool2d: the C kernel's values and gradients bit for bit (ties,
 NaNs, infinities, signed zeros, odd sizes), and torch's own pool wherever the kernel must not run."""
+import shutil
 import subprocess
 import sys
 import threading
@@ -228,3 +229,19 @@ def test_the_benchmark_times_both_pools_on_the_same_bits(tmp_path, capsys):
     assert [r["measured"].split(" (")[0] for r in rows] == ["forward", "forward + backward", "guide CNN training step"]
     assert all(r["same_bits"] is True and r["reps"] == 30 and r["torch_min_us"] > 0 and r["danlu_min_us"] > 0
                for r in rows)
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs the system C compiler")
+def test_the_plain_c_loop_for_processors_without_sse2_computes_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -U__SSE2__")  # the #else branch of maxpool2x2.c, on any processor
+    monkeypatch.setattr(maxpool, "_LIBRARY", {})
+    for kind, shape in [("special", (32, 32, 8, 8)), ("ties", (3, 5, 7, 9))]:
+        x = inputs(kind, shape)
+        grad = inputs("random", (*shape[:2], shape[2] // 2, shape[3] // 2), seed=1)
+        expected = pooled_with_grads(F.max_pool2d, x, grad)
+        with monkeypatch.context() as m:
+            native_only(m)
+            got = pooled_with_grads(maxpool.max_pool2d, x, grad)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, expected))
+    assert maxpool._LIBRARY["lib"] is not None
