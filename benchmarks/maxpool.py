@@ -67,7 +67,8 @@ def op_rows(shape, threads, reps):
         return y, xi.grad
 
     results = {name: forward_backward(pool) for name, pool in pools.items()}
-    same = all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(results["torch"], results["danlu"]))
+    same = all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(results["torch"], results["danlu"]))  # output and input gradient
     rows = []
     with torch.no_grad():
         times = alternate({name: (lambda p=pool: p(x, 2)) for name, pool in pools.items()}, reps)

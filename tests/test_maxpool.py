@@ -221,7 +221,8 @@ def test_the_benchmark_times_both_pools_on_the_same_bits(tmp_path, capsys):
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    run_py = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("benchmarks.run", run_py)
     harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(harness)
     assert harness.main(["--only", "maxpool", "--quick", "--threads", "1", "--results", str(tmp_path)]) == 0

@@ -1,17 +1,17 @@
 """2x2 max-pool (stride 2, no padding, floor mode) of float32 CPU tensors in a few lines of C.
 
-torch's CPU kernel spends 264-300 µs on the (32, 32, 8, 8) map of the guide's CNN, about a fifth of its
-training step (docs/results/cnn.md); maxpool2x2.c does it in a few µs. The C file ships in the package and
-is compiled on first use with the system C compiler (`cc -O3 -shared -fPIC`, about a second; $CC to choose
-another) into a per-user cache ($XDG_CACHE_HOME/danlu or ~/.cache/danlu), named by the hash of the source
-and the command, written atomically (two processes compiling at once each rename a whole file into place),
-and loaded with ctypes. Results are bit for bit F.max_pool2d's, values and gradients, ties and NaNs
-included (tests/test_maxpool.py).
+torch's CPU kernel spends 264-340 µs on the (32, 32, 8, 8) map of the guide's CNN, about a fifth of its
+training step; maxpool2x2.c takes 26 µs (docs/results/cnn.md). The C file ships in the package and is
+compiled on first use with the system C compiler (`cc -O3 -fno-trapping-math -shared -fPIC`, about a second;
+$CC chooses another) into a per-user cache ($XDG_CACHE_HOME/danlu or ~/.cache/danlu), named by the hash of
+the source and the command, written atomically (two processes compiling at once each rename a whole file
+into place), and loaded with ctypes. Results are bit for bit F.max_pool2d's, values and gradients, ties
+and NaNs included (tests/test_maxpool.py).
 
-F.max_pool2d runs instead — the same results — for any other pool, dtype, device or layout, under ONNX
-export, tracing, torch.export and torch.compile, for inputs under 8,192 elements (MAXPOOL_NATIVE_MIN_ELEMENTS),
-when torch runs on more than 4 threads (the C loop is single-threaded: MAXPOOL_NATIVE_MAX_THREADS), when no compiler works (one warning) and when
-DANLU_NATIVE_KERNELS=0.
+F.max_pool2d runs instead, with the same results: for any other pool, dtype, device or layout; under ONNX
+export, tracing, torch.export and torch.compile; for inputs under 8,192 elements
+(MAXPOOL_NATIVE_MIN_ELEMENTS); when torch runs on more than 4 threads (the C loop is single-threaded:
+MAXPOOL_NATIVE_MAX_THREADS); when no compiler works (one warning); and when DANLU_NATIVE_KERNELS=0.
 """
 import ctypes
 import hashlib
@@ -28,9 +28,9 @@ from torch.nn import functional as F
 
 SOURCE = Path(__file__).with_name("maxpool2x2.c")
 COMPILE = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]  # no FP-exception flags to keep: selects vectorise
-# The C loop runs on one core; torch's pool runs on all of torch's threads. On one thread torch's takes 5-12x
-# as long (forward and backward: 4.7 against 0.87 ms on (32, 32, 28, 28)), on two 4-27x (docs/results/cnn.md),
-# so even with a perfect speed-up torch's would not catch up before about 5 threads: beyond 4, torch's is used.
+# The C loop runs on one core; torch's pool runs on all of torch's threads. Forward and backward, torch's
+# takes 5-9x as long on one thread (4.5 against 0.51 ms on (32, 32, 28, 28)) and 2.6-3.5x on two
+# (docs/results/cnn.md): with a perfect speed-up it would catch up at about 5 threads. Beyond 4, torch's.
 MAXPOOL_NATIVE_MAX_THREADS = 4
 # Below this many input elements the Python around the C call (about 10 µs forward and backward) costs more
 # than torch's pool takes: (32, 32, 2, 2) 47 against 39 µs, (32, 32, 4, 4) 61 against 95 µs.

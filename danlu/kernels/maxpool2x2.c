@@ -75,9 +75,10 @@ static inline __m128 window4(__m128 a, __m128 b, __m128 c, __m128 d, __m128i *k)
 static void forward4(const Row *r, int64_t j) {
     const __m128 t0 = _mm_loadu_ps(r->top + 2 * j), t1 = _mm_loadu_ps(r->top + 2 * j + 4);
     const __m128 b0 = _mm_loadu_ps(r->bottom + 2 * j), b1 = _mm_loadu_ps(r->bottom + 2 * j + 4);
+    const __m128 a = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)), b = _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m128 c = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)), d = _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1));
     __m128i k;
-    _mm_storeu_ps(r->out + j, window4(_mm_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)),
-                                      _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1)), &k));
+    _mm_storeu_ps(r->out + j, window4(a, b, c, d, &k));
     k = _mm_packs_epi32(k, k);   /* 4 x int32 -> 4 x int16 */
     k = _mm_packus_epi16(k, k);  /* -> 4 x uint8 */
     const int32_t bytes = _mm_cvtsi128_si32(k);
