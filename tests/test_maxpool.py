@@ -246,3 +246,18 @@ def test_the_plain_c_loop_for_processors_without_sse2_computes_the_same(tmp_path
             got = pooled_with_grads(maxpool.max_pool2d, x, grad)
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, expected))
     assert maxpool._LIBRARY["lib"] is not None
+
+
+def test_torch_export_captures_torchs_pool(monkeypatch):
+    """torch.export (behind danlu's ONNX export) traces the pool as aten.max_pool2d, never the C call."""
+    ran, real = [], maxpool._forward
+    monkeypatch.setattr(maxpool, "_forward", lambda t: ran.append(t.shape) or real(t))
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return maxpool.max_pool2d(x * 2, 2)  # (B, C, H / 2, W / 2)
+
+    x = inputs("random", (2, 4, 32, 32))
+    program = torch.export.export(Pool(), (x,))
+    assert not ran and "aten.max_pool2d" in str(program.graph)
+    assert torch.equal(program.module()(x), Pool()(x)) and ran == [x.shape]
