@@ -15,14 +15,19 @@ on CPU; benchmarks/gpt_train.py times whole training steps with them against tra
 - `table_gelu.gelu(x, approximate)`: F.gelu, with the tanh approximation of 16-bit CPU tensors looked
   up in a table of all 65,536 inputs, bit for bit torch's values and gradients. Used by
   models.blocks.FeedForward. +1.7-2.0%, then +3.0% for chunked lookups.
+- `maxpool.max_pool2d(x, kernel_size, ...)`: F.max_pool2d, with a 2x2, stride-2 pool of a contiguous
+  float32 CPU tensor computed by a C kernel (maxpool2x2.c, compiled on first use with the system C
+  compiler; torch's pool wherever it cannot run or DANLU_NATIVE_KERNELS=0). Bit for bit torch's values and
+  gradients. Used by models.cnn's plain stages; measured in docs/results/cnn.md.
 
 - `packed_linear.pack_linear(layer, rows)`: an fp32 nn.Linear computed from MKL's copy of its weight packed for
   `rows` rows (other row counts: the plain weight), for decoding a fixed batch. Used by
   danlu.generation.decode_layout; the batch-8 decoding step 1.09-1.18x -> 1.44x transformers'
   (docs/results/generate.md).
 
-Measured in docs/pretraining.md. This package sits below danlu.models and danlu.training and imports
-torch only.
+
+Measured in docs/pretraining.md (the pool: docs/results/cnn.md). This package sits below danlu.models
+and danlu.training and imports torch and danlu.files only.
 """
 from danlu.kernels.attention import (
     causal_attention,
@@ -31,7 +36,8 @@ from danlu.kernels.attention import (
     unfused_masked_attention,
 )
 from danlu.kernels.lm_loss import lm_head_loss
+from danlu.kernels.maxpool import max_pool2d
 from danlu.kernels.table_gelu import gelu
 
-__all__ = ["causal_attention", "gelu", "lm_head_loss", "masked_attention", "unfused_causal_attention",
+__all__ = ["causal_attention", "gelu", "lm_head_loss", "masked_attention", "max_pool2d", "unfused_causal_attention",
            "unfused_masked_attention"]
