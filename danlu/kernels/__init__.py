@@ -19,12 +19,10 @@ on CPU; benchmarks/gpt_train.py times whole training steps with them against tra
   float32 CPU tensor computed by a C kernel (maxpool2x2.c, compiled on first use with the system C
   compiler; torch's pool wherever it cannot run or DANLU_NATIVE_KERNELS=0). Bit for bit torch's values and
   gradients. Used by models.cnn's plain stages; measured in docs/results/cnn.md.
-
 - `packed_linear.pack_linear(layer, rows)`: an fp32 nn.Linear computed from MKL's copy of its weight packed for
   `rows` rows (other row counts: the plain weight), for decoding a fixed batch. Used by
   danlu.generation.decode_layout; the batch-8 decoding step 1.09-1.18x -> 1.44x transformers'
   (docs/results/generate.md).
-
 
 Measured in docs/pretraining.md (the pool: docs/results/cnn.md). This package sits below danlu.models
 and danlu.training and imports torch and danlu.files only.
