@@ -81,7 +81,7 @@ def danlu_ngram(cfg, run_dir):
     data = build_data(cfg.data, task=cfg.task, seed=cfg.run.seed)
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, data.spec)
-    model.adapt(data.train)  # the idf of the training split, as `danlu train` measures it
+    model.adapt(data.train, data.tokenizer)  # the character n-gram table and the idf of the training split, as `danlu train` measures it
     trainer = Trainer(model, ClassificationTask(data.labels), cfg.train, run_dir=run_dir, seed=cfg.run.seed)
     history = trainer.fit(data.train, data.val)
     seconds = time.perf_counter() - start
