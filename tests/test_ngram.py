@@ -274,3 +274,47 @@ def test_an_english_run_with_character_ngrams_saves_loads_and_exports_with_the_s
     alone, want = OnnxModel(tmp_path / "onnx").predict(texts), run.predict(texts)
     for a, w in zip(alone, want):
         assert a["label"] == w["label"] and a["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+
+
+def test_sublinear_tf_pools_each_distinct_ngram_once_at_one_plus_the_log_of_its_count():
+    import math
+    from collections import Counter
+
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), char_ngrams=(2,), char_slots=4,
+                                        weighting="idf", tf="sublinear"), SPEC).eval()
+    table = {5: [31, 40], 9: [40]}
+    with torch.no_grad():
+        model.idf.uniform_(1.0, 3.0)
+        for token, rows in table.items():
+            model.char_rows[token, :len(rows)] = torch.tensor(rows)
+        texts = [[5, 9, 5, 9, 5, 7], [7, 7, 7], [9]]
+        ids = torch.tensor([t + [0] * (6 - len(t)) for t in texts])
+        logits = model(ids, ids != 0)
+        e = model.embed.weight
+
+        def tfidf(counts):  # a TF-IDF row over distinct keys (ending in their row), L2-normalised, times the embeddings
+            w = {key: (1 + math.log(c)) * model.idf[key[-1]].item() for key, c in counts.items()}
+            norm = math.sqrt(sum(v * v for v in w.values()))
+            return sum(v * e[key[-1]] for key, v in w.items()) / norm
+
+        for i, tokens in enumerate(texts):
+            pooled = tfidf(Counter((r,) for r in python_rows(tokens, (1, 2), SPEC.vocab_size, 97)))
+            chars = Counter((t, r) for t in tokens for r in table.get(t, []))  # row 40 counted per token: 5 and 9
+            if chars:
+                pooled = pooled + tfidf(chars)
+            torch.testing.assert_close(logits[i], model.head(pooled), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting, tf", [("mean", "raw"), ("idf", "raw"), ("idf", "sublinear")])
+def test_training_pools_character_ngrams_per_distinct_token_as_evaluation_does_per_position(weighting, tf):
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), char_ngrams=(2, 3), char_slots=6,
+                                        weighting=weighting, tf=tf), SPEC)
+    with torch.no_grad():
+        model.char_rows[5, :3] = torch.tensor([31, 40, 77])
+        model.char_rows[9, :2] = torch.tensor([40, 120])
+        if weighting == "idf":
+            model.idf.uniform_(1.0, 3.0)
+        ids = torch.tensor([[5, 9, 7, 5, 0], [9, 9, 9, 8, 2], [11, 0, 0, 0, 0]])
+        torch.testing.assert_close(model.train()(ids, ids != 0), model.eval()(ids, ids != 0), rtol=0, atol=1e-6)

@@ -57,6 +57,9 @@ class NgramConfig:
     """Orders of the character n-grams inside each token (fastText's subwords used 3 to 6); () for none."""
     char_slots: Annotated[int, Range(ge=1, le=256)] = 48
     """Character n-grams kept per token (the table's width; a longer token keeps its shorter n-grams first)."""
+    tf: Literal["raw", "sublinear"] = "raw"
+    """raw: an n-gram seen c times in a text counts c times. sublinear: 1 + ln(c) times, as TfidfVectorizer(
+    sublinear_tf=True) (a character n-gram counts the repeats of its token)."""
     weighting: Literal["mean", "idf"] = "mean"
     """mean: the plain average of fastText. idf: each n-gram weighted by its inverse document frequency on the
     training split and the weighted sum divided by the weights' L2 norm, as TF-IDF rows are normalised."""
@@ -153,9 +156,12 @@ class NgramClassifier(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        total, norm = self.pool(*self.ngram_ids(input_ids, attention_mask))  # (B, E), (B, 1)
+        rows, real = self.ngram_ids(input_ids, attention_mask)  # (B, L)
+        sublinear = self.config.tf == "sublinear"
+        total, norm = self.pool(rows, real, repeats(rows, real, len(self.orders)) if sublinear else None)  # (B, E), (B, 1)
         if self.char_orders:
-            chars, char_norm = self.pool(*self.char_ids(input_ids, attention_mask))
+            count = repeats(input_ids, attention_mask.bool(), 1) if sublinear else None  # (B, T) a token's repeats
+            chars, char_norm = self.char_block(input_ids, attention_mask, count)
             if self.config.weighting == "idf":  # each block normalised on its own, then joined
                 total, norm = total / norm.clamp(min=1.0) + chars / char_norm.clamp(min=1.0), torch.ones_like(norm)
             else:  # one mean over tokens, token n-grams and character n-grams, as fastText averages them
@@ -163,15 +169,61 @@ class NgramClassifier(nn.Module):
         pooled = total / norm.clamp(min=1.0)  # (B, E)
         return self.head(self.dropout(pooled))  # (B, C)
 
-    def pool(self, rows, real):
-        """The weighted sum of the rows' embeddings and its divisor. (B, L) twice -> (B, E), (B, 1)."""
+    def char_block(self, input_ids, attention_mask, count=None):
+        """The weighted sum of the character n-grams' embeddings of every token occurrence, and its divisor, as
+        `pool` gives for the rows of `char_ids` (a token's n-grams count as often as the token occurs).
+        (B, T) -> (B, E), (B, 1).
+
+        Each token's n-grams are summed once per distinct token of the batch when training (a batch repeats its
+        tokens; Chinese characters have none) and once per position otherwise (no data-dependent shapes, for ONNX)."""
+        if self.training:
+            tokens, where = torch.unique(input_ids, return_inverse=True)  # (U,), (B, T)
+        else:
+            tokens, where = input_ids, None
+        rows = self.char_rows[tokens.long()].long()  # (U, K) or (B, T, K); -1 in unused slots
+        weight = (rows >= 0).to(self.embed.weight.dtype)
+        rows = rows.clamp(min=0)
+        if self.config.weighting == "idf":
+            weight = weight * self.idf[rows]
+        vectors = (self.embed(rows) * weight.unsqueeze(-1)).sum(-2)  # (U, E) or (B, T, E): a token's n-grams
+        size = weight.square().sum(-1) if self.config.weighting == "idf" else weight.sum(-1)  # (U,) or (B, T)
+        if where is not None:
+            vectors, size = vectors[where], size[where]  # (B, T, E), (B, T)
+        f = attention_mask.to(weight.dtype)  # (B, T)
+        c = torch.ones_like(f) if count is None else count.to(f.dtype).clamp(min=1.0)
+        f = f * (1.0 + torch.log(c)) / c  # sublinear tf (1 when count is None)
+        total = (vectors * f.unsqueeze(-1)).sum(1)  # (B, E)
+        if self.config.weighting == "idf":  # the L2 norm of the block's TF-IDF row
+            return total, (size * f.square() * c).sum(1, keepdim=True).sqrt()
+        return total, (size * f).sum(1, keepdim=True)  # (B, 1) the number of n-grams: a mean
+
+    def pool(self, rows, real, count=None):
+        """The weighted sum of the rows' embeddings and its divisor. (B, L) twice -> (B, E), (B, 1).
+
+        `count` (B, L): how often each position's n-gram occurs in its text, for sublinear tf: each occurrence
+        then weighs (1 + ln c) / c, so that the c of them add up to 1 + ln c."""
         weight = real.to(self.embed.weight.dtype).unsqueeze(-1)  # (B, L, 1)
+        if count is not None:
+            c = count.to(weight.dtype).clamp(min=1.0).unsqueeze(-1)  # (B, L, 1)
+            weight = weight * (1.0 + torch.log(c)) / c
         if self.config.weighting == "idf":
             weight = weight * self.idf[rows].unsqueeze(-1)  # (B, L, 1) idf of each real n-gram, 0 on padding
-            norm = weight.square().sum(1).sqrt()  # (B, 1) L2 norm of the text's weights, as TF-IDF rows are normalised
+            if count is not None:  # the L2 norm of the text's TF-IDF row: each n-gram's total is c times a position's
+                norm = (weight.square() * c).sum(1).sqrt()  # (B, 1)
+            else:
+                norm = weight.square().sum(1).sqrt()  # (B, 1) L2 norm of the text's weights, as TF-IDF rows are normalised
         else:
             norm = weight.sum(1)  # (B, 1) the number of real n-grams: a mean
         return (self.embed(rows) * weight).sum(1), norm  # (B, E), (B, 1); padding zeroed
+
+
+def repeats(rows, real, blocks):
+    """How often each position's row occurs among the real positions of its text, within each of `blocks` equal
+    blocks (one per n-gram order). (B, blocks * T) twice -> (B, blocks * T); an O(T^2) comparison per block."""
+    grams = rows.reshape(rows.shape[0], blocks, -1)  # (B, blocks, T)
+    keep = real.reshape(grams.shape).unsqueeze(2)  # (B, blocks, 1, T)
+    same = (grams.unsqueeze(3) == grams.unsqueeze(2)) & keep  # (B, blocks, T, T)
+    return same.sum(-1).reshape(rows.shape)  # (B, blocks * T)
 
 
 def spell(token):
