@@ -19,6 +19,8 @@ train.csv+val.csv+test.csv.
     python benchmarks/run.py --only ngram
     python benchmarks/ngram.py --quick
     python benchmarks/ngram.py --ngram-data zh_sentiment --ngram-set model.embed_dim=32 --ngram-set train.lr=0.02
+    python benchmarks/ngram.py --ngram-baseline report --ngram-data debian_sections,shakespeare \
+        --ngram-variants "model.char_ngrams=[];model.tf=sublinear"      # several settings beside one baseline
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ def add_arguments(parser):
                        help="comma-separated: zh_sentiment, shakespeare_genre, shakespeare, or CSV paths train+val+test")
     group.add_argument("--ngram-set", action="append", default=[], metavar="KEY=VALUE",
                        help="a config override for the danlu side (repeatable)")
+    group.add_argument("--ngram-variants", default="",
+                       help="several danlu sides after one baseline: override sets separated by ';', each space-separated "
+                            "KEY=VALUE ('' for the config as it is)")
+    group.add_argument("--ngram-baseline", choices=("tuned", "report"), default="tuned",
+                       help="tuned: char 1-3 + word 1-2, C picked on val; report: the baseline `danlu train` reports")
     group.add_argument("--ngram-limit", type=int, help=f"first N examples of each split (default all; {QUICK_LIMIT} with --quick)")
 
 
@@ -70,6 +77,17 @@ def baseline(splits, seed=0):
             "test_accuracy": model.score(x_test, splits["test"].labels), "seconds": time.perf_counter() - start}
 
 
+def report_baseline(splits):
+    """The baseline line of `danlu train`'s report on the same split (danlu.evaluate.baseline.text_baselines)."""
+    from danlu.data import label_set
+    from danlu.evaluate.baseline import text_baselines
+
+    start = time.perf_counter()
+    scores = text_baselines(splits["train"], splits["test"], "classification", label_set(splits["train"].labels))["linear"]
+    return {"model": scores["name"], "val_accuracy": float("nan"), "test_accuracy": scores["accuracy"],
+            "seconds": time.perf_counter() - start}
+
+
 def danlu_ngram(cfg, run_dir):
     from danlu.data import build_data
     from danlu.jobs.skeleton import seed_everything
@@ -86,7 +104,8 @@ def danlu_ngram(cfg, run_dir):
     history = trainer.fit(data.train, data.val)
     seconds = time.perf_counter() - start
     m = cfg.model
-    return {"model": f"danlu ngram (orders {list(m.ngrams)}, {m.weighting}, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
+    chars = f"characters {list(m.char_ngrams)}, " if m.char_ngrams else ""
+    return {"model": f"danlu ngram (orders {list(m.ngrams)}, {chars}{m.weighting}, {m.tf} tf, dim {m.embed_dim}, {count_parameters(model) / 1e6:.1f} M "
                      f"params, {cfg.data.tokenizer.kind} tokens, {len(history)} epochs)",
             "val_accuracy": max(history.series("val_accuracy")),
             "test_accuracy": trainer.evaluate(data.test)["accuracy"], "seconds": seconds}
@@ -176,9 +195,13 @@ def run(args):
             overrides = [*data_overrides(name, scratch), f"data.limit={limit}", "train.device=cpu", *args.ngram_set]
             cfg = load(CONFIG, overrides)
             splits = read_splits(cfg.data, cfg.run.seed, False)
-            ours = danlu_ngram(cfg, str(Path(scratch) / "run"))
-            theirs = baseline(splits, cfg.run.seed)
-        for side in (theirs, ours):
+            theirs = report_baseline(splits) if args.ngram_baseline == "report" else baseline(splits, cfg.run.seed)
+            variants = [v.split() for v in args.ngram_variants.split(";")] if args.ngram_variants else [[]]
+            ours = []
+            for variant in variants:
+                side = danlu_ngram(load(CONFIG, overrides + variant), str(Path(scratch) / "run"))
+                ours.append({**side, "model": side["model"] + (f" [{' '.join(variant)}]" if variant else "")})
+        for side in (theirs, *ours):
             rows.append({"data": name, "train_examples": len(splits["train"].texts), **side,
                          "vs_baseline": side["test_accuracy"] - theirs["test_accuracy"]})
     return rows

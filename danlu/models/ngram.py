@@ -13,7 +13,8 @@ the right), so appending padding leaves the logits unchanged.
 With `weighting: idf` each row also has a weight, its n-gram's inverse document frequency on the training split
 (measured by `adapt` before training, a buffer saved with the weights), and the text is the weighted sum of its
 n-grams' embeddings divided by the L2 norm of their weights: the pooling of a TF-IDF row (Salton & Buckley 1988)
-that a linear model then reads, with raw term frequencies (an n-gram seen twice counts twice).
+that a linear model then reads, with raw term frequencies (an n-gram seen twice counts twice), or with `tf:
+sublinear` 1 + ln(count) as TfidfVectorizer(sublinear_tf=True) weighs them.
 
 With `char_ngrams` each vocabulary token also brings the character n-grams inside it (fastText's subwords,
 Bojanowski et al. 2017, "Enriching Word Vectors with Subword Information"): `adapt` spells every token of the
@@ -59,7 +60,7 @@ class NgramConfig:
     """Character n-grams kept per token (the table's width; a longer token keeps its shorter n-grams first)."""
     tf: Literal["raw", "sublinear"] = "raw"
     """raw: an n-gram seen c times in a text counts c times. sublinear: 1 + ln(c) times, as TfidfVectorizer(
-    sublinear_tf=True) (a character n-gram counts the repeats of its token)."""
+    sublinear_tf=True); a character n-gram counts the repeats of the token it comes from."""
     weighting: Literal["mean", "idf"] = "mean"
     """mean: the plain average of fastText. idf: each n-gram weighted by its inverse document frequency on the
     training split and the weighted sum divided by the weights' L2 norm, as TF-IDF rows are normalised."""
