@@ -248,6 +248,7 @@ def test_an_english_run_with_character_ngrams_saves_loads_and_exports_with_the_s
     pytest.importorskip("onnxruntime")
     import csv
 
+    from danlu.evaluate.explain import explain
     from danlu.jobs.train import train
     from danlu.runs import load_run
     from danlu.serve.export import TOLERANCE, OnnxModel, export
@@ -269,6 +270,8 @@ def test_an_english_run_with_character_ngrams_saves_loads_and_exports_with_the_s
     ids = torch.tensor([list(t) + [0] * (8 - len(t)) for t in run.tokenizer.encode(texts)])
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids, ids != 0), run.model.eval()(ids, ids != 0), rtol=0, atol=0)
+    explained = explain(run, ["awful plot, hated"])[0]  # occlusion, as for every ngram run; the report uses it too
+    assert explained["method"] == "occlusion" and [t["text"] for t in explained["tokens"]][:2] == ["awful", "plot"]
     report = export(run, out=tmp_path / "onnx", repeats=2)
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= TOLERANCE
     alone, want = OnnxModel(tmp_path / "onnx").predict(texts), run.predict(texts)

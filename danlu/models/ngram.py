@@ -186,7 +186,8 @@ class NgramClassifier(nn.Module):
         rows = rows.clamp(min=0)
         if self.config.weighting == "idf":
             weight = weight * self.idf[rows]
-        vectors = (self.embed(rows) * weight.unsqueeze(-1)).sum(-2)  # (U, E) or (B, T, E): a token's n-grams
+        # the table read without calling `embed` itself: a hook on it (explanations) sees the n-gram rows only
+        vectors = (F.embedding(rows, self.embed.weight) * weight.unsqueeze(-1)).sum(-2)  # (U, E) or (B, T, E)
         size = weight.square().sum(-1) if self.config.weighting == "idf" else weight.sum(-1)  # (U,) or (B, T)
         if where is not None:
             vectors, size = vectors[where], size[where]  # (B, T, E), (B, T)
