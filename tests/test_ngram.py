@@ -172,3 +172,152 @@ def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path
     assert rows[0]["vs_baseline"] == 0 and rows[1]["vs_baseline"] == rows[1]["test_accuracy"] - rows[0]["test_accuracy"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
     assert "| data | train_examples | model |" in capsys.readouterr().out
+
+
+def test_the_character_table_holds_each_tokens_ngrams_written_out_by_hand():
+    import zlib
+
+    from danlu.models.ngram import char_table
+
+    tokens = ["[PAD]", "play", "##ing", "好", "\u0120ab", "x"]
+    table = char_table(tokens, (2, 3), 8, 30, 97, skip={"[PAD]"})
+
+    def rows(*grams):  # CRC-32 of the UTF-8 bytes into the 97 rows after the 30 of the vocabulary
+        return [30 + zlib.crc32(g.encode()) % 97 for g in grams] + [-1] * (8 - len(grams))
+
+    assert table.shape == (6, 8) and table.dtype == torch.int32
+    assert table[0].tolist() == [-1] * 8  # a special token: none
+    assert table[1].tolist() == rows("<p", "pl", "la", "ay", "<pl", "pla", "lay")[:8]  # a word's start marked
+    assert table[2].tolist() == rows("in", "ng", "ing")  # a WordPiece continuation: no start mark
+    assert table[3].tolist() == [-1] * 8 == table[5].tolist()  # one character: nothing beyond the token itself
+    assert table[4].tolist() == rows("<a", "ab", "<ab")  # byte-level BPE's space is the start mark
+    longer = char_table(["abcdefgh"], (2, 3), 8, 30, 97)[0].tolist()  # 8 bigrams of "<abcdefgh" fill the slots
+    assert longer == rows("<a", "ab", "bc", "cd", "de", "ef", "fg", "gh")
+
+
+def char_model(weighting):
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), char_ngrams=(2, 3), char_slots=6,
+                                        weighting=weighting), SPEC).eval()
+    with torch.no_grad():
+        model.char_rows[5, :3] = torch.tensor([31, 40, 77])  # token 5 has three character n-grams, token 9 one
+        model.char_rows[9, 0] = 40
+        if weighting == "idf":
+            model.idf.uniform_(1.0, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("weighting", ["mean", "idf"])
+def test_character_ngrams_join_the_text_as_each_token_occurs(weighting):
+    model = char_model(weighting)
+    texts = [[5, 9, 7, 5], [7, 8], [9]]
+    ids = torch.tensor([t + [0] * (4 - len(t)) for t in texts])
+    table = {5: [31, 40, 77], 9: [40]}
+    with torch.no_grad():
+        logits = model(ids, ids != 0)
+        for i, tokens in enumerate(texts):
+            rows = python_rows(tokens, (1, 2), SPEC.vocab_size, 97)
+            chars = [r for t in tokens for r in table.get(t, [])]  # repeated with each occurrence
+            e = model.embed.weight
+            if weighting == "mean":  # one mean over everything, as fastText averages a word's vectors
+                pooled = e[rows + chars].mean(0)
+            else:  # each block over its own idf L2 norm, then added
+                w, c = model.idf[rows], model.idf[chars]
+                pooled = (w[:, None] * e[rows]).sum(0) / w.square().sum().sqrt()
+                if chars:
+                    pooled = pooled + (c[:, None] * e[chars]).sum(0) / c.square().sum().sqrt()
+            torch.testing.assert_close(logits[i], model.head(pooled), rtol=0, atol=1e-6)
+    assert "char_rows" in model.state_dict() and "char_rows" not in build().state_dict()  # old runs load unchanged
+
+
+def test_character_ngrams_without_the_tokenizer_are_an_error_that_says_so():
+    from danlu.data.batching import TextDataset
+
+    model = char_model("idf")
+    with pytest.raises(ValueError, match="char_ngrams needs the run's tokenizer"):
+        model.adapt(TextDataset([torch.tensor([5, 9]).int().numpy()], None, 0))
+
+
+ENGLISH = [("a great film, I recommend it", "pos"), ("wonderful acting and recommended", "pos"),
+           ("greatest story, loved it", "pos"), ("awful plot, I hated it", "neg"),
+           ("terrible acting and boring", "neg"), ("awfully dull, hateful ending", "neg")]
+
+
+def test_an_english_run_with_character_ngrams_saves_loads_and_exports_with_the_same_answers(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import csv
+
+    from danlu.evaluate.explain import explain
+    from danlu.jobs.train import train
+    from danlu.runs import load_run
+    from danlu.serve.export import TOLERANCE, OnnxModel, export
+
+    data = tmp_path / "en.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *(ENGLISH * 20)])
+    run = train({"run": {"dir": str(tmp_path / "run"), "seed": 0},
+                 "data": {"train": str(data), "tokenizer": {"kind": "wordpiece", "vocab_size": 200, "max_length": 32}},
+                 "model": {"kind": "ngram", "embed_dim": 8, "buckets": 4096, "ngrams": [1, 2], "char_ngrams": [3, 4],
+                           "char_slots": 12, "weighting": "idf"},
+                 "train": {"epochs": 6, "batch_size": 16, "lr": 0.05, "device": "cpu"}}, overwrite=True)
+    tokenizer = run.tokenizer.tokenizer_
+    great = run.model.char_rows[tokenizer.token_to_id("great")]
+    assert (great >= 0).sum() == 7  # of "<great": "<gr", "gre", "rea", "eat", then "<gre", "grea", "reat"
+    again = load_run(run.path, device="cpu")
+    torch.testing.assert_close(again.model.char_rows, run.model.char_rows, rtol=0, atol=0)
+    texts = ["greatest film", "awfully boring", "recommend it", "hated"]
+    ids = torch.tensor([list(t) + [0] * (8 - len(t)) for t in run.tokenizer.encode(texts)])
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids, ids != 0), run.model.eval()(ids, ids != 0), rtol=0, atol=0)
+    explained = explain(run, ["awful plot, hated"])[0]  # occlusion, as for every ngram run; the report uses it too
+    assert explained["method"] == "occlusion" and [t["text"] for t in explained["tokens"]][:2] == ["awful", "plot"]
+    report = export(run, out=tmp_path / "onnx", repeats=2)
+    assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= TOLERANCE
+    alone, want = OnnxModel(tmp_path / "onnx").predict(texts), run.predict(texts)
+    for a, w in zip(alone, want):
+        assert a["label"] == w["label"] and a["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+
+
+def test_sublinear_tf_pools_each_distinct_ngram_once_at_one_plus_the_log_of_its_count():
+    import math
+    from collections import Counter
+
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), char_ngrams=(2,), char_slots=4,
+                                        weighting="idf", tf="sublinear"), SPEC).eval()
+    table = {5: [31, 40], 9: [40]}
+    with torch.no_grad():
+        model.idf.uniform_(1.0, 3.0)
+        for token, rows in table.items():
+            model.char_rows[token, :len(rows)] = torch.tensor(rows)
+        texts = [[5, 9, 5, 9, 5, 7], [7, 7, 7], [9]]
+        ids = torch.tensor([t + [0] * (6 - len(t)) for t in texts])
+        logits = model(ids, ids != 0)
+        e = model.embed.weight
+
+        def tfidf(counts):  # a TF-IDF row over distinct keys (ending in their row), L2-normalised, times the embeddings
+            w = {key: (1 + math.log(c)) * model.idf[key[-1]].item() for key, c in counts.items()}
+            norm = math.sqrt(sum(v * v for v in w.values()))
+            return sum(v * e[key[-1]] for key, v in w.items()) / norm
+
+        for i, tokens in enumerate(texts):
+            pooled = tfidf(Counter((r,) for r in python_rows(tokens, (1, 2), SPEC.vocab_size, 97)))
+            chars = Counter((t, r) for t in tokens for r in table.get(t, []))  # row 40 counted per token: 5 and 9
+            if chars:
+                pooled = pooled + tfidf(chars)
+            torch.testing.assert_close(logits[i], model.head(pooled), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting, tf", [("mean", "raw"), ("idf", "raw"), ("idf", "sublinear")])
+def test_training_pools_character_ngrams_per_distinct_token_as_evaluation_does_per_position(weighting, tf):
+    torch.manual_seed(0)
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1, 2), char_ngrams=(2, 3), char_slots=6,
+                                        weighting=weighting, tf=tf), SPEC)
+    with torch.no_grad():
+        model.char_rows[5, :3] = torch.tensor([31, 40, 77])
+        model.char_rows[9, :2] = torch.tensor([40, 120])
+        if weighting == "idf":
+            model.idf.uniform_(1.0, 3.0)
+        ids = torch.tensor([[5, 9, 7, 5, 0], [9, 9, 9, 8, 2], [11, 0, 0, 0, 0]])
+        torch.testing.assert_close(model.train()(ids, ids != 0), model.eval()(ids, ids != 0), rtol=0, atol=1e-6)

@@ -30,8 +30,8 @@ class TrainJob(Job):
         say(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples, {what}, "
             f"vocabulary {data.spec.vocab_size}" + (f", {data.skipped} bad rows skipped" if data.skipped else ""))
         model = build_model(cfg.model, data.spec)
-        if hasattr(model, "adapt"):  # statistics of the training split the model keeps (the ngram kind's idf)
-            model.adapt(data.train)
+        if hasattr(model, "adapt"):  # the ngram kind's idf and character n-gram table
+            model.adapt(data.train, data.tokenizer)
         say(f"model: {cfg.model.kind}, {count_parameters(model):,} parameters; run directory: {run_dir}")
         task = TASKS[cfg.task](data.labels)
         if cfg.task == "regression" and type(getattr(model, "head", None)) is nn.Linear:  # learn standardised targets
