@@ -291,13 +291,15 @@ class SearchParam:
 
     @property
     def only_kind(self):
-        """model.<kind>.<field> or train.<kind>.<key>: the model kind it is drawn for (else None)."""
+        """model.<kind>.<field>, or <section>.<kind>.<key> whose <kind> is no key of the section (train.ngram.lr,
+        data.ngram.tokenizer.vocab_size): the model kind it is drawn for (else None)."""
         parts = self.key.split(".")
-        if parts[0] == "model" and len(parts) == 3:
-            return parts[1]
-        if parts[0] == "train" and len(parts) >= 3 and parts[1] not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            return parts[1]
-        return None
+        if parts[0] == "model":
+            return parts[1] if len(parts) == 3 else None
+        section = SECTIONS.get(parts[0])
+        if section is None or parts[0] in ("run", "tune") or len(parts) < 3:
+            return None
+        return None if parts[1] in {f.name for f in dataclasses.fields(section)} else parts[1]
 
     @property
     def target(self):
@@ -581,9 +583,9 @@ def _check_space(params, kind):
                                   f"their fields: {', '.join(valid)}")
             hints = [typing.get_type_hints(c, include_extras=True)[field_name] for c in owners]
         else:
-            if param.only_kind:  # train.KIND.KEY: the train key KEY, drawn when that kind is
+            if param.only_kind:  # SECTION.KIND.KEY: SECTION.KEY, drawn when that kind is
                 if param.only_kind not in kinds:
-                    raise ConfigError(f"{where}: {param.only_kind!r} is neither a train key nor among the kinds "
+                    raise ConfigError(f"{where}: {param.only_kind!r} is neither a {parts[0]} key nor among the kinds "
                                       f"searched ({', '.join(kinds)})")
                 parts = param.target.split(".")
             node, hint = SECTIONS.get(parts[0]), None

@@ -86,9 +86,11 @@ def test_a_search_of_three_trials_makes_runs_a_study_and_a_report(tmp_path, one_
     ("model.textcnn.num_filters", [8], ["tune.space.model.textcnn.num_filters", "not among the kinds searched"]),
     ("run.dir", ["a", "b"], ["tune.space.run.dir", "run.seed is the only run key"]),
     ("data.tokenizer", [1], ["tune.space.data.tokenizer", "is a section"]),
-    ("train.textcnn.lr", [0.01], ["tune.space.train.textcnn.lr", "'textcnn' is neither a train key nor among the "
-                                                                   "kinds searched (mlp)"]),
+    ("train.textcnn.lr", [0.01], ["tune.space.train.textcnn.lr", "'textcnn' is neither a train key nor",
+                                  "among the kinds searched (mlp)"]),
     ("train.mlp.lrr", [0.01], ["tune.space.train.mlp.lrr", "did you mean 'lr'"]),
+    ("data.mlp.tokenizer.vocab_sise", [600], ["tune.space.data.mlp.tokenizer.vocab_sise", "did you mean 'vocab_size'"]),
+    ("data.lstm.max_length", [64], ["tune.space.data.lstm.max_length", "neither a data key nor among the kinds"]),
     ("train.mlp.optimizer", [["adam"]], ["tune.space.train.mlp.optimizer", "['adam']"]),
     ("model.embed_dim", [[16], "[16]"], ["tune.space.model.embed_dim", "listed twice"]),
     ("model.embed_dim", [{1, 2}], ["tune.space.model.embed_dim", "lists and mappings"]),
@@ -137,14 +139,15 @@ def test_model_keys_are_drawn_only_for_the_kinds_that_have_them(tmp_path):
     assert trial_config(search, drawn["lstm"], "r").model.bidirectional is True  # the base's own kind keeps them
 
 
-def test_train_keys_per_kind_and_list_choices(tmp_path):
-    """train.KIND.KEY is drawn only for that kind and wins over train.KEY there; a choice may be a list, which
+def test_train_and_data_keys_per_kind_and_list_choices(tmp_path):
+    """train.KIND.KEY (and data.KIND.KEY) is drawn only for that kind and wins over train.KEY there; a choice may
+    be a list, which
     the study holds as its JSON text and the trial's config receives as the list."""
     from danlu.jobs.tune import Search, sample, trial_config
 
     space = {"model.kind": ["lstm", "ngram"], "train.lr": "loguniform(1e-4, 1e-2)", "train.ngram.lr": [0.01, 0.02],
              "train.ngram.schedule": ["linear"], "train.ngram.early_stopping.patience": [1],
-             "model.ngram.ngrams": [[1, 2], [1, 2, 3]]}
+             "model.ngram.ngrams": [[1, 2], [1, 2, 3]], "data.ngram.tokenizer.vocab_size": [600]}
     raw = {"model": {"kind": "lstm", "hidden_dim": 32}, "data": {"train": "x.csv"},
            "train": {"lr": 0.001, "schedule": "cosine", "epochs": 3}}
     params = config.parse_space(space)
@@ -152,16 +155,18 @@ def test_train_keys_per_kind_and_list_choices(tmp_path):
     search = Search(str(tmp_path), raw, params, "val_accuracy", True, config.TuneConfig(space=space))
     ngram = sample(optuna.trial.FixedTrial({"model.kind": "ngram", "train.ngram.lr": 0.02, "train.lr": 5e-4,
                                             "train.ngram.schedule": "linear", "train.ngram.early_stopping.patience": 1,
-                                            "model.ngram.ngrams": "[1, 2, 3]"}), search)
+                                            "model.ngram.ngrams": "[1, 2, 3]", "data.ngram.tokenizer.vocab_size": 600}),
+                   search)
     assert ngram == {"model.kind": "ngram", "train.lr": 0.02, "train.schedule": "linear",
-                     "train.early_stopping.patience": 1, "model.ngrams": [1, 2, 3]}
+                     "train.early_stopping.patience": 1, "model.ngrams": [1, 2, 3], "data.tokenizer.vocab_size": 600}
     cfg = trial_config(search, ngram, str(tmp_path / "n"))
     assert cfg.model.ngrams == (1, 2, 3) and cfg.train.lr == 0.02 and cfg.train.schedule == "linear"
     assert cfg.train.early_stopping.patience == 1 and cfg.train.epochs == 3  # the rest: the base's
+    assert cfg.data.tokenizer.vocab_size == 600
     lstm = sample(optuna.trial.FixedTrial({"model.kind": "lstm", "train.lr": 5e-4}), search)
     assert lstm == {"model.kind": "lstm", "train.lr": 5e-4}
     cfg = trial_config(search, lstm, str(tmp_path / "l"))
-    assert cfg.train.lr == 5e-4 and cfg.train.schedule == "cosine"
+    assert cfg.train.lr == 5e-4 and cfg.train.schedule == "cosine" and cfg.data.tokenizer.vocab_size != 600
     ngrams = next(p for p in params if p.key == "model.ngram.ngrams")
     assert ngrams.value("[1, 2]") == [1, 2]
     with pytest.raises(ConfigError, match=r"tune.space.model.ngram.ngrams: '\[1, 3\]' is not one of its choices"):
