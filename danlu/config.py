@@ -396,8 +396,9 @@ class TuneConfig:
 
     space: dict = field(default_factory=dict)
     """{dotted config key: what to try}: a list of choices, uniform(low, high), loguniform(low, high),
-    int(low, high), int(low, high, log) or int(low, high, STEP). model.<field> is drawn only for the kinds
-    that have the field; model.<kind>.<field> only when that kind is drawn."""
+    int(low, high), int(low, high, log) or int(low, high, STEP); a list's choices may be any YAML value
+    (model.ngrams: [[1, 2], [1, 2, 3]]). model.<field> is drawn only for the kinds that have the field;
+    model.<kind>.<field>, train.<kind>.<key> and data.<kind>.<key> only when that kind is drawn."""
     metric: str = ""
     """Validation metric to optimise, e.g. accuracy (val_accuracy); empty: the first higher-is-better
     validation metric of the task (accuracy for classification, r2 for regression). The direction is the task's."""

@@ -121,8 +121,8 @@ def threads_per_trial(threads, jobs):
 
 def sample(trial, search):
     """{config key: value} drawn for `trial`. A model.FIELD key is drawn only when the drawn (or fixed)
-    model.kind has that field; model.KIND.FIELD and train.KIND.KEY only for that kind, in place of the
-    kind-free entry of the same key, so a kind never sees keys it lacks and may have its own ranges."""
+    model.kind has that field; model.KIND.FIELD and SECTION.KIND.KEY (train.ngram.lr) only for that kind, in
+    place of the kind-free entry of the same key, so a kind never sees keys it lacks and may have its own ranges."""
     kind = (search.raw.get("model") or {}).get("kind", "lstm")
     values = {}
     for param in search.params:  # model.kind comes first
