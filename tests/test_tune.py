@@ -259,6 +259,20 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path):
     assert again.returncode == 0 and len(_trials(tune_dir)) == 3
 
 
+def test_a_continued_search_draws_new_values(tmp_path, one_thread):
+    """Raising --trials continues the search; the resumed sampler does not start its seeded draws over (it would
+    repeat the first trials' values while the sampler is still drawing at random)."""
+    from danlu.jobs.tune import tune
+
+    for sampler in ("random", "tpe"):
+        path = _search_config(tmp_path, rows=120, space={"train.lr": "loguniform(1e-3, 3e-2)"}, sampler=sampler,
+                              dir=str(tmp_path / sampler))
+        tune(path, ["train.epochs=1"], trials=2, say=lambda m: None)
+        tune(path, ["train.epochs=1"], trials=4, say=lambda m: None)
+        lrs = [t.params["train.lr"] for t in _trials(tmp_path / sampler)]
+        assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+
+
 def test_parallel_trials_share_the_free_cores(tmp_path, monkeypatch):
     from danlu.jobs import tune as tune_mod
 

@@ -237,13 +237,19 @@ def open_study(search):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # danlu says what happens, once
     spec = search.tune
-    if spec.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=spec.seed)
-    pruner = make_pruner(spec, search.maximize)
-    return optuna.create_study(storage=_storage(search), study_name=STUDY_NAME, sampler=sampler, pruner=pruner,
-                               direction="maximize" if search.maximize else "minimize", load_if_exists=True)
+    study = optuna.create_study(storage=_storage(search), study_name=STUDY_NAME,
+                                sampler=_sampler(spec.sampler, spec.seed), pruner=make_pruner(spec, search.maximize),
+                                direction="maximize" if search.maximize else "minimize", load_if_exists=True)
+    drawn = len(study.get_trials(deepcopy=False))
+    if drawn:  # a resumed search: a sampler seeded as the first run's would draw its first (random) values again
+        study.sampler = _sampler(spec.sampler, spec.seed + drawn)
+    return study
+
+
+def _sampler(kind, seed):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed) if kind == "random" else optuna.samplers.TPESampler(seed=seed)
 
 
 def _storage(search):
