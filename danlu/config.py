@@ -11,8 +11,10 @@ unknown kinds fail at load with the key, what was expected and what is valid.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import difflib
+import json
 import os
 import sys
 import typing
@@ -281,22 +283,51 @@ class SearchParam:
     key: str
     kind: Literal["categorical", "float", "int"]
     choices: tuple = ()
+    """categorical: the YAML values to choose from (numbers, strings, booleans, null, lists, mappings)."""
     low: float = 0.0
     high: float = 0.0
     log: bool = False
     step: int | None = None
 
     @property
-    def target(self):
-        """The config key the value lands on: model.lstm.hidden_dim -> model.hidden_dim."""
+    def only_kind(self):
+        """model.<kind>.<field>, or <section>.<kind>.<key> whose <kind> is no key of the section (train.ngram.lr,
+        data.ngram.tokenizer.vocab_size): the model kind it is drawn for (else None)."""
         parts = self.key.split(".")
-        return f"model.{parts[2]}" if parts[0] == "model" and len(parts) == 3 else self.key
+        if parts[0] == "model":
+            return parts[1] if len(parts) == 3 else None
+        section = SECTIONS.get(parts[0])
+        if section is None or parts[0] in ("run", "tune") or len(parts) < 3:
+            return None
+        return None if parts[1] in {f.name for f in dataclasses.fields(section)} else parts[1]
 
     @property
-    def only_kind(self):
-        """model.<kind>.<field>: the kind it is drawn for (else None)."""
-        parts = self.key.split(".")
-        return parts[1] if parts[0] == "model" and len(parts) == 3 else None
+    def target(self):
+        """The config key the value lands on: model.lstm.hidden_dim -> model.hidden_dim, train.ngram.lr -> train.lr."""
+        kind = self.only_kind
+        return self.key.replace(f".{kind}.", ".", 1) if kind else self.key
+
+    @property
+    def labels(self):
+        """The choices as the study stores them: a number, string, boolean or null as itself, a list or a
+        mapping as its JSON text ([1, 2, 3]), since Optuna's categorical choices are scalars only."""
+        return tuple(choice_label(c) for c in self.choices)
+
+    def value(self, drawn):
+        """The config value of what the study drew (a choice's label gives back the choice itself)."""
+        if self.kind != "categorical":
+            return drawn
+        for label, choice in zip(self.labels, self.choices):
+            if type(label) is type(drawn) and label == drawn:
+                return copy.deepcopy(choice)
+        raise ConfigError(f"tune.space.{self.key}: {drawn!r} is not one of its choices {list(self.labels)}")
+
+
+def choice_label(choice):
+    """A categorical choice as the study stores and the report shows it (see SearchParam.labels)."""
+    if choice is None or isinstance(choice, (str, int, float, bool)):
+        return choice
+    return json.dumps(choice, ensure_ascii=False, separators=(", ", ": "))
 
 
 SPACE_FORMS = ("a list of choices, e.g. [lstm, textcnn]; uniform(low, high); loguniform(low, high); "
@@ -319,9 +350,14 @@ def parse_space(space) -> tuple:
         if not isinstance(key, str) or len(key.split(".")) < 2:
             raise ConfigError(f"{where}: expected a dotted config key such as train.lr or model.hidden_dim")
         if isinstance(spec, (list, tuple)):
-            if not spec or any(not isinstance(c, (str, int, float, bool)) for c in spec):
-                raise ConfigError(f"{where}: expected a non-empty list of numbers, strings or booleans, got {spec!r}")
-            if len(set(map(repr, spec))) != len(spec):
+            if not spec:
+                raise ConfigError(f"{where}: expected a non-empty list of choices (any YAML values), got {spec!r}")
+            try:
+                labels = [choice_label(c) for c in spec]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected choices made of numbers, strings, booleans, null, lists and "
+                                  f"mappings, got {spec!r}") from None
+            if len({(type(x), x) for x in labels}) != len(labels):
                 raise ConfigError(f"{where}: a choice is listed twice in {list(spec)}")
             params.append(SearchParam(key, "categorical", tuple(spec)))
             continue
@@ -360,8 +396,9 @@ class TuneConfig:
 
     space: dict = field(default_factory=dict)
     """{dotted config key: what to try}: a list of choices, uniform(low, high), loguniform(low, high),
-    int(low, high), int(low, high, log) or int(low, high, STEP). model.<field> is drawn only for the kinds
-    that have the field; model.<kind>.<field> only when that kind is drawn."""
+    int(low, high), int(low, high, log) or int(low, high, STEP); a list's choices may be any YAML value
+    (model.ngrams: [[1, 2], [1, 2, 3]]). model.<field> is drawn only for the kinds that have the field;
+    model.<kind>.<field>, train.<kind>.<key> and data.<kind>.<key> only when that kind is drawn."""
     metric: str = ""
     """Validation metric to optimise, e.g. accuracy (val_accuracy); empty: the first higher-is-better
     validation metric of the task (accuracy for classification, r2 for regression). The direction is the task's."""
@@ -547,6 +584,11 @@ def _check_space(params, kind):
                                   f"their fields: {', '.join(valid)}")
             hints = [typing.get_type_hints(c, include_extras=True)[field_name] for c in owners]
         else:
+            if param.only_kind:  # SECTION.KIND.KEY: SECTION.KEY, drawn when that kind is
+                if param.only_kind not in kinds:
+                    raise ConfigError(f"{where}: {param.only_kind!r} is neither a {parts[0]} key nor among the kinds "
+                                      f"searched ({', '.join(kinds)})")
+                parts = param.target.split(".")
             node, hint = SECTIONS.get(parts[0]), None
             if node is None or parts[0] in ("tune", "run") and parts[-1] != "seed":
                 raise ConfigError(f"{where}: expected a key of {', '.join(s for s in SECTIONS if s != 'tune')} or model "

@@ -19,10 +19,10 @@ from danlu.registry import ConfigError
 optuna = pytest.importorskip("optuna")
 
 
-def _search_config(tmp_path, rows=400, space=None, **tune):
+def _search_config(tmp_path, rows=400, space=None, model=None, **tune):
     data = write_csv(tmp_path / "reviews.csv", make_reviews(rows))
-    cfg = tiny_config(data, tmp_path / "unused", model={"kind": "mlp", "embed_dim": 16, "hidden_dim": 16},
-                      train={"epochs": 2, "batch_size": 16, "lr": 0.01})
+    cfg = tiny_config(data, tmp_path / "unused", train={"epochs": 2, "batch_size": 16, "lr": 0.01})
+    cfg["model"] = model or {"kind": "mlp", "embed_dim": 16, "hidden_dim": 16}
     del cfg["run"]["dir"]
     cfg["tune"] = {"space": space or {"train.lr": "loguniform(1e-3, 3e-2)", "model.kind": ["mlp", "textcnn"],
                                       "model.embed_dim": "int(8, 24, log)"},
@@ -86,6 +86,14 @@ def test_a_search_of_three_trials_makes_runs_a_study_and_a_report(tmp_path, one_
     ("model.textcnn.num_filters", [8], ["tune.space.model.textcnn.num_filters", "not among the kinds searched"]),
     ("run.dir", ["a", "b"], ["tune.space.run.dir", "run.seed is the only run key"]),
     ("data.tokenizer", [1], ["tune.space.data.tokenizer", "is a section"]),
+    ("train.textcnn.lr", [0.01], ["tune.space.train.textcnn.lr", "'textcnn' is neither a train key nor",
+                                  "among the kinds searched (mlp)"]),
+    ("train.mlp.lrr", [0.01], ["tune.space.train.mlp.lrr", "did you mean 'lr'"]),
+    ("data.mlp.tokenizer.vocab_sise", [600], ["tune.space.data.mlp.tokenizer.vocab_sise", "did you mean 'vocab_size'"]),
+    ("data.lstm.max_length", [64], ["tune.space.data.lstm.max_length", "neither a data key nor among the kinds"]),
+    ("train.mlp.optimizer", [["adam"]], ["tune.space.train.mlp.optimizer", "['adam']"]),
+    ("model.embed_dim", [[16], "[16]"], ["tune.space.model.embed_dim", "listed twice"]),
+    ("model.embed_dim", [{1, 2}], ["tune.space.model.embed_dim", "lists and mappings"]),
 ])
 def test_a_bad_space_entry_is_a_clear_config_error(tmp_path, key, spec, words):
     path = _search_config(tmp_path, space={key: spec})
@@ -129,6 +137,60 @@ def test_model_keys_are_drawn_only_for_the_kinds_that_have_them(tmp_path):
     assert drawn["textcnn"] == {"model.kind": "textcnn", "model.num_filters": 5, "model.embed_dim": 16}
     assert drawn["transformer"] == {"model.kind": "transformer", "model.num_heads": 4, "model.embed_dim": 16}
     assert trial_config(search, drawn["lstm"], "r").model.bidirectional is True  # the base's own kind keeps them
+
+
+def test_train_and_data_keys_per_kind_and_list_choices(tmp_path):
+    """train.KIND.KEY (and data.KIND.KEY) is drawn only for that kind and wins over train.KEY there; a choice may
+    be a list, which
+    the study holds as its JSON text and the trial's config receives as the list."""
+    from danlu.jobs.tune import Search, sample, trial_config
+
+    space = {"model.kind": ["lstm", "ngram"], "train.lr": "loguniform(1e-4, 1e-2)", "train.ngram.lr": [0.01, 0.02],
+             "train.ngram.schedule": ["linear"], "train.ngram.early_stopping.patience": [1],
+             "model.ngram.ngrams": [[1, 2], [1, 2, 3]], "data.ngram.tokenizer.vocab_size": [600]}
+    raw = {"model": {"kind": "lstm", "hidden_dim": 32}, "data": {"train": "x.csv"},
+           "train": {"lr": 0.001, "schedule": "cosine", "epochs": 3}}
+    params = config.parse_space(space)
+    assert {p.key: p.labels for p in params if p.kind == "categorical"}["model.ngram.ngrams"] == ("[1, 2]", "[1, 2, 3]")
+    search = Search(str(tmp_path), raw, params, "val_accuracy", True, config.TuneConfig(space=space))
+    ngram = sample(optuna.trial.FixedTrial({"model.kind": "ngram", "train.ngram.lr": 0.02, "train.lr": 5e-4,
+                                            "train.ngram.schedule": "linear", "train.ngram.early_stopping.patience": 1,
+                                            "model.ngram.ngrams": "[1, 2, 3]", "data.ngram.tokenizer.vocab_size": 600}),
+                   search)
+    assert ngram == {"model.kind": "ngram", "train.lr": 0.02, "train.schedule": "linear",
+                     "train.early_stopping.patience": 1, "model.ngrams": [1, 2, 3], "data.tokenizer.vocab_size": 600}
+    cfg = trial_config(search, ngram, str(tmp_path / "n"))
+    assert cfg.model.ngrams == (1, 2, 3) and cfg.train.lr == 0.02 and cfg.train.schedule == "linear"
+    assert cfg.train.early_stopping.patience == 1 and cfg.train.epochs == 3  # the rest: the base's
+    assert cfg.data.tokenizer.vocab_size == 600
+    lstm = sample(optuna.trial.FixedTrial({"model.kind": "lstm", "train.lr": 5e-4}), search)
+    assert lstm == {"model.kind": "lstm", "train.lr": 5e-4}
+    cfg = trial_config(search, lstm, str(tmp_path / "l"))
+    assert cfg.train.lr == 5e-4 and cfg.train.schedule == "cosine" and cfg.data.tokenizer.vocab_size != 600
+    ngrams = next(p for p in params if p.key == "model.ngram.ngrams")
+    assert ngrams.value("[1, 2]") == [1, 2]
+    with pytest.raises(ConfigError, match=r"tune.space.model.ngram.ngrams: '\[1, 3\]' is not one of its choices"):
+        ngrams.value("[1, 3]")  # a study of another space (refused before any trial: _check_same_search)
+
+
+def test_a_search_with_list_choices_and_per_kind_train_keys(tmp_path, one_thread):
+    """End to end: the list choice reaches the trial's run, the study and the report show it as [1, 2, 3]."""
+    from danlu.jobs.tune import tune
+    from danlu.runs import load_run
+
+    path = _search_config(tmp_path, model={"kind": "ngram", "embed_dim": 8, "buckets": 1024},
+                          space={"model.ngrams": [[1], [1, 2, 3]], "train.ngram.epochs": [1],
+                                 "train.ngram.lr": "loguniform(0.01, 0.05)"}, sampler="random", seed=0)
+    tune(path, trials=3, say=lambda m: None)
+    trials = _trials(tmp_path / "search")
+    assert {t.params["model.ngrams"] for t in trials} == {"[1]", "[1, 2, 3]"}, "the seeded sampler drew both"
+    for t in trials:
+        run = load_run(tmp_path / "search" / f"trial_{t.number:03d}")
+        assert list(run.cfg.model.ngrams) == json.loads(t.params["model.ngrams"])
+        assert run.cfg.train.epochs == 1 and run.cfg.train.lr == t.params["train.ngram.lr"]
+        assert run.metrics["epochs_run"] == 1
+    markdown = (tmp_path / "search" / "report.md").read_text(encoding="utf-8")
+    assert "[1, 2, 3]" in markdown and "train.ngram.lr" in markdown
 
 
 def test_pruning_stops_a_trial_that_falls_below_the_threshold(tmp_path, one_thread):
@@ -195,6 +257,20 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path):
     assert "failed (interrupted; run again)" in (tune_dir / "report.md").read_text(encoding="utf-8")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)  # nothing is left to do
     assert again.returncode == 0 and len(_trials(tune_dir)) == 3
+
+
+def test_a_continued_search_draws_new_values(tmp_path, one_thread):
+    """Raising --trials continues the search; the resumed sampler does not start its seeded draws over (it would
+    repeat the first trials' values while the sampler is still drawing at random)."""
+    from danlu.jobs.tune import tune
+
+    for sampler in ("random", "tpe"):
+        path = _search_config(tmp_path, rows=120, space={"train.lr": "loguniform(1e-3, 3e-2)"}, sampler=sampler,
+                              dir=str(tmp_path / sampler))
+        tune(path, ["train.epochs=1"], trials=2, say=lambda m: None)
+        tune(path, ["train.epochs=1"], trials=4, say=lambda m: None)
+        lrs = [t.params["train.lr"] for t in _trials(tmp_path / sampler)]
+        assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
 
 
 def test_parallel_trials_share_the_free_cores(tmp_path, monkeypatch):

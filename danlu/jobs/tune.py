@@ -121,28 +121,33 @@ def threads_per_trial(threads, jobs):
 
 def sample(trial, search):
     """{config key: value} drawn for `trial`. A model.FIELD key is drawn only when the drawn (or fixed)
-    model.kind has that field, and model.KIND.FIELD only for that kind, so a kind never sees keys it lacks."""
-    from danlu.config import model_config_class
-
+    model.kind has that field; model.KIND.FIELD and SECTION.KIND.KEY (train.ngram.lr) only for that kind, in
+    place of the kind-free entry of the same key, so a kind never sees keys it lacks and may have its own ranges."""
     kind = (search.raw.get("model") or {}).get("kind", "lstm")
     values = {}
     for param in search.params:  # model.kind comes first
-        if param.key.startswith("model.") and param.key != "model.kind":
-            fields = {f.name for f in dataclasses.fields(model_config_class(kind))}
-            own = {p.target for p in search.params if p.only_kind == kind}  # a kind's own entry wins
-            if (param.only_kind or kind) != kind or param.target.split(".")[1] not in fields:
-                continue
-            if not param.only_kind and param.target in own:
-                continue
-        values[param.target] = _suggest(trial, param)
+        if param.key != "model.kind" and not _drawn_for(param, kind, search.params):
+            continue
+        values[param.target] = param.value(_suggest(trial, param))
         if param.key == "model.kind":
             kind = values["model.kind"]
     return values
 
 
+def _drawn_for(param, kind, params):
+    from danlu.config import model_config_class
+
+    if param.only_kind:
+        return param.only_kind == kind
+    if param.target.startswith("model.") and \
+            param.target.split(".")[1] not in {f.name for f in dataclasses.fields(model_config_class(kind))}:
+        return False
+    return not any(p.only_kind == kind and p.target == param.target for p in params)  # the kind's own entry wins
+
+
 def _suggest(trial, param):
     if param.kind == "categorical":
-        return trial.suggest_categorical(param.key, list(param.choices))
+        return trial.suggest_categorical(param.key, list(param.labels))
     if param.kind == "int":
         return trial.suggest_int(param.key, int(param.low), int(param.high), step=param.step or 1, log=param.log)
     return trial.suggest_float(param.key, param.low, param.high, log=param.log)
@@ -232,13 +237,19 @@ def open_study(search):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # danlu says what happens, once
     spec = search.tune
-    if spec.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=spec.seed)
-    pruner = make_pruner(spec, search.maximize)
-    return optuna.create_study(storage=_storage(search), study_name=STUDY_NAME, sampler=sampler, pruner=pruner,
-                               direction="maximize" if search.maximize else "minimize", load_if_exists=True)
+    study = optuna.create_study(storage=_storage(search), study_name=STUDY_NAME,
+                                sampler=_sampler(spec.sampler, spec.seed), pruner=make_pruner(spec, search.maximize),
+                                direction="maximize" if search.maximize else "minimize", load_if_exists=True)
+    drawn = len(study.get_trials(deepcopy=False))
+    if drawn:  # a resumed search: a sampler seeded as the first run's would draw its first (random) values again
+        study.sampler = _sampler(spec.sampler, spec.seed + drawn)
+    return study
+
+
+def _sampler(kind, seed):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed) if kind == "random" else optuna.samplers.TPESampler(seed=seed)
 
 
 def _storage(search):
