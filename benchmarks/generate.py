@@ -138,6 +138,7 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
     """One decoding step at `cached` tokens, for both, against the step's GEMMs alone: median ms of `repeats` steps
     per round, the rounds alternating (CPU; the cache is rewound after each step, so every step is the same)."""
     import torch
+    from _timing import alternate
     from torch import nn
     from transformers import DynamicCache
 
@@ -179,7 +180,7 @@ def _step_shares(ours, theirs, precision, B, cached, rounds, V, repeats=20):
 
         runs = {"transformers step": their_step, "transformers GEMMs": their_gemms, "danlu step": our_step,
                 "danlu GEMMs": our_gemms}
-        ms = _alternate(runs, rounds, repeats, scale=1e3)
+        ms = {name: [t * 1e3 for t in ts] for name, ts in alternate(runs, rounds, repeats).items()}
     med = {name: statistics.median(values) for name, values in ms.items()}
     rows = []
     for side in ("transformers", "danlu"):
@@ -197,6 +198,7 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
     """Each distinct linear layer of `ours` at B rows in the three layouts (alternating rounds, median us), then the
     resident memory of the packed copies (CPU)."""
     import torch
+    from _timing import alternate
     from torch import nn
 
     from danlu.generation import decode_layout
@@ -218,7 +220,7 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
             if pack:
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(w, B)
                 runs["packed"] = lambda x=x, packed=packed, w=w, b=b: torch.ops.mkl._mkl_linear(x, packed, w, b, B)
-            us = _alternate(runs, rounds, repeats, scale=1e6)
+            us = {name: [t * 1e6 for t in ts] for name, ts in alternate(runs, rounds, repeats).items()}
             rows.append({"layer": f"{n_out}x{n_in}", "precision": precision, "batch": B,
                          **{f"{name}_us": round(statistics.median(v), 1) for name, v in us.items()},
                          "threads": torch.get_num_threads()})
@@ -238,21 +240,6 @@ def _layer_costs(ours, precision, B, rounds, repeats=50):
                      "rss_growth_held_mib": round(held - before, 1), "rss_growth_after_mib": round(after - before, 1),
                      "rss_growth_after_6_mib": round(_rss() - before, 1)})
     return rows
-
-
-def _alternate(runs, rounds, repeats, scale):
-    """{name: [time per call of each round, x scale]}: each function warmed up once, then `repeats` calls a round, the
-    order reversed every other round."""
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for r in range(rounds):
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                runs[name]()
-            times[name].append((time.perf_counter() - start) / repeats * scale)
-    return times
 
 
 def _rss():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 NAME = "maxpool"
@@ -24,20 +23,6 @@ def add_arguments(parser):
     group.add_argument("--maxpool-reps", type=int, default=300, help="repetitions of each op and step (default 300)")
     group.add_argument("--maxpool-threads", default="",
                        help="comma-separated torch thread counts to measure the ops at (default: --threads)")
-
-
-def alternate(sides, reps):
-    """{name: [seconds]}: each side's callable timed `reps` times, the sides alternating (after 5 warm-ups)."""
-    times = {name: [] for name in sides}
-    for _ in range(5):
-        for fn in sides.values():
-            fn()
-    for i in range(reps):
-        for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
-            start = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def row(measured, threads, times, same):
@@ -52,6 +37,7 @@ def row(measured, threads, times, same):
 
 def op_rows(shape, threads, reps):
     import torch
+    from _timing import alternate
     from torch.nn import functional as F
 
     from danlu.kernels import max_pool2d
@@ -71,9 +57,9 @@ def op_rows(shape, threads, reps):
                for a, b in zip(results["torch"], results["danlu"]))  # output and input gradient
     rows = []
     with torch.no_grad():
-        times = alternate({name: (lambda p=pool: p(x, 2)) for name, pool in pools.items()}, reps)
+        times = alternate({name: (lambda p=pool: p(x, 2)) for name, pool in pools.items()}, reps, warmup=5)
     rows.append(row(f"forward {tuple(shape)}", threads, times, same))
-    times = alternate({name: (lambda p=pool: forward_backward(p)) for name, pool in pools.items()}, reps)
+    times = alternate({name: (lambda p=pool: forward_backward(p)) for name, pool in pools.items()}, reps, warmup=5)
     rows.append(row(f"forward + backward {tuple(shape)}", threads, times, same))
     return rows
 
@@ -81,6 +67,7 @@ def op_rows(shape, threads, reps):
 def step_row(threads, reps):
     """The guide CNN's training step, danlu's model with the kernel against the same model without it."""
     import torch
+    from _timing import alternate
     from torch.nn import functional as F
 
     from danlu.data.spec import DataSpec
@@ -103,7 +90,7 @@ def step_row(threads, reps):
         optimizers[name].step()
 
     try:
-        times = alternate({name: (lambda n=name: step(n)) for name in models}, reps)
+        times = alternate({name: (lambda n=name: step(n)) for name in models}, reps, warmup=5)
     finally:
         if switch is None:
             os.environ.pop("DANLU_NATIVE_KERNELS", None)

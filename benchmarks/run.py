@@ -22,7 +22,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def discover():
-    """NAME -> module, for every benchmark module in this folder (sorted by file name)."""
+    """NAME -> module, for every benchmark module in this folder (sorted by file name). The folder goes on sys.path,
+    so that the modules import their shared helpers (_gpt2, _timing) however the harness was started."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
     modules = {}
     for path in sorted(HERE.glob("*.py")):
         if path.stem == "run" or path.stem.startswith("_"):
