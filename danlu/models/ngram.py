@@ -193,7 +193,7 @@ class NgramClassifier(nn.Module):
             vectors, size = vectors[where], size[where]  # (B, T, E), (B, T)
         f = attention_mask.to(weight.dtype)  # (B, T)
         c = torch.ones_like(f) if count is None else count.to(f.dtype).clamp(min=1.0)
-        f = f * (1.0 + torch.log(c)) / c  # sublinear tf (1 when count is None)
+        f = f * sublinear(c)  # 1 when count is None
         total = (vectors * f.unsqueeze(-1)).sum(1)  # (B, E)
         if self.config.weighting == "idf":  # the L2 norm of the block's TF-IDF row
             return total, (size * f.square() * c).sum(1, keepdim=True).sqrt()
@@ -207,7 +207,7 @@ class NgramClassifier(nn.Module):
         weight = real.to(self.embed.weight.dtype).unsqueeze(-1)  # (B, L, 1)
         if count is not None:
             c = count.to(weight.dtype).clamp(min=1.0).unsqueeze(-1)  # (B, L, 1)
-            weight = weight * (1.0 + torch.log(c)) / c
+            weight = weight * sublinear(c)
         if self.config.weighting == "idf":
             weight = weight * self.idf[rows].unsqueeze(-1)  # (B, L, 1) idf of each real n-gram, 0 on padding
             if count is not None:  # the L2 norm of the text's TF-IDF row: each n-gram's total is c times a position's
@@ -217,6 +217,12 @@ class NgramClassifier(nn.Module):
         else:
             norm = weight.sum(1)  # (B, 1) the number of real n-grams: a mean
         return (self.embed(rows) * weight).sum(1), norm  # (B, E), (B, 1); padding zeroed
+
+
+def sublinear(c):
+    """The weight of each of an n-gram's c occurrences under sublinear tf: (1 + ln c) / c, so that together they
+    weigh 1 + ln c, as TfidfVectorizer(sublinear_tf=True) counts them."""
+    return (1.0 + torch.log(c)) / c
 
 
 def repeats(rows, real, blocks):
