@@ -108,7 +108,39 @@ def test_idf_logits_are_the_head_of_the_idf_weighted_sum_over_its_l2_norm():
     assert "idf" in model.state_dict() and "idf" not in build().state_dict()  # saved only when used
 
 
-@pytest.mark.parametrize("weighting", ["mean", "idf"])
+def test_nb_weights_are_the_idf_times_the_root_of_the_largest_log_count_ratio_written_out_by_hand():
+    import math
+
+    from danlu.data.batching import TextDataset
+
+    model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1,), weighting="nb"), SPEC)
+    texts = [[5, 9], [5, 9, 9], [5, 7], [7, 11], [5]]  # 9 only in class a, 7 in b and c, 5 in a, b and c
+    labels = [0, 0, 1, 2, 2]
+    model.adapt(TextDataset([torch.tensor(t).int().numpy() for t in texts], torch.tensor(labels).numpy(), 0), batch_size=2)
+    seen = sorted({row for t in texts for row in t})  # the norms run over these rows only
+    df = {c: {row: sum(row in t for t, y in zip(texts, labels) if y == c) for row in seen} for c in range(3)}
+    for row in range(model.embed.num_embeddings):
+        if row not in seen:  # never in training: no evidence, no weight
+            assert model.idf[row].item() == 0, row
+            continue
+        ratios = []
+        for c in range(3):
+            p = {r: 1 + df[c][r] for r in seen}
+            q = {r: 1 + sum(df[o][r] for o in range(3) if o != c) for r in seen}
+            ratios.append(abs(math.log(p[row] / sum(p.values())) - math.log(q[row] / sum(q.values()))))
+        n_texts = sum(row in t for t in texts)
+        idf = math.log((1 + len(texts)) / (1 + n_texts)) + 1
+        assert model.idf[row].item() == pytest.approx(idf * math.sqrt(max(ratios)), abs=1e-6), row
+    assert model.idf[9] > model.idf[5]  # 9 marks class a; 5 is in every class
+
+
+def test_nb_weighting_needs_classes():
+    regression = DataSpec(vocab_size=30, pad_id=0, num_classes=1)  # one numeric target
+    with pytest.raises(ConfigError, match="model.weighting: nb .* classification"):
+        NgramClassifier(NgramConfig(weighting="nb"), regression)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "idf", "nb"])
 def test_a_tiny_run_learns_predicts_and_exports_with_the_same_answers(tmp_path, weighting):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
@@ -117,8 +149,8 @@ def test_a_tiny_run_learns_predicts_and_exports_with_the_same_answers(tmp_path, 
 
     run = classifier_run(str(tmp_path / "ngram"), kind="ngram", rows=120, epochs=4, buckets=4096, ngrams=[1, 2],
                          weighting=weighting)
-    if weighting == "idf":  # measured on the training split, saved in model.safetensors, loaded back
-        assert run.model.idf.min() >= 1 and run.model.idf.max() > run.model.idf.min()
+    if weighting != "mean":  # measured on the training split, saved in model.safetensors, loaded back
+        assert run.model.idf.min() >= (1 if weighting == "idf" else 0) and run.model.idf.max() > run.model.idf.min()
         again = load_run(run.path, device="cpu")
         torch.testing.assert_close(again.model.idf, run.model.idf, rtol=0, atol=0)
         ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 3, 0, 0]])

@@ -16,6 +16,13 @@ n-grams' embeddings divided by the L2 norm of their weights: the pooling of a TF
 that a linear model then reads, with raw term frequencies (an n-gram seen twice counts twice), or with `tf:
 sublinear` 1 + ln(count) as TfidfVectorizer(sublinear_tf=True) weighs them.
 
+With `weighting: nb` (classification) the weight is the idf times the square root of the n-gram's naive-Bayes
+log-count ratio (Wang & Manning 2012, "Baselines and Bigrams", whose NBSVM scales each feature by it): for each
+class c, r_c = ln((1 + df_c) / |1 + df_c|_1) - ln((1 + df_not_c) / |1 + df_not_c|_1), the sums running over the
+n-grams seen in training, and the n-gram keeps the largest |r_c| of its classes. An n-gram that says as much about
+one class as about the others weighs little; one never seen in training weighs 0 (TfidfVectorizer drops it too).
+The weights are measured once on the training split; nothing is learned from the validation or test labels.
+
 With `char_ngrams` each vocabulary token also brings the character n-grams inside it (fastText's subwords,
 Bojanowski et al. 2017, "Enriching Word Vectors with Subword Information"): `adapt` spells every token of the
 run's tokenizer, marks a word's start with "<" (a WordPiece continuation "##ing" gets none, a byte-level BPE
@@ -61,9 +68,11 @@ class NgramConfig:
     tf: Literal["raw", "sublinear"] = "raw"
     """raw: an n-gram seen c times in a text counts c times. sublinear: 1 + ln(c) times, as TfidfVectorizer(
     sublinear_tf=True); a character n-gram counts the repeats of the token it comes from."""
-    weighting: Literal["mean", "idf"] = "mean"
+    weighting: Literal["mean", "idf", "nb"] = "mean"
     """mean: the plain average of fastText. idf: each n-gram weighted by its inverse document frequency on the
-    training split and the weighted sum divided by the weights' L2 norm, as TF-IDF rows are normalised."""
+    training split and the weighted sum divided by the weights' L2 norm, as TF-IDF rows are normalised. nb
+    (classification): the idf times the square root of the n-gram's naive-Bayes log-count ratio on the training
+    split, pooled as idf is (NBSVM's feature scaling, Wang & Manning 2012)."""
 
     def __post_init__(self):
         if not self.ngrams:  # each order's range is checked at load
@@ -83,7 +92,11 @@ class NgramClassifier(nn.Module):
         self.char_orders = tuple(sorted(int(n) for n in config.char_ngrams))
         hashed = config.buckets if max(self.orders) > 1 or self.char_orders else 0
         self.embed = nn.Embedding(spec.vocab_size + hashed, config.embed_dim)
-        if config.weighting == "idf":  # one weight per row, measured on the training split by `adapt`; saved with the model
+        self.weighted = config.weighting != "mean"
+        if self.weighted:  # one weight per row, measured on the training split by `adapt`; saved with the model
+            if config.weighting == "nb" and spec.num_classes < 2:
+                raise ConfigError("model.weighting: nb weighs n-grams by how they split the classes, so it needs a "
+                                  "classification task with two classes or more; use idf")
             self.register_buffer("idf", torch.ones(spec.vocab_size + hashed))
         if self.char_orders:  # each token's character n-gram rows, filled by `adapt` from the tokenizer; saved
             self.register_buffer("char_rows", torch.full((spec.vocab_size, config.char_slots), -1, dtype=torch.int32))
@@ -123,10 +136,12 @@ class NgramClassifier(nn.Module):
     @torch.no_grad()
     def adapt(self, dataset, tokenizer=None, batch_size=256):
         """Fill the character n-gram table from `tokenizer` (a fitted danlu TextTokenizer) when `char_ngrams` is set,
-        and measure the idf of every row on `dataset` (the training split: a TextDataset) when `weighting` is idf.
+        and measure the weight of every row on `dataset` (the training split: a TextDataset) when `weighting` is idf
+        or nb.
 
         idf = ln((1 + N) / (1 + df)) + 1, with df the number of texts an n-gram occurs in (scikit-learn's smoothed
         idf, TfidfVectorizer(smooth_idf=True)); a row never seen in training gets the largest value, as there.
+        nb: idf * sqrt(max_c |r_c|) with the log-count ratios r_c of the module's docstring; 0 for unseen rows.
         """
         if self.char_orders:
             if tokenizer is None:
@@ -139,20 +154,24 @@ class NgramClassifier(nn.Module):
             special = {t.content for t in tokenizer.tokenizer_.get_added_tokens_decoder().values()}  # [PAD], [UNK], ...
             self.char_rows.copy_(char_table(tokens, self.char_orders, self.char_rows.shape[1], self.vocab_size,
                                             self.config.buckets, skip=special))
-        if self.config.weighting != "idf":
+        if not self.weighted:
             return
         from danlu.data.batching import iterate
 
-        df = torch.zeros(self.embed.num_embeddings, dtype=torch.float64)
+        nb = self.config.weighting == "nb"
+        classes = self.head.out_features if nb else 1
+        df = torch.zeros(classes, self.embed.num_embeddings, dtype=torch.float64)  # (C, V) texts of each class
         for batch in iterate(dataset, batch_size, dataset.pad_id, shuffle=False, bucket=False):
             rows, real = self.ngram_ids(batch["input_ids"], batch["attention_mask"])  # (b, L)
             if self.char_orders:
                 more, more_real = self.char_ids(batch["input_ids"], batch["attention_mask"])  # (b, T * K)
                 rows, real = torch.cat([rows, more], 1), torch.cat([real, more_real], 1)
-            for r, keep in zip(rows, real):
-                df[torch.unique(r[keep])] += 1  # each text counts once per row
+            labels = batch["labels"].long() if nb else torch.zeros(len(rows), dtype=torch.long)
+            for r, keep, c in zip(rows, real, labels):
+                df[c, torch.unique(r[keep])] += 1  # each text counts once per row
         n = len(dataset.ids)
-        self.idf.copy_(torch.log((1.0 + n) / (1.0 + df)) + 1.0)
+        idf = torch.log((1.0 + n) / (1.0 + df.sum(0))) + 1.0
+        self.idf.copy_(idf * log_count_ratio(df).sqrt() if nb else idf)
 
     def forward(self, input_ids, attention_mask=None):
         if attention_mask is None:
@@ -163,7 +182,7 @@ class NgramClassifier(nn.Module):
         if self.char_orders:
             count = repeats(input_ids, attention_mask.bool(), 1) if sublinear else None  # (B, T) a token's repeats
             chars, char_norm = self.char_block(input_ids, attention_mask, count)
-            if self.config.weighting == "idf":  # each block normalised on its own, then joined
+            if self.weighted:  # each block normalised on its own, then joined
                 total, norm = total / norm.clamp(min=1.0) + chars / char_norm.clamp(min=1.0), torch.ones_like(norm)
             else:  # one mean over tokens, token n-grams and character n-grams, as fastText averages them
                 total, norm = total + chars, norm + char_norm
@@ -184,18 +203,18 @@ class NgramClassifier(nn.Module):
         rows = self.char_rows[tokens.long()].long()  # (U, K) or (B, T, K); -1 in unused slots
         weight = (rows >= 0).to(self.embed.weight.dtype)
         rows = rows.clamp(min=0)
-        if self.config.weighting == "idf":
+        if self.weighted:
             weight = weight * self.idf[rows]
         # the table read without calling `embed` itself: a hook on it (explanations) sees the n-gram rows only
         vectors = (F.embedding(rows, self.embed.weight) * weight.unsqueeze(-1)).sum(-2)  # (U, E) or (B, T, E)
-        size = weight.square().sum(-1) if self.config.weighting == "idf" else weight.sum(-1)  # (U,) or (B, T)
+        size = weight.square().sum(-1) if self.weighted else weight.sum(-1)  # (U,) or (B, T)
         if where is not None:
             vectors, size = vectors[where], size[where]  # (B, T, E), (B, T)
         f = attention_mask.to(weight.dtype)  # (B, T)
         c = torch.ones_like(f) if count is None else count.to(f.dtype).clamp(min=1.0)
         f = f * sublinear(c)  # 1 when count is None
         total = (vectors * f.unsqueeze(-1)).sum(1)  # (B, E)
-        if self.config.weighting == "idf":  # the L2 norm of the block's TF-IDF row
+        if self.weighted:  # the L2 norm of the block's TF-IDF row
             return total, (size * f.square() * c).sum(1, keepdim=True).sqrt()
         return total, (size * f).sum(1, keepdim=True)  # (B, 1) the number of n-grams: a mean
 
@@ -208,7 +227,7 @@ class NgramClassifier(nn.Module):
         if count is not None:
             c = count.to(weight.dtype).clamp(min=1.0).unsqueeze(-1)  # (B, L, 1)
             weight = weight * sublinear(c)
-        if self.config.weighting == "idf":
+        if self.weighted:
             weight = weight * self.idf[rows].unsqueeze(-1)  # (B, L, 1) idf of each real n-gram, 0 on padding
             if count is not None:  # the L2 norm of the text's TF-IDF row: each n-gram's total is c times a position's
                 norm = (weight.square() * c).sum(1).sqrt()  # (B, 1)
@@ -217,6 +236,21 @@ class NgramClassifier(nn.Module):
         else:
             norm = weight.sum(1)  # (B, 1) the number of real n-grams: a mean
         return (self.embed(rows) * weight).sum(1), norm  # (B, E), (B, 1); padding zeroed
+
+
+def log_count_ratio(df):
+    """max over classes of |r_c|, each row's naive-Bayes log-count ratio (Wang & Manning 2012, with their smoothing
+    of 1): df (C, V), the training texts of each class that hold each row -> (V,); 0 for rows in no text.
+
+    r_c = ln(p_c / |p_c|_1) - ln(q_c / |q_c|_1) with p_c = 1 + df_c and q_c = 1 + the texts of the other classes,
+    the norms summed over the rows seen in training (a hashed table's empty rows would otherwise weigh in)."""
+    seen = df.sum(0) > 0  # (V,)
+    p = 1.0 + df[:, seen]  # (C, S)
+    q = 1.0 + df[:, seen].sum(0, keepdim=True) - df[:, seen]  # (C, S) the other classes
+    r = (p / p.sum(1, keepdim=True)).log() - (q / q.sum(1, keepdim=True)).log()  # (C, S)
+    out = torch.zeros(df.shape[1], dtype=df.dtype)
+    out[seen] = r.abs().amax(0)
+    return out
 
 
 def sublinear(c):
