@@ -23,6 +23,7 @@ train.csv+val.csv+test.csv.
     python benchmarks/ngram.py --ngram-data zh_sentiment --ngram-set model.embed_dim=32 --ngram-set train.lr=0.02
     python benchmarks/ngram.py --ngram-baseline report --ngram-data debian_sections,shakespeare \
         --ngram-variants "model.char_ngrams=[];model.tf=sublinear"      # several settings beside one baseline
+    python benchmarks/ngram.py --ngram-baseline spread --ngram-data zh_sentiment   # the baseline's own spread too
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def add_arguments(parser):
     group.add_argument("--ngram-variants", default="",
                        help="several danlu sides after one baseline: override sets separated by ';', each space-separated "
                             "KEY=VALUE ('' for the config as it is)")
-    group.add_argument("--ngram-baseline", choices=("tuned", "report"), default="tuned",
-                       help="tuned: char 1-3 + word 1-2, C picked on val; report: the baseline `danlu train` reports")
+    group.add_argument("--ngram-baseline", choices=("tuned", "report", "spread"), default="tuned",
+                       help="tuned: char 1-3 + word 1-2, C picked on val; report: the baseline `danlu train` reports; "
+                            "spread: the report's baseline, then its variants (min_df, tf, C) as more rows")
     group.add_argument("--ngram-limit", type=int, help=f"first N examples of each split (default all; {QUICK_LIMIT} with --quick)")
 
 
@@ -88,6 +90,28 @@ def report_baseline(splits):
     scores = text_baselines(splits["train"], splits["test"], "classification", label_set(splits["train"].labels))["linear"]
     return {"model": scores["name"], "val_accuracy": float("nan"), "test_accuracy": scores["accuracy"],
             "seconds": time.perf_counter() - start}
+
+
+def baseline_spread(splits):
+    """The report's baseline and the same model with one setting changed (min_df 1 or 3, raw tf, C 1 or 16): how
+    far the test accuracy of equally good linear models spreads on this split. Rows as `report_baseline` gives."""
+    from sklearn.linear_model import LogisticRegression
+
+    from danlu.evaluate import baseline as b
+
+    rows = []
+    for change in ({}, {"min_df": 1}, {"min_df": 3}, {"sublinear_tf": False}, {"C": 1.0}, {"C": 16.0}):
+        start = time.perf_counter()
+        vectorizer, features = b.text_vectorizer(splits["train"].texts)
+        for part in [v for _, v in getattr(vectorizer, "transformer_list", [("", vectorizer)])]:  # words, characters
+            part.set_params(**{k: v for k, v in change.items() if k != "C"})
+        x_train = vectorizer.fit_transform(splits["train"].texts)
+        model = LogisticRegression(C=change.get("C", b.C), max_iter=1000).fit(x_train, splits["train"].labels)
+        score = {k: model.score(vectorizer.transform(splits[k].texts), splits[k].labels) for k in ("val", "test")}
+        what = ", ".join(f"{k}={v:g}" if k == "C" else f"{k}={v}" for k, v in change.items()) or "as reported"
+        rows.append({"model": f"TF-IDF {features} + logistic regression ({what})", "val_accuracy": score["val"],
+                     "test_accuracy": score["test"], "seconds": time.perf_counter() - start})
+    return rows
 
 
 def danlu_ngram(cfg, run_dir, data=None):
@@ -198,7 +222,9 @@ def run(args):
             overrides = [*data_overrides(name, scratch), f"data.limit={limit}", "train.device=cpu", *args.ngram_set]
             cfg = load(CONFIG, overrides)
             splits = read_splits(cfg.data, cfg.run.seed, False)
-            theirs = report_baseline(splits) if args.ngram_baseline == "report" else baseline(splits, cfg.run.seed)
+            spread = baseline_spread(splits) if args.ngram_baseline == "spread" else []
+            theirs = spread[0] if spread else \
+                report_baseline(splits) if args.ngram_baseline == "report" else baseline(splits, cfg.run.seed)
             variants = [v.split() for v in args.ngram_variants.split(";")] if args.ngram_variants else [[]]
             ours, built = [], {}
             for variant in variants:  # variants of one `data` section share its tokenizer (WordPiece's ids vary by fit)
@@ -207,7 +233,7 @@ def run(args):
                     built[repr(vcfg.data)] = build_data(vcfg.data, task=vcfg.task, seed=vcfg.run.seed)
                 side = danlu_ngram(vcfg, str(Path(scratch) / "run"), built[repr(vcfg.data)])
                 ours.append({**side, "model": side["model"] + (f" [{' '.join(variant)}]" if variant else "")})
-        for side in (theirs, *ours):
+        for side in (theirs, *spread[1:], *ours):
             rows.append({"data": name, "train_examples": len(splits["train"].texts), **side,
                          "vs_baseline": side["test_accuracy"] - theirs["test_accuracy"]})
     return rows

@@ -108,25 +108,26 @@ def test_idf_logits_are_the_head_of_the_idf_weighted_sum_over_its_l2_norm():
     assert "idf" in model.state_dict() and "idf" not in build().state_dict()  # saved only when used
 
 
-def test_nb_weights_are_the_idf_times_the_root_of_the_largest_log_count_ratio_written_out_by_hand():
+@pytest.mark.parametrize("labels", [[0, 0, 1, 2, 2], [0, 0, 1, 1, 1]])  # the second without class c in training
+def test_nb_weights_are_the_idf_times_the_root_of_the_largest_log_count_ratio_written_out_by_hand(labels):
     import math
 
     from danlu.data.batching import TextDataset
 
     model = NgramClassifier(NgramConfig(embed_dim=8, buckets=97, ngrams=(1,), weighting="nb"), SPEC)
-    texts = [[5, 9], [5, 9, 9], [5, 7], [7, 11], [5]]  # 9 only in class a, 7 in b and c, 5 in a, b and c
-    labels = [0, 0, 1, 2, 2]
+    texts = [[5, 9], [5, 9, 9], [5, 7], [7, 11], [5]]  # 9 only in class a; 5 in every class of the training texts
     model.adapt(TextDataset([torch.tensor(t).int().numpy() for t in texts], torch.tensor(labels).numpy(), 0), batch_size=2)
     seen = sorted({row for t in texts for row in t})  # the norms run over these rows only
-    df = {c: {row: sum(row in t for t, y in zip(texts, labels) if y == c) for row in seen} for c in range(3)}
+    classes = sorted(set(labels))  # a class without training texts takes no part
+    df = {c: {row: sum(row in t for t, y in zip(texts, labels) if y == c) for row in seen} for c in classes}
     for row in range(model.embed.num_embeddings):
         if row not in seen:  # never in training: no evidence, no weight
             assert model.idf[row].item() == 0, row
             continue
         ratios = []
-        for c in range(3):
+        for c in classes:
             p = {r: 1 + df[c][r] for r in seen}
-            q = {r: 1 + sum(df[o][r] for o in range(3) if o != c) for r in seen}
+            q = {r: 1 + sum(df[o][r] for o in classes if o != c) for r in seen}
             ratios.append(abs(math.log(p[row] / sum(p.values())) - math.log(q[row] / sum(q.values()))))
         n_texts = sum(row in t for t in texts)
         idf = math.log((1 + len(texts)) / (1 + n_texts)) + 1
@@ -204,6 +205,27 @@ def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path
     assert rows[0]["vs_baseline"] == 0 and rows[1]["vs_baseline"] == rows[1]["test_accuracy"] - rows[0]["test_accuracy"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["seconds"] > 0 for r in rows)
     assert "| data | train_examples | model |" in capsys.readouterr().out
+
+
+def test_the_benchmark_spreads_the_baseline_over_its_own_settings(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(tmp_path), "--ngram-data", "shakespeare",
+                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1", "--ngram-baseline", "spread"])
+    torch.set_num_threads(1)
+    assert code == 0
+    rows = json.loads((tmp_path / "ngram.json").read_text(encoding="utf-8"))["rows"]
+    changes = [r["model"].split("logistic regression (")[-1].rstrip(")") for r in rows[:6]]
+    assert changes == ["as reported", "min_df=1", "min_df=3", "sublinear_tf=False", "C=1", "C=16"]
+    assert rows[0]["vs_baseline"] == 0 and rows[-1]["model"].startswith("danlu ngram") and len(rows) == 7
+    assert all(0 <= r["val_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert rows[3]["vs_baseline"] == rows[3]["test_accuracy"] - rows[0]["test_accuracy"]
 
 
 def test_the_character_table_holds_each_tokens_ngrams_written_out_by_hand():

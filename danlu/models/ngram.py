@@ -243,7 +243,9 @@ def log_count_ratio(df):
     of 1): df (C, V), the training texts of each class that hold each row -> (V,); 0 for rows in no text.
 
     r_c = ln(p_c / |p_c|_1) - ln(q_c / |q_c|_1) with p_c = 1 + df_c and q_c = 1 + the texts of the other classes,
-    the norms summed over the rows seen in training (a hashed table's empty rows would otherwise weigh in)."""
+    the norms summed over the rows seen in training (a hashed table's empty rows would otherwise weigh in), the
+    classes those of the training texts (a class found only in other splits says nothing about any row)."""
+    df = df[df.sum(1) > 0]  # (C', V)
     seen = df.sum(0) > 0  # (V,)
     p = 1.0 + df[:, seen]  # (C, S)
     q = 1.0 + df[:, seen].sum(0, keepdim=True) - df[:, seen]  # (C, S) the other classes
