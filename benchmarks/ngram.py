@@ -222,9 +222,12 @@ def run(args):
             overrides = [*data_overrides(name, scratch), f"data.limit={limit}", "train.device=cpu", *args.ngram_set]
             cfg = load(CONFIG, overrides)
             splits = read_splits(cfg.data, cfg.run.seed, False)
-            spread = baseline_spread(splits) if args.ngram_baseline == "spread" else []
-            theirs = spread[0] if spread else \
-                report_baseline(splits) if args.ngram_baseline == "report" else baseline(splits, cfg.run.seed)
+            if args.ngram_baseline == "spread":
+                theirs, *spread = baseline_spread(splits)  # the report's baseline, then its variants
+            elif args.ngram_baseline == "report":
+                theirs, spread = report_baseline(splits), []
+            else:
+                theirs, spread = baseline(splits, cfg.run.seed), []
             variants = [v.split() for v in args.ngram_variants.split(";")] if args.ngram_variants else [[]]
             ours, built = [], {}
             for variant in variants:  # variants of one `data` section share its tokenizer (WordPiece's ids vary by fit)
@@ -233,7 +236,7 @@ def run(args):
                     built[repr(vcfg.data)] = build_data(vcfg.data, task=vcfg.task, seed=vcfg.run.seed)
                 side = danlu_ngram(vcfg, str(Path(scratch) / "run"), built[repr(vcfg.data)])
                 ours.append({**side, "model": side["model"] + (f" [{' '.join(variant)}]" if variant else "")})
-        for side in (theirs, *spread[1:], *ours):
+        for side in (theirs, *spread, *ours):
             rows.append({"data": name, "train_examples": len(splits["train"].texts), **side,
                          "vs_baseline": side["test_accuracy"] - theirs["test_accuracy"]})
     return rows

@@ -186,7 +186,8 @@ def test_bad_config_values_name_the_key(values, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path, capsys):
+def run_benchmark(results, *options):
+    """benchmarks/run.py --only ngram on 120 examples of the 4-play set, one epoch: (exit code, its rows)."""
     import importlib.util
     import json
     from pathlib import Path
@@ -195,11 +196,16 @@ def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path
     spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
     harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(harness)
-    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(tmp_path), "--ngram-data", "shakespeare",
-                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1"])
+    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(results), "--ngram-data", "shakespeare",
+                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1", *options])
     torch.set_num_threads(1)
+    rows = json.loads((results / "ngram.json").read_text(encoding="utf-8"))["rows"] if code == 0 else None
+    return code, rows
+
+
+def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path, capsys):
+    code, rows = run_benchmark(tmp_path)
     assert code == 0
-    rows = json.loads((tmp_path / "ngram.json").read_text(encoding="utf-8"))["rows"]
     assert [r["model"].split()[0] for r in rows] == ["TF-IDF", "danlu"]
     assert all(r["data"] == "shakespeare" and r["train_examples"] == 120 for r in rows)
     assert rows[0]["vs_baseline"] == 0 and rows[1]["vs_baseline"] == rows[1]["test_accuracy"] - rows[0]["test_accuracy"]
@@ -208,19 +214,8 @@ def test_the_benchmark_sets_ngram_beside_the_baseline_on_the_same_split(tmp_path
 
 
 def test_the_benchmark_spreads_the_baseline_over_its_own_settings(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("benchmarks.run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-    code = harness.main(["--only", "ngram", "--threads", "1", "--results", str(tmp_path), "--ngram-data", "shakespeare",
-                         "--ngram-limit", "120", "--ngram-set", "train.epochs=1", "--ngram-baseline", "spread"])
-    torch.set_num_threads(1)
+    code, rows = run_benchmark(tmp_path, "--ngram-baseline", "spread")
     assert code == 0
-    rows = json.loads((tmp_path / "ngram.json").read_text(encoding="utf-8"))["rows"]
     changes = [r["model"].split("logistic regression (")[-1].rstrip(")") for r in rows[:6]]
     assert changes == ["as reported", "min_df=1", "min_df=3", "sublinear_tf=False", "C=1", "C=16"]
     assert rows[0]["vs_baseline"] == 0 and rows[-1]["model"].startswith("danlu ngram") and len(rows) == 7
